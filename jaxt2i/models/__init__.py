@@ -1,0 +1,1 @@
+"""jaxt2i.models."""
