@@ -1,0 +1,140 @@
+"""Prompt-adherence scoring for the shapes world: did the image show what the prompt asked for?
+
+A prompt's target is a ``jaxt2i.data.shapes.Scene``; an image's content is the list of
+``jaxt2i.eval.detector.Detection`` found in it. Rules (GenEval-style, presence-based):
+
+* one object: correct when some detection has the target's color and shape;
+* two objects: correct when both targets are found (as two different detections with the right
+  color and shape) and, for some such pair, ``relation(first, second)`` is the target relation.
+
+Sizes are not part of correctness (prompts may omit them); ``size_correct`` and
+``count_correct`` (exactly as many detections as target objects) are reported on the side.
+``report`` aggregates per group (e.g. "train/one_object") and averages the per-type accuracies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from typing import Sequence
+
+import numpy as np
+
+from jaxt2i.data import shapes
+from jaxt2i.eval import detector
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptScore:
+    """The verdict for one (target, detections) pair; ``relation_correct`` is None for one object."""
+
+    prompt_type: str
+    correct: bool
+    objects_found: int  # how many target objects have a matching detection (distinct detections)
+    objects_correct: bool
+    relation_correct: bool | None
+    count_correct: bool
+    size_correct: bool | None  # None when a target object was not found
+
+
+def _matches(obj: shapes.Obj, detections: Sequence[detector.Detection]) -> list[int]:
+    return [i for i, d in enumerate(detections) if (d.color, d.shape) == (obj.color, obj.shape)]
+
+
+def _size_ok(objects: Sequence[shapes.Obj], chosen: Sequence[detector.Detection]) -> bool:
+    return all(o.size == d.size for o, d in zip(objects, chosen))
+
+
+def score(target: shapes.Scene, detections: Sequence[detector.Detection]) -> PromptScore:
+    """Score one image's detections against its prompt's target scene."""
+    count_ok = len(detections) == len(target.objects)
+    if len(target.objects) == 1:
+        found = _matches(target.objects[0], detections)
+        size_ok = any(detections[i].size == target.objects[0].size for i in found) if found else None
+        return PromptScore("one_object", bool(found), int(bool(found)), bool(found), None, count_ok, size_ok)
+    if len(target.objects) != 2 or target.relation not in shapes.RELATIONS:
+        raise ValueError(f"target must hold one object, or two with a relation in {shapes.RELATIONS}: {target}")
+    a, b = target.objects
+    pairs = [(i, j) for i in _matches(a, detections) for j in _matches(b, detections) if i != j]
+    n_found = 2 if pairs else int(bool(_matches(a, detections)) or bool(_matches(b, detections)))
+    good = [(i, j) for i, j in pairs if detector.relation(detections[i], detections[j]) == target.relation]
+    chosen = good or pairs
+    size_ok = any(_size_ok((a, b), (detections[i], detections[j])) for i, j in chosen) if chosen else None
+    return PromptScore(
+        "two_object",
+        correct=bool(good),
+        objects_found=n_found,
+        objects_correct=bool(pairs),
+        relation_correct=bool(good),
+        count_correct=count_ok,
+        size_correct=size_ok,
+    )
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _group_stats(scores: Sequence[PromptScore]) -> dict:
+    found = [s for s in scores if s.objects_correct]
+    stats = {
+        "n": len(scores),
+        "accuracy": _mean([s.correct for s in scores]),
+        "objects_accuracy": _mean([s.objects_correct for s in scores]),
+        "count_accuracy": _mean([s.count_correct for s in scores]),
+        "size_accuracy": _mean([s.size_correct for s in scores]),
+    }
+    if scores and scores[0].prompt_type == "two_object":
+        stats["relation_accuracy_given_objects"] = _mean([s.relation_correct for s in found])
+    return stats
+
+
+def report(scores: Sequence[PromptScore], groups: Sequence[str] | None = None) -> dict:
+    """Aggregate scores: {group: {prompt_type: stats}, ..., "overall": ..., "n": ...}.
+
+    ``groups`` (e.g. the split of each prompt) labels each score; without it everything is one
+    group "all". Each group's "overall" is the mean of its per-type accuracies, so one- and
+    two-object prompts weigh equally whatever their counts; the top-level "overall" is the same
+    mean over all scores regardless of group.
+    """
+    groups = ["all"] * len(scores) if groups is None else list(groups)
+    if len(groups) != len(scores):
+        raise ValueError(f"got {len(scores)} scores but {len(groups)} group labels; give one label per score")
+
+    def by_type(subset: Sequence[PromptScore]) -> dict:
+        out = {}
+        for prompt_type in shapes.PROMPT_TYPES:
+            typed = [s for s in subset if s.prompt_type == prompt_type]
+            if typed:
+                out[prompt_type] = _group_stats(typed)
+        out["overall"] = _mean([out[t]["accuracy"] for t in shapes.PROMPT_TYPES if t in out])
+        out["n"] = len(subset)
+        return out
+
+    members: dict[str, list[PromptScore]] = defaultdict(list)
+    for g, s in zip(groups, scores):
+        members[g].append(s)
+    result = {g: by_type(members[g]) for g in sorted(members)}
+    total = by_type(scores)
+    result["overall"], result["n"] = total["overall"], total["n"]
+    return result
+
+
+def evaluate(
+    targets: Sequence[shapes.Scene],
+    images: Sequence[np.ndarray],
+    groups: Sequence[str] | None = None,
+) -> tuple[dict, list[PromptScore]]:
+    """Detect objects in each image [H, W, 3] and score it against its target; (report, scores)."""
+    if len(targets) != len(images):
+        raise ValueError(f"got {len(targets)} targets but {len(images)} images; give one image per prompt")
+    scores = [score(t, detector.detect(np.asarray(im))) for t, im in zip(targets, images)]
+    return report(scores, groups), scores
+
+
+def evaluate_prompts(
+    prompts: Sequence[shapes.EvalPrompt], images: Sequence[np.ndarray]
+) -> tuple[dict, list[PromptScore]]:
+    """``evaluate`` for ``shapes.eval_prompts`` output; groups are the prompts' splits."""
+    return evaluate([p.target for p in prompts], images, [p.split for p in prompts])

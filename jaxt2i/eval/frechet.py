@@ -1,0 +1,57 @@
+"""Frechet distance between two Gaussians fitted to feature sets (the FID formula).
+
+    FD = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))
+
+``tr((S1 S2)^(1/2))`` is computed without a general (non-symmetric) matrix square root: with
+A = S1^(1/2) (symmetric, from an eigen-decomposition), S1 S2 = A (A S2 A) A^(-1) is similar to
+the symmetric PSD matrix A S2 A, so the trace is the sum of the square roots of its eigenvalues.
+Everything runs in float64; tiny negative eigenvalues from round-off are clipped to zero.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [D] and unbiased covariance [D, D] (float64) of features [N, D]."""
+    x = np.asarray(features, np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"features must be [N, D] with N >= 2, got shape {x.shape}")
+    mu = x.mean(axis=0)
+    centered = x - mu
+    return mu, centered.T @ centered / (x.shape[0] - 1)
+
+
+def _symmetric_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric PSD matrix [D, D]; negative round-off eigenvalues become zero."""
+    w, v = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr((S1 S2)^(1/2)) for symmetric PSD S1, S2 [D, D]."""
+    root1 = _symmetric_sqrt(np.asarray(sigma1, np.float64))
+    middle = root1 @ np.asarray(sigma2, np.float64) @ root1
+    eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
+    return float(np.sqrt(np.clip(eigenvalues, 0.0, None)).sum())
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Frechet distance between N(mu1 [D], sigma1 [D, D]) and N(mu2, sigma2), >= 0."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    d = mu1.shape[0]
+    if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(
+            f"shapes disagree: mu1 {mu1.shape}, sigma1 {sigma1.shape}, mu2 {mu2.shape}, sigma2 {sigma2.shape}; "
+            "expected [D], [D, D], [D], [D, D] from the same feature extractor"
+        )
+    diff = mu1 - mu2
+    value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2)
+    return float(max(value, 0.0))
+
+
+def frechet_distance_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
+    """Frechet distance between the Gaussians fitted to features [N1, D] and [N2, D]."""
+    return frechet_distance(*feature_statistics(features1), *feature_statistics(features2))

@@ -1,0 +1,245 @@
+"""The shapes world: determinism, split disjointness, caption faithfulness, rendering geometry."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from jaxt2i.data import shapes as S
+
+N_SPLIT_SAMPLES = 4000
+
+
+def _scenes(seed, n, split, **kw):
+    return [S.scene(seed, i, split, **kw) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def train_scenes():
+    return _scenes(3, N_SPLIT_SAMPLES, "train")
+
+
+@pytest.fixture(scope="module")
+def heldout_scenes():
+    return _scenes(3, N_SPLIT_SAMPLES // 2, "heldout")
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+@pytest.mark.parametrize("split", S.SPLITS)
+def test_same_seed_and_index_give_identical_example(split):
+    for i in (0, 7, 123):
+        a, b = S.scene(5, i, split), S.scene(5, i, split)
+        assert a == b
+        np.testing.assert_array_equal(S.render(a), S.render(b))
+        assert S.example_caption(5, i, split) == S.example_caption(5, i, split)
+
+
+def test_any_example_regenerates_alone_from_a_batch():
+    full = S.batch(11, 0, 24)
+    part = S.batch(11, 10, 5)
+    np.testing.assert_array_equal(full["images"][10:15], part["images"])
+    assert full["captions"][10:15] == part["captions"]
+    assert full["scenes"][10:15] == part["scenes"]
+    assert full["captions"][13] == S.example_caption(11, 13)
+    np.testing.assert_array_equal(full["images"][13], S.render(S.scene(11, 13)) / np.float32(255))
+
+
+def test_batches_iterator_resumes_exactly():
+    it = S.batches(2, 4, start=8)
+    first, second = next(it), next(it)
+    assert first["captions"] == S.batch(2, 8, 4)["captions"]
+    assert second["scenes"] == S.batch(2, 12, 4)["scenes"]
+
+
+def test_seeds_and_indices_differ():
+    assert len({S.scene(0, i) for i in range(50)}) == 50
+    assert [S.scene(0, i) for i in range(20)] != [S.scene(1, i) for i in range(20)]
+
+
+def test_batch_layout():
+    b = S.batch(0, 0, 6, "heldout")
+    assert b["images"].shape == (6, 64, 64, 3) and b["images"].dtype == np.float32
+    assert 0.0 <= b["images"].min() and b["images"].max() <= 1.0
+    assert len(b["captions"]) == len(b["scenes"]) == 6
+    assert S.batch(0, 0, 0)["images"].shape == (0, 64, 64, 3)
+
+
+def test_bad_arguments_explain_themselves():
+    with pytest.raises(ValueError, match="split"):
+        S.scene(0, 0, "test")
+    with pytest.raises(ValueError, match="n_objects"):
+        S.scene(0, 0, "train", n_objects=3)
+    with pytest.raises(ValueError, match="prompt_type"):
+        S.eval_prompts("train", "three_object", 2)
+
+
+# ----------------------------------------------------------------------------- split
+
+
+def test_heldout_definition():
+    assert len(S.HELDOUT_COLOR_SHAPES) == 3
+    combos = S.heldout_combos()
+    assert set(combos) == {"color_shapes", "layouts", "color_pairs"}
+    # every single color, shape and relation still occurs in train somewhere
+    held_colors = {c for c, _ in S.HELDOUT_COLOR_SHAPES}
+    assert len(held_colors) == 3 and len({s for _, s in S.HELDOUT_COLOR_SHAPES}) == 3
+
+
+def test_train_never_contains_a_heldout_combination(train_scenes):
+    for sc in train_scenes:
+        assert S.heldout_reasons(sc) == []
+        for o in sc.objects:
+            assert (o.color, o.shape) not in S.HELDOUT_COLOR_SHAPES
+        if len(sc.objects) == 2:
+            assert S.canonical_layout(sc) not in S.HELDOUT_LAYOUTS
+            assert frozenset(o.color for o in sc.objects) not in S.HELDOUT_COLOR_PAIRS
+
+
+def test_train_covers_every_allowed_combination(train_scenes):
+    pairs = {(o.color, o.shape) for sc in train_scenes for o in sc.objects}
+    allowed = {(c, s) for c in S.COLORS for s in S.SHAPES} - S.HELDOUT_COLOR_SHAPES
+    assert pairs == allowed
+    two = [sc for sc in train_scenes if len(sc.objects) == 2]
+    assert {sc.relation for sc in two} == set(S.RELATIONS)
+    layouts = {S.canonical_layout(sc) for sc in two}
+    assert len(layouts) == 3 * 3 * 2 - len(S.HELDOUT_LAYOUTS)
+    assert {o.size for sc in train_scenes for o in sc.objects} == set(S.SIZES)
+    counts = Counter(len(sc.objects) for sc in train_scenes)
+    assert 0.4 < counts[1] / len(train_scenes) < 0.6
+
+
+def test_heldout_scenes_each_hold_a_heldout_combination(heldout_scenes):
+    reasons = Counter()
+    for sc in heldout_scenes:
+        r = S.heldout_reasons(sc)
+        assert r, sc
+        reasons.update(r)
+    for c, s in S.HELDOUT_COLOR_SHAPES:
+        assert reasons[f"color-shape {c} {s}"] > 0
+    for a, rel, b in S.HELDOUT_LAYOUTS:
+        assert reasons[f"layout {a} {rel} {b}"] > 0
+    assert reasons["color pair green+purple"] > 0
+
+
+def test_layout_is_independent_of_phrasing():
+    a = S.Obj("red", "circle", "small", (10.0, 30.0), 10)
+    b = S.Obj("green", "triangle", "small", (40.0, 30.0), 10)
+    assert S.is_heldout(S.Scene((a, b), "left of"))
+    assert S.is_heldout(S.Scene((b, a), "right of"))
+    assert not S.is_heldout(S.Scene((b, a), "left of"))  # triangle left of circle is a train layout
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+def _caption_agrees(sc, text):
+    objects, relation = S.parse_caption(text)
+    assert len(objects) == len(sc.objects), text
+    if len(objects) == 1:
+        order = sc.objects
+    else:
+        first = [o for o in sc.objects if (o.color, o.shape) == objects[0][:2]]
+        assert len(first) == 1, text
+        if first[0] is sc.objects[0]:
+            order = sc.objects
+            assert relation == sc.relation, text
+        else:
+            order = sc.objects[::-1]
+            assert relation == S.INVERSE_RELATION[sc.relation], text
+    for (color, shape, size), o in zip(objects, order):
+        assert (color, shape) == (o.color, o.shape), text
+        assert size in (None, o.size), text
+
+
+@pytest.mark.parametrize("split", S.SPLITS)
+def test_captions_state_exactly_the_scene(split):
+    b = S.batch(4, 0, 600, split)
+    for sc, text in zip(b["scenes"], b["captions"]):
+        _caption_agrees(sc, text)
+        mentioned = [w for w in text.split() if w in S.COLORS + S.SHAPES]
+        assert len(mentioned) == 2 * len(sc.objects), text
+
+
+def test_captions_use_several_templates_and_paraphrases():
+    captions = S.batch(6, 0, 400)["captions"]
+    assert len(set(captions)) > 250
+    words = " ".join(captions)
+    for phrase in ("to the left of", "on the right of", "above", "beneath", "large", "small", "there is"):
+        assert phrase in words
+    scenes = S.batch(6, 0, 400)["scenes"]
+    swapped = sum(
+        S.parse_caption(c)[0][0][:2] != (sc.objects[0].color, sc.objects[0].shape)
+        for c, sc in zip(captions, scenes)
+    )
+    assert swapped > 20  # two-object scenes are stated from either object
+
+
+def test_parse_caption_reads_the_documented_examples():
+    assert S.parse_caption("a red circle") == ((("red", "circle", None),), None)
+    assert S.parse_caption("a large blue square") == ((("blue", "square", "large"),), None)
+    assert S.parse_caption("a blue square on the right of a red circle") == (
+        (("blue", "square", None), ("red", "circle", None)),
+        "right of",
+    )
+    assert S.parse_caption("a small white triangle below a large orange square") == (
+        (("white", "triangle", "small"), ("orange", "square", "large")),
+        "below",
+    )
+    with pytest.raises(ValueError, match="relation"):
+        S.parse_caption("a red circle and a blue square")
+    with pytest.raises(ValueError, match="phrases"):
+        S.parse_caption("a dog")
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def test_render_matches_scene_geometry():
+    for sc in _scenes(8, 300, "train") + _scenes(8, 100, "heldout"):
+        image = S.render(sc)
+        assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+        masks = [S.object_mask(o) for o in sc.objects]
+        for o, m in zip(sc.objects, masks):
+            ys, xs = np.nonzero(m)
+            assert ys.max() - ys.min() + 1 == o.extent and xs.max() - xs.min() + 1 == o.extent
+            assert (xs.min() + xs.max() + 1) / 2 == o.center[0] and (ys.min() + ys.max() + 1) / 2 == o.center[1]
+            assert min(ys.min(), xs.min()) >= S.BORDER_MARGIN and max(ys.max(), xs.max()) < 64 - S.BORDER_MARGIN
+            lo, hi = S.EXTENT_RANGE[o.size]
+            assert lo <= o.extent <= hi
+            np.testing.assert_array_equal(image[m], np.broadcast_to(S.PALETTE[o.color], (m.sum(), 3)))
+        covered = np.any(masks, axis=0)
+        assert (image[~covered] == 0).all()
+        if len(sc.objects) == 2:
+            a, b = sc.objects
+            dx, dy = b.center[0] - a.center[0], b.center[1] - a.center[1]
+            main, off = (dx, dy) if sc.relation in ("left of", "right of") else (dy, dx)
+            sign = 1 if sc.relation in ("left of", "above") else -1
+            assert sign * main >= (a.extent + b.extent) / 2 + S.MIN_GAP - 1
+            assert abs(off) <= abs(main) / 2 + 1
+
+
+def test_shapes_have_their_characteristic_fill():
+    for extent in range(10, 25):
+        c = extent / 2 + 20
+        fills = {
+            s: S.object_mask(S.Obj("red", s, "small", (c, c), extent)).sum() / extent**2 for s in S.SHAPES
+        }
+        assert fills["square"] == 1.0
+        assert 0.75 < fills["circle"] < 0.83
+        assert 0.5 < fills["triangle"] < 0.62
+
+
+# ----------------------------------------------------------------------------- eval prompts
+
+
+@pytest.mark.parametrize("split", S.SPLITS)
+@pytest.mark.parametrize("prompt_type", S.PROMPT_TYPES)
+def test_eval_prompts_carry_their_targets(split, prompt_type):
+    prompts = S.eval_prompts(split, prompt_type, 40, seed=1)
+    assert prompts == S.eval_prompts(split, prompt_type, 40, seed=1)
+    for p in prompts:
+        assert p.split == split and p.prompt_type == prompt_type == p.target.prompt_type
+        assert S.is_heldout(p.target) == (split == "heldout")
+        _caption_agrees(p.target, p.prompt)
