@@ -1,0 +1,337 @@
+"""Reading every checkpoint kind into one in-memory form, and writing it back out.
+
+``LoadedModel`` (configs + Flax params + schedule + tokenizer settings) is what every reader returns:
+- :func:`read_diffusers_folder`: a diffusers-format folder (``model_index.json``), safetensors or .bin, fp16 variants;
+- :func:`read_single_file`: an original Stable Diffusion ``.safetensors``/``.ckpt`` (SD1, SD2, inpainting; EMA);
+- :func:`read_native`: a folder written by ``jaxt2i convert``.
+Writers: :func:`write_native`, :func:`write_diffusers_folder`, :func:`write_single_file`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Mapping
+
+import numpy as np
+
+from jaxt2i import presets
+from jaxt2i.convert import clip_keys, native, unet_keys, vae_keys
+from jaxt2i.convert.components import COMPONENTS, params_from_torch, params_to_torch
+from jaxt2i.convert.core import ConversionError
+from jaxt2i.convert.io import read_state_dict, write_safetensors
+from jaxt2i.diffusion.schedules import ScheduleConfig
+from jaxt2i.models import clip, unet, vae
+
+COMPONENT_NAMES = ("text_encoder", "vae", "unet")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """Everything a pipeline is made of, independent of the file format it came from.
+
+    configs: component name -> config dataclass; params: component name -> Flax tree (numpy arrays);
+    tokenizer: {"pad": "eos"|"zero", "folder": path or None}; source: where it was read from.
+    """
+
+    configs: dict[str, Any]
+    params: dict[str, dict]
+    schedule: ScheduleConfig
+    tokenizer: dict
+    source: str
+
+
+# ----------------------------------------------------------------------------------------------- diffusers folders
+def is_diffusers_folder(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(path, "model_index.json"))
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing; the diffusers folder is incomplete.") from None
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path} is not valid JSON ({e}).") from None
+
+
+def _weight_file(folder: str, stem: str, variant: str | None) -> list[str]:
+    """The weight file(s) of one component folder, safetensors first; sharded checkpoints give several."""
+    candidates = [stem, "diffusion_pytorch_model", "model", "pytorch_model"]
+    suffixes = [f".{variant}" if variant else ""] + ([] if variant else [".fp16"])
+    for suffix in suffixes:
+        for ext in (".safetensors", ".bin"):
+            for name in dict.fromkeys(candidates):
+                single = os.path.join(folder, f"{name}{suffix}{ext}")
+                if os.path.isfile(single):
+                    return [single]
+                index = single + ".index.json"
+                if os.path.isfile(index):
+                    shards = sorted(set(_read_json(index)["weight_map"].values()))
+                    return [os.path.join(folder, s) for s in shards]
+    raise FileNotFoundError(
+        f"{folder}: no weights found (looked for {stem}{{,.fp16}}.safetensors / .bin and sharded indexes).")
+
+
+def _read_component_state_dict(folder: str, stem: str, variant: str | None) -> tuple[dict, str]:
+    files = _weight_file(folder, stem, variant)
+    state_dict: dict[str, np.ndarray] = {}
+    for file in files:
+        state_dict.update(read_state_dict(file))
+    return state_dict, files[0] if len(files) == 1 else folder
+
+
+def schedule_from_folder(path: str) -> ScheduleConfig:
+    """The scheduler config of a diffusers folder (SD defaults when it has none)."""
+    config_path = os.path.join(path, "scheduler", "scheduler_config.json")
+    return ScheduleConfig.from_diffusers(_read_json(config_path)) if os.path.isfile(config_path) else ScheduleConfig()
+
+
+def configs_from_folder(path: str) -> dict[str, Any]:
+    """Component configs from a diffusers folder's ``*/config.json`` files."""
+    return {name: COMPONENTS[name].config_cls.from_diffusers(_read_json(os.path.join(path, name, "config.json")))
+            for name in COMPONENT_NAMES}
+
+
+def tokenizer_settings_from_folder(path: str) -> dict:
+    folder = os.path.join(path, "tokenizer")
+    return {"folder": folder if os.path.isdir(folder) else None, "pad": None}
+
+
+def read_diffusers_folder(path: str, *, variant: str | None = None, dtype: Any = None) -> LoadedModel:
+    """Reads a diffusers-format Stable Diffusion folder. ``variant="fp16"`` picks ``*.fp16.*`` weight files."""
+    path = os.fspath(path)
+    _read_json(os.path.join(path, "model_index.json"))
+    configs = configs_from_folder(path)
+    params = {}
+    for name in COMPONENT_NAMES:
+        sd, source = _read_component_state_dict(os.path.join(path, name), COMPONENTS[name].weight_stem, variant)
+        params[name] = params_from_torch(name, sd, configs[name], source=source, dtype=dtype)
+    return LoadedModel(configs, params, schedule_from_folder(path), tokenizer_settings_from_folder(path), path)
+
+
+# --------------------------------------------------------------------------------------------- original single files
+# Buffers of the original LDM training code that are not model weights.
+_LDM_BUFFERS = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "logvar", "model_ema.decay", "model_ema.num_updates", "cond_stage_model.transformer.text_model.embeddings.position_ids",
+)
+_PREFIXES = {
+    "unet": unet_keys.ORIGINAL_PREFIX,
+    "vae": vae_keys.ORIGINAL_PREFIX,
+    "text_encoder_sd1": clip_keys.SD1_PREFIX,
+    "text_encoder_sd2": clip_keys.SD2_PREFIX,
+}
+_EMA_PREFIX = "model_ema."
+
+
+def detect_single_file(state_dict: Mapping[str, np.ndarray], source: str) -> str:
+    """Names the pipeline preset a single file matches, from tensor shapes: sd15, sd15_inpaint, sd21, sd2_inpaint."""
+    conv_in = state_dict.get(unet_keys.ORIGINAL_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is None:
+        raise ConversionError(f"{source}: no {unet_keys.ORIGINAL_PREFIX}input_blocks.0.0.weight; this is not an "
+                              "original Stable Diffusion checkpoint. For a diffusers folder pass the folder.")
+    inpaint = conv_in.shape[1] == 9
+    if any(k.startswith(clip_keys.SD2_PREFIX) for k in state_dict):
+        return "sd2_inpaint" if inpaint else "sd21"
+    if any(k.startswith(clip_keys.SD1_PREFIX) for k in state_dict):
+        return "sd15_inpaint" if inpaint else "sd15"
+    raise ConversionError(f"{source}: no text encoder ({clip_keys.SD1_PREFIX}* or {clip_keys.SD2_PREFIX}*) found.")
+
+
+def _ema_unet_tensors(state_dict: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """``model_ema.diffusion_model<key without dots>`` -> ``model.diffusion_model.<key>`` for every U-Net key."""
+    out = {}
+    for key in state_dict:
+        if key.startswith(unet_keys.ORIGINAL_PREFIX):
+            ema_key = _EMA_PREFIX + key[len("model."):].replace(".", "")
+            if ema_key not in state_dict:
+                raise ConversionError(f"{source}: EMA weights requested but {ema_key} (EMA of {key}) is missing; "
+                                      "load without ema=True.")
+            out[key] = state_dict[ema_key]
+    return out
+
+
+def _check_stray_keys(state_dict: Mapping[str, np.ndarray], source: str) -> None:
+    known = tuple(_PREFIXES.values()) + (_EMA_PREFIX,)
+    stray = sorted(k for k in state_dict if not k.startswith(known) and k not in _LDM_BUFFERS)
+    if stray:
+        raise ConversionError(f"{source}: {len(stray)} tensor(s) that belong to no Stable Diffusion component, "
+                              f"e.g. {', '.join(stray[:5])}. Is this a different kind of checkpoint?")
+
+
+def read_single_file(path: str, *, config: str | None = None, ema: bool = False, dtype: Any = None) -> LoadedModel:
+    """Reads an original single-file SD checkpoint (.safetensors or .ckpt).
+
+    Args:
+      config: a pipeline preset name (``sd15``, ``sd21``, ``sd21_base``, ...) or a diffusers folder whose
+        ``*/config.json`` and scheduler config describe the architecture; default: detected from tensor shapes.
+      ema: use the EMA copy of the U-Net (``model_ema.*``) instead of the trained weights.
+    """
+    path = os.fspath(path)
+    state_dict = read_state_dict(path)
+    _check_stray_keys(state_dict, path)
+    if config is not None and is_diffusers_folder(config):
+        configs, schedule = configs_from_folder(config), schedule_from_folder(config)
+        tokenizer = tokenizer_settings_from_folder(config)
+    else:
+        spec = presets.get(config or detect_single_file(state_dict, path))
+        configs, schedule, tokenizer = spec.configs(), spec.schedule, {"folder": None, "pad": spec.tokenizer_pad}
+    if ema:
+        state_dict = {**state_dict, **_ema_unet_tensors(state_dict, path)}
+    text_prefix = _PREFIXES["text_encoder_sd2"] if any(
+        k.startswith(_PREFIXES["text_encoder_sd2"]) for k in state_dict) else _PREFIXES["text_encoder_sd1"]
+    torch_layout = {
+        "unet": unet_keys.original_to_diffusers(state_dict, configs["unet"], source=path),
+        "vae": vae_keys.original_to_diffusers(state_dict, configs["vae"], source=path),
+        "text_encoder": clip_keys.original_to_diffusers(state_dict, configs["text_encoder"], text_prefix, source=path),
+    }
+    params = {name: params_from_torch(name, torch_layout[name], configs[name], source=path, dtype=dtype)
+              for name in COMPONENT_NAMES}
+    return LoadedModel(configs, params, schedule, tokenizer, path)
+
+
+def write_single_file(path: str, model: LoadedModel, *, overwrite: bool = False) -> None:
+    """Writes an original-layout single-file ``.safetensors`` (SD1 or SD2 text-encoder layout from the config)."""
+    path = os.fspath(path)
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{path}: single files are written as .safetensors only.")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; choose a new name or pass overwrite=True.")
+    torch_layout = {name: params_to_torch(name, model.params[name], model.configs[name]) for name in COMPONENT_NAMES}
+    text_prefix = (_PREFIXES["text_encoder_sd1"] if model.configs["text_encoder"].hidden_act == "quick_gelu"
+                   else _PREFIXES["text_encoder_sd2"])
+    tensors = {
+        **unet_keys.diffusers_to_original(torch_layout["unet"], model.configs["unet"]),
+        **vae_keys.diffusers_to_original(torch_layout["vae"], model.configs["vae"]),
+        **clip_keys.diffusers_to_original(torch_layout["text_encoder"], model.configs["text_encoder"], text_prefix),
+    }
+    write_safetensors(path, tensors, metadata={"format": "pt", "written_by": "jaxt2i"})
+
+
+# ----------------------------------------------------------------------------------------------- jaxt2i's own format
+def read_native(path: str, *, dtype: Any = None) -> LoadedModel:
+    """Reads a folder written by :func:`write_native` (``jaxt2i convert``)."""
+    from jaxt2i.convert.core import to_flax
+
+    path = os.fspath(path)
+    manifest = native.read_manifest(path)
+    configs, params = {}, {}
+    for name in COMPONENT_NAMES:
+        if name not in manifest["components"]:
+            raise ConversionError(f"{path}: manifest has no {name!r} component.")
+        comp = COMPONENTS[name]
+        config = native.config_from_dict(comp.config_cls, manifest["components"][name], source=path)
+        flat = native.read_component(path, name)
+        abstract = presets.abstract_params(name, config)
+        rules = [_identity_rule(k) for k in flat]
+        params[name] = to_flax(flat, rules, abstract, source=os.path.join(path, f"{name}.safetensors"), dtype=dtype)
+        configs[name] = config
+    schedule = native.config_from_dict(ScheduleConfig, manifest["schedule"], source=path)
+    tokenizer = dict(manifest.get("tokenizer", {}))
+    tok_folder = os.path.join(path, "tokenizer")
+    tokenizer["folder"] = tok_folder if os.path.isdir(tok_folder) else None
+    return LoadedModel(configs, params, schedule, tokenizer, path)
+
+
+def _identity_rule(flat_key: str):
+    from jaxt2i.convert.core import Rule
+
+    return Rule(tuple(flat_key.split("/")), flat_key, "identity")
+
+
+def write_native(path: str, model: LoadedModel, *, overwrite: bool = False) -> None:
+    """Writes jaxt2i's own format (fast to load): configs + one safetensors per component."""
+    native.save_native(
+        path, configs=model.configs, params=model.params, schedule=model.schedule,
+        tokenizer={"pad": model.tokenizer.get("pad")}, tokenizer_files=model.tokenizer.get("folder"),
+        overwrite=overwrite)
+
+
+# ----------------------------------------------------------------------------------------------- diffusers export
+def write_diffusers_folder(path: str, model: LoadedModel, *, overwrite: bool = False) -> None:
+    """Writes a diffusers-format folder that ``StableDiffusionPipeline.from_pretrained`` (and jaxt2i) can load."""
+    from jaxt2i.tokenizer import write_vocab_files
+
+    path = os.fspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; choose a new destination or pass overwrite=True.")
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".jaxt2i-", dir=parent)
+    try:
+        classes = {"text_encoder": "CLIPTextModel", "vae": "AutoencoderKL", "unet": "UNet2DConditionModel"}
+        for name in COMPONENT_NAMES:
+            folder = os.path.join(staging, name)
+            os.makedirs(folder)
+            config = model.configs[name].to_diffusers()
+            with open(os.path.join(folder, "config.json"), "w") as f:
+                json.dump(config, f, indent=2)
+            write_safetensors(os.path.join(folder, f"{COMPONENTS[name].weight_stem}.safetensors"),
+                              params_to_torch(name, model.params[name], model.configs[name]),
+                              metadata={"format": "pt"})
+        tok_folder = os.path.join(staging, "tokenizer")
+        if model.tokenizer.get("folder"):
+            shutil.copytree(model.tokenizer["folder"], tok_folder)
+        else:
+            write_vocab_files(tok_folder, pad=model.tokenizer.get("pad") or "eos")
+        os.makedirs(os.path.join(staging, "scheduler"))
+        with open(os.path.join(staging, "scheduler", "scheduler_config.json"), "w") as f:
+            json.dump(_scheduler_config(model.schedule), f, indent=2)
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            "text_encoder": ["transformers", classes["text_encoder"]],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", classes["unet"]],
+            "vae": ["diffusers", classes["vae"]],
+            "scheduler": ["diffusers", "PNDMScheduler"],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+        }
+        with open(os.path.join(staging, "model_index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _scheduler_config(schedule: ScheduleConfig) -> dict:
+    config = {"_class_name": "PNDMScheduler", "skip_prk_steps": True}
+    for field in dataclasses.fields(schedule):
+        value = getattr(schedule, field.name)
+        if value is not None:
+            config[field.name] = list(value) if isinstance(value, tuple) else value
+    config.setdefault("timestep_spacing", "leading")
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------- dispatch
+def read_any(path: str, *, config: str | None = None, ema: bool = False, dtype: Any = None,
+             variant: str | None = None) -> LoadedModel:
+    """Reads any supported checkpoint kind (see the module docstring) from ``path``."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if native.is_native_folder(path):
+            return read_native(path, dtype=dtype)
+        if is_diffusers_folder(path):
+            return read_diffusers_folder(path, variant=variant, dtype=dtype)
+        raise FileNotFoundError(f"{path} is a folder but has neither model_index.json (diffusers) nor "
+                                f"{native.MANIFEST} (jaxt2i). Point at the model folder itself.")
+    if os.path.isfile(path):
+        return read_single_file(path, config=config, ema=ema, dtype=dtype)
+    hint = ""
+    matches = glob.glob(path + "*")
+    if matches:
+        hint = f" Did you mean {matches[0]}?"
+    raise FileNotFoundError(f"No model at {path}.{hint}")

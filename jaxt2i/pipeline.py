@@ -1,0 +1,470 @@
+"""The Stable Diffusion pipeline: jitted programs from token ids to pixels, over pure functional models.
+
+Each public method runs one compiled program. Everything that may change between calls without changing shapes
+(prompt text, seed, guidance scale, the image given to img2img/inpaint) is a traced argument, so it never
+recompiles; what changes shapes or control flow (batch size, resolution, sampler, steps, strength, whether
+guidance is on) is static and selects another cached program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import warnings
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxt2i.convert.load import LoadedModel, read_any
+from jaxt2i.diffusion import samplers
+from jaxt2i.diffusion.guidance import cfg_denoise_fn
+from jaxt2i.diffusion.schedules import ScheduleConfig
+from jaxt2i.models import clip, unet, vae
+from jaxt2i.tokenizer import CLIPTokenizer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class Models(NamedTuple):
+    """The linen modules of a pipeline (pure: parameters live in ``Pipeline.params``)."""
+
+    text_encoder: clip.CLIPTextModel
+    vae: vae.AutoencoderKL
+    unet: unet.UNet
+
+
+# --------------------------------------------------------------------------------------- compilation cache
+def enable_compilation_cache(path: str | None = None) -> str | None:
+    """Turns on JAX's persistent compilation cache so a second process does not compile again.
+
+    ``path`` defaults to ``$JAXT2I_CACHE_DIR`` or ``~/.cache/jaxt2i/xla``; ``JAXT2I_CACHE_DIR=off`` disables it.
+    Returns the directory used, or None when disabled.
+    """
+    path = path or os.environ.get("JAXT2I_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "jaxt2i", "xla")
+    if path.lower() in ("off", "0", "none", ""):
+        return None
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- progress
+_PROGRESS_HOOK: list[Callable[[], None] | None] = [None]
+
+
+def _progress_tick(_):
+    hook = _PROGRESS_HOOK[0]
+    if hook is not None:
+        hook()
+
+
+class progress_hook:
+    """``with progress_hook(fn): pipe.text_to_image(..., progress=True)`` calls ``fn()`` after each model call."""
+
+    def __init__(self, fn: Callable[[], None]):
+        self.fn = fn
+
+    def __enter__(self):
+        self.previous, _PROGRESS_HOOK[0] = _PROGRESS_HOOK[0], self.fn
+        return self
+
+    def __exit__(self, *exc):
+        _PROGRESS_HOOK[0] = self.previous
+
+
+# ------------------------------------------------------------------------------------------ static program spec
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """The static part of a sampling program (hashable; one compiled program per distinct value)."""
+
+    models: Models
+    schedule: ScheduleConfig
+    sampler: str
+    steps: int
+    use_cfg: bool
+    karras: bool
+    eta: float
+    start_step: int = 0
+    progress: bool = False
+
+
+def _encode_text(models: Models, params, ids):
+    """[B, 77] ids -> [B, 77, D] conditioning (last hidden state after the final LayerNorm)."""
+    return models.text_encoder.apply({"params": params["text_encoder"]}, ids, method=clip.CLIPTextModel.encode)
+
+
+def _unet(models: Models, params, x, t, context):
+    """U-Net in the compute dtype; output float32. x [B, h, w, C], t [B], context [B, 77, D]."""
+    dtype = models.unet.dtype
+    out = models.unet.apply({"params": params["unet"]}, x.astype(dtype), t, context.astype(dtype))
+    return out.astype(jnp.float32)
+
+
+def _decode(models: Models, params, latents):
+    """Scaled latents [B, h, w, 4] -> images [B, H, W, 3] float32 in [0, 1]."""
+    cfg = models.vae.config
+    z = vae.unscale_latents(latents.astype(jnp.float32), cfg).astype(models.vae.dtype)
+    x = models.vae.apply({"params": params["vae"]}, z, method=vae.AutoencoderKL.decode)
+    return jnp.clip((x.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def _encode_latents(models: Models, params, images, key):
+    """Images [B, H, W, 3] in [0, 1] -> scaled latents; a posterior sample with ``key``, else the mean."""
+    x = (2.0 * images.astype(jnp.float32) - 1.0).astype(models.vae.dtype)
+    posterior = models.vae.apply({"params": params["vae"]}, x, method=vae.AutoencoderKL.encode)
+    z = posterior.mode() if key is None else posterior.sample(key)
+    return vae.scale_latents(z.astype(jnp.float32), models.vae.config)
+
+
+def _denoiser(spec: _Spec, params, context, uncond, guidance, rescale, extra_channels=None):
+    """denoise_fn(x, t) for the sampler: the U-Net with classifier-free guidance (one batched call)."""
+
+    def model_fn(x, t, ctx):
+        if extra_channels is not None:  # 9-channel inpainting U-Net: [x, mask, masked-image latents]
+            reps = x.shape[0] // extra_channels.shape[0]
+            x = jnp.concatenate([x, jnp.tile(extra_channels, (reps, 1, 1, 1)).astype(x.dtype)], axis=-1)
+        out = _unet(spec.models, params, x, t, ctx)
+        if spec.progress:
+            jax.debug.callback(_progress_tick, t[0])
+        return out
+
+    if spec.use_cfg:
+        return cfg_denoise_fn(model_fn, context, uncond, guidance, rescale)
+    return lambda x, t: model_fn(x, t, context)
+
+
+def _run_sampler(spec: _Spec, denoise, x, key, post_step_fn=None):
+    return samplers.sample(
+        denoise, x, sampler=spec.sampler, steps=spec.steps, schedule=spec.schedule, key=key, eta=spec.eta,
+        use_karras_sigmas=spec.karras, start_step=spec.start_step, post_step_fn=post_step_fn)
+
+
+def _contexts(spec: _Spec, params, ids, uncond_ids):
+    context = _encode_text(spec.models, params, ids)
+    uncond = _encode_text(spec.models, params, uncond_ids) if spec.use_cfg else None
+    return context, uncond
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _txt2img_program(params, ids, uncond_ids, noise, guidance, rescale, key, *, spec: _Spec):
+    context, uncond = _contexts(spec, params, ids, uncond_ids)
+    denoise = _denoiser(spec, params, context, uncond, guidance, rescale)
+    latents = _run_sampler(spec, denoise, noise, key)
+    return _decode(spec.models, params, latents)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "strength"))
+def _img2img_program(params, ids, uncond_ids, images, noise, guidance, rescale, key, *, spec: _Spec,
+                     strength: float):
+    context, uncond = _contexts(spec, params, ids, uncond_ids)
+    encode_key, sample_key = jax.random.split(key)
+    x0 = _encode_latents(spec.models, params, images, encode_key)
+    x, start = samplers.img2img_start(x0, noise, sampler=spec.sampler, steps=spec.steps, strength=strength,
+                                      schedule=spec.schedule, use_karras_sigmas=spec.karras)
+    spec = dataclasses.replace(spec, start_step=start)
+    denoise = _denoiser(spec, params, context, uncond, guidance, rescale)
+    latents = samplers.sample(denoise, x, sampler=spec.sampler, steps=spec.steps, schedule=spec.schedule,
+                              key=sample_key, eta=spec.eta, use_karras_sigmas=spec.karras, start_step=start,
+                              init_is_noised=True)
+    return _decode(spec.models, params, latents)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "strength"))
+def _inpaint_program(params, ids, uncond_ids, images, masks, noise, guidance, rescale, key, *, spec: _Spec,
+                     strength: float):
+    """images [B, H, W, 3] in [0, 1]; masks [B, H, W, 1] with 1 = repaint; noise [B, h, w, 4]."""
+    context, uncond = _contexts(spec, params, ids, uncond_ids)
+    encode_key, masked_key, sample_key = jax.random.split(key, 3)
+    factor = images.shape[1] // noise.shape[1]
+    # Nearest-neighbour downsampling of the mask to the latent grid (what diffusers' interpolate does).
+    latent_mask = masks[:, ::factor, ::factor, :].astype(jnp.float32)
+    x0 = _encode_latents(spec.models, params, images, encode_key)
+    nine_channels = spec.models.unet.config.in_channels == 9
+    if strength >= 1.0:
+        x, start = noise, 0
+    else:
+        x, start = samplers.img2img_start(x0, noise, sampler=spec.sampler, steps=spec.steps, strength=strength,
+                                          schedule=spec.schedule, use_karras_sigmas=spec.karras)
+    spec = dataclasses.replace(spec, start_step=start)
+    if nine_channels:
+        masked = _encode_latents(spec.models, params, images * (masks < 0.5), masked_key)
+        extra = jnp.concatenate([latent_mask, masked], axis=-1)
+        denoise = _denoiser(spec, params, context, uncond, guidance, rescale, extra_channels=extra)
+        post = None
+    else:
+        denoise = _denoiser(spec, params, context, uncond, guidance, rescale)
+        post = samplers.inpaint_post_step_fn(x0, noise, latent_mask, sampler=spec.sampler, steps=spec.steps,
+                                             schedule=spec.schedule, use_karras_sigmas=spec.karras, start_step=start)
+    latents = samplers.sample(denoise, x, sampler=spec.sampler, steps=spec.steps, schedule=spec.schedule,
+                              key=sample_key, eta=spec.eta, use_karras_sigmas=spec.karras, start_step=start,
+                              init_is_noised=start > 0, post_step_fn=post)
+    return _decode(spec.models, params, latents)
+
+
+# --------------------------------------------------------------------------------------------------- Pipeline
+class Pipeline:
+    """A loaded Stable-Diffusion-style model: CLIP text encoder, KL-VAE and U-Net with their parameters.
+
+    Attributes:
+      models: :class:`Models` (linen modules); params: ``{"text_encoder", "vae", "unet"}`` -> parameter trees;
+      configs: component configs; schedule: the noise schedule; tokenizer: the CLIP tokenizer.
+    """
+
+    def __init__(self, loaded: LoadedModel, dtype: str | Any = "float32"):
+        self.dtype = _as_dtype(dtype)
+        self.configs = dict(loaded.configs)
+        self.schedule = loaded.schedule
+        self.source = loaded.source
+        self.tokenizer = _tokenizer_for(loaded)
+        self._tokenizer_settings = dict(loaded.tokenizer)
+        vae_dtype = jnp.float32 if self.dtype == jnp.float16 else self.dtype  # the SD VAE overflows in float16
+        self.models = Models(
+            text_encoder=clip.CLIPTextModel(self.configs["text_encoder"], dtype=self.dtype, param_dtype=self.dtype),
+            vae=vae.AutoencoderKL(self.configs["vae"], dtype=vae_dtype, param_dtype=vae_dtype),
+            unet=unet.UNet(self.configs["unet"], dtype=self.dtype, param_dtype=self.dtype),
+        )
+        param_dtypes = {"text_encoder": self.dtype, "vae": vae_dtype, "unet": self.dtype}
+        self.params = {name: jax.device_put(jax.tree.map(lambda a, d=param_dtypes[name]: np.asarray(a, d), tree))
+                       for name, tree in loaded.params.items()}
+        self._jit_encode_text = jax.jit(functools.partial(_encode_text, self.models))
+        self._jit_unet = jax.jit(functools.partial(_unet, self.models))
+        self._jit_decode = jax.jit(functools.partial(_decode, self.models))
+        self._jit_encode_latents = jax.jit(functools.partial(_encode_latents, self.models))
+
+    # ------------------------------------------------------------------------------------ properties
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell (8 for Stable Diffusion)."""
+        return 2 ** (len(self.configs["vae"].block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) the U-Net was trained at."""
+        side = self.configs["unet"].sample_size * self.vae_scale_factor
+        return side, side
+
+    @property
+    def is_inpainting_model(self) -> bool:
+        return self.configs["unet"].in_channels == 9
+
+    def to_loaded_model(self) -> LoadedModel:
+        """The pipeline's configs and parameters (as numpy) in the format-independent form, for export."""
+        params = {k: jax.tree.map(np.asarray, v) for k, v in self.params.items()}
+        return LoadedModel(self.configs, params, self.schedule, self._tokenizer_settings, self.source)
+
+    # ------------------------------------------------------------------------------ functional pieces
+    def tokenize(self, prompts: str | Sequence[str]) -> np.ndarray:
+        """Prompts -> int32 [B, 77] token ids."""
+        return self.tokenizer(prompts)
+
+    def encode_prompt(self, prompts: str | Sequence[str]) -> jax.Array:
+        """Prompts -> [B, 77, D] conditioning, as the U-Net receives it."""
+        return self._jit_encode_text(self.params, jnp.asarray(self.tokenize(prompts)))
+
+    def predict_noise(self, latents, timesteps, context) -> jax.Array:
+        """latents [B, h, w, C] NHWC, timesteps [B] or scalar, context [B, 77, D] -> U-Net output [B, h, w, 4]."""
+        latents = jnp.asarray(latents)
+        t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (latents.shape[0],))
+        return self._jit_unet(self.params, latents, t, jnp.asarray(context))
+
+    def decode_latents(self, latents) -> jax.Array:
+        """Scaled latents [B, h, w, 4] (as the sampler returns them) -> images [B, H, W, 3] float32 in [0, 1]."""
+        return self._jit_decode(self.params, jnp.asarray(latents))
+
+    def encode_image(self, images, key: jax.Array | None = None) -> jax.Array:
+        """Images [B, H, W, 3] in [0, 1] -> scaled latents [B, H/8, W/8, 4] (posterior mean, or a sample with key)."""
+        images = _check_images(images, self.vae_scale_factor)
+        return self._jit_encode_latents(self.params, images, key)
+
+    # ---------------------------------------------------------------------------------- programs
+    def _prepare(self, prompts, negative_prompt, guidance_scale, sampler, steps, eta, use_karras_sigmas,
+                 progress, start_step=0):
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("Give at least one prompt.")
+        if sampler not in samplers.SAMPLERS:
+            raise ValueError(f"Unknown sampler {sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}.")
+        if int(steps) < 1:
+            raise ValueError(f"steps must be >= 1; got {steps}.")
+        negatives = _negatives(negative_prompt, len(prompts))
+        use_cfg = float(guidance_scale) > 1.0
+        spec = _Spec(self.models, self.schedule, sampler, int(steps), use_cfg, bool(use_karras_sigmas), float(eta),
+                     start_step, bool(progress))
+        ids = jnp.asarray(self.tokenize(prompts))
+        uncond_ids = jnp.asarray(self.tokenize(negatives))
+        return prompts, spec, ids, uncond_ids
+
+    def _noise(self, latents, batch, height, width, key):
+        shape = (batch, height // self.vae_scale_factor, width // self.vae_scale_factor,
+                 self.configs["vae"].latent_channels)
+        if latents is None:
+            return jax.random.normal(key, shape, jnp.float32)
+        latents = jnp.asarray(latents, jnp.float32)
+        if latents.shape != shape:
+            raise ValueError(f"latents have shape {latents.shape}; expected {shape} (NHWC) for {batch} image(s) "
+                             f"of {height}x{width}.")
+        return latents
+
+    def _size(self, height, width):
+        default_h, default_w = self.default_size
+        height, width = int(height or default_h), int(width or default_w)
+        f = self.vae_scale_factor
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise ValueError(f"Image size {width}x{height} must be positive multiples of {f} (the VAE's "
+                             f"downsampling factor); e.g. {max(f, width // f * f)}x{max(f, height // f * f)}.")
+        return height, width
+
+    def text_to_image(self, prompts: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
+                      steps: int = 50, guidance_scale: float = 7.5, sampler: str = "ddim", seed: int = 0,
+                      height: int | None = None, width: int | None = None, latents=None, *, eta: float = 0.0,
+                      guidance_rescale: float = 0.0, use_karras_sigmas: bool = False,
+                      progress: bool = False) -> np.ndarray:
+        """Prompts -> float32 images [B, H, W, 3] in [0, 1] (one jitted program: text encoding, sampling, decoding).
+
+        ``latents``: optional standard-normal noise [B, H/8, W/8, 4] (the sampler scales it as it needs);
+        otherwise drawn from ``seed``. Guidance <= 1 skips the unconditional half of the batch.
+        """
+        if self.is_inpainting_model:
+            raise ValueError("This is a 9-channel inpainting model; use inpaint() (or `jaxt2i inpaint`).")
+        prompts, spec, ids, uncond_ids = self._prepare(prompts, negative_prompt, guidance_scale, sampler, steps,
+                                                       eta, use_karras_sigmas, progress)
+        height, width = self._size(height, width)
+        key = jax.random.key(seed)
+        noise_key, sample_key = jax.random.split(key)
+        noise = self._noise(latents, len(prompts), height, width, noise_key)
+        out = _txt2img_program(self.params, ids, uncond_ids, noise, jnp.float32(guidance_scale),
+                               jnp.float32(guidance_rescale), sample_key, spec=spec)
+        return np.asarray(out)
+
+    def image_to_image(self, prompts: str | Sequence[str], image, strength: float = 0.8,
+                       negative_prompt: str | Sequence[str] | None = None, steps: int = 50,
+                       guidance_scale: float = 7.5, sampler: str = "ddim", seed: int = 0, *, eta: float = 0.0,
+                       guidance_rescale: float = 0.0, use_karras_sigmas: bool = False,
+                       progress: bool = False) -> np.ndarray:
+        """Prompts + image(s) [B or 1, H, W, 3] in [0, 1] -> images [B, H, W, 3]; ``strength`` in (0, 1] is how
+        much of the schedule is re-run (diffusers' semantics: the last ``int(steps * strength)`` steps)."""
+        if not 0.0 < float(strength) <= 1.0:
+            raise ValueError(f"strength must be in (0, 1]; got {strength}.")
+        prompts, spec, ids, uncond_ids = self._prepare(prompts, negative_prompt, guidance_scale, sampler, steps,
+                                                       eta, use_karras_sigmas, progress)
+        images = _batch_images(_check_images(image, self.vae_scale_factor), len(prompts))
+        height, width = images.shape[1:3]
+        noise_key, program_key = jax.random.split(jax.random.key(seed))
+        noise = self._noise(None, len(prompts), height, width, noise_key)
+        out = _img2img_program(self.params, ids, uncond_ids, images, noise, jnp.float32(guidance_scale),
+                               jnp.float32(guidance_rescale), program_key, spec=spec, strength=float(strength))
+        return np.asarray(out)
+
+    def inpaint(self, prompts: str | Sequence[str], image, mask, strength: float = 1.0,
+                negative_prompt: str | Sequence[str] | None = None, steps: int = 50, guidance_scale: float = 7.5,
+                sampler: str = "ddim", seed: int = 0, *, eta: float = 0.0, guidance_rescale: float = 0.0,
+                use_karras_sigmas: bool = False, progress: bool = False) -> np.ndarray:
+        """Repaints where ``mask`` is 1. image [B or 1, H, W, 3] in [0, 1]; mask [B or 1, H, W(, 1)] in {0, 1}.
+
+        9-channel inpainting U-Nets get the mask and the masked image's latents as extra input channels; ordinary
+        models keep the known region by blending it back (noised to the current level) after every step.
+        """
+        if not 0.0 < float(strength) <= 1.0:
+            raise ValueError(f"strength must be in (0, 1]; got {strength}.")
+        prompts, spec, ids, uncond_ids = self._prepare(prompts, negative_prompt, guidance_scale, sampler, steps,
+                                                       eta, use_karras_sigmas, progress)
+        images = _batch_images(_check_images(image, self.vae_scale_factor), len(prompts))
+        masks = _batch_images(_check_mask(mask, images.shape[1:3]), len(prompts))
+        height, width = images.shape[1:3]
+        noise_key, program_key = jax.random.split(jax.random.key(seed))
+        noise = self._noise(None, len(prompts), height, width, noise_key)
+        out = _inpaint_program(self.params, ids, uncond_ids, images, masks, noise, jnp.float32(guidance_scale),
+                               jnp.float32(guidance_rescale), program_key, spec=spec, strength=float(strength))
+        return np.asarray(out)
+
+    def __repr__(self) -> str:
+        return (f"Pipeline(source={self.source!r}, dtype={jnp.dtype(self.dtype).name}, "
+                f"prediction_type={self.schedule.prediction_type!r}, inpainting={self.is_inpainting_model})")
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _as_dtype(dtype) -> Any:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype).type
+
+
+def _tokenizer_for(loaded: LoadedModel) -> CLIPTokenizer:
+    folder = loaded.tokenizer.get("folder")
+    if folder:
+        return CLIPTokenizer.from_folder(folder)
+    pad = loaded.tokenizer.get("pad") or "eos"
+    return CLIPTokenizer.default(pad=pad)
+
+
+def _negatives(negative_prompt, batch: int) -> list[str]:
+    if negative_prompt is None:
+        return [""] * batch
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * batch
+    negatives = list(negative_prompt)
+    if len(negatives) != batch:
+        raise ValueError(f"Got {len(negatives)} negative prompts for {batch} prompts; give one, or one per prompt.")
+    return negatives
+
+
+def _check_images(images, factor: int) -> jax.Array:
+    images = np.asarray(images, np.float32)
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"Images must be [B, H, W, 3] (or [H, W, 3]) RGB in [0, 1]; got shape {images.shape}.")
+    if images.shape[1] % factor or images.shape[2] % factor:
+        raise ValueError(f"Image size {images.shape[2]}x{images.shape[1]} must be a multiple of {factor}; "
+                         "resize or crop it.")
+    if images.min() < -1e-3 or images.max() > 1 + 1e-3:
+        raise ValueError("Image values must be in [0, 1] (float); divide uint8 images by 255.")
+    return jnp.asarray(images)
+
+
+def _check_mask(mask, size: tuple[int, int]) -> jax.Array:
+    mask = np.asarray(mask, np.float32)
+    if mask.ndim == 2:
+        mask = mask[None, ..., None]
+    elif mask.ndim == 3:
+        mask = mask[..., None] if mask.shape[-1] != 1 else mask[None]
+    if mask.ndim != 4 or mask.shape[-1] != 1:
+        raise ValueError(f"mask must be [H, W], [B, H, W] or [B, H, W, 1]; got shape {mask.shape}.")
+    if tuple(mask.shape[1:3]) != tuple(size):
+        raise ValueError(f"mask is {mask.shape[2]}x{mask.shape[1]} but the image is {size[1]}x{size[0]}; "
+                         "give a mask of the image's size.")
+    return jnp.asarray((mask >= 0.5).astype(np.float32))
+
+
+def _batch_images(images: jax.Array, batch: int) -> jax.Array:
+    if images.shape[0] == batch:
+        return images
+    if images.shape[0] == 1:
+        return jnp.repeat(images, batch, axis=0)
+    raise ValueError(f"Got {images.shape[0]} images for {batch} prompts; give one image, or one per prompt.")
+
+
+def load_pipeline(path: str | os.PathLike, config: str | None = None, dtype: str = "float32", *, ema: bool = False,
+                  variant: str | None = None, compilation_cache: str | None = None) -> Pipeline:
+    """Loads a Stable-Diffusion-style model from any supported format.
+
+    Args:
+      path: a diffusers-format folder (model_index.json), an original single-file checkpoint
+        (.safetensors or .ckpt), or a folder written by ``jaxt2i convert``.
+      config: for single files: a preset name (``sd15``, ``sd15_inpaint``, ``sd21``, ``sd21_base``,
+        ``sd2_inpaint``) or a diffusers folder whose configs describe the architecture; default: detected.
+      dtype: compute and storage dtype: ``float32``, ``bfloat16`` or ``float16``.
+      ema: for single files, use the EMA copy of the U-Net weights.
+      variant: for diffusers folders, a weight-file variant such as ``fp16``.
+      compilation_cache: directory of the persistent compilation cache (see :func:`enable_compilation_cache`).
+    """
+    enable_compilation_cache(compilation_cache)
+    loaded = read_any(os.fspath(path), config=config, ema=ema, variant=variant)
+    return Pipeline(loaded, dtype=dtype)
