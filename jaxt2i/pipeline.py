@@ -150,6 +150,13 @@ def _contexts(spec: _Spec, params, ids, uncond_ids):
     return context, uncond
 
 
+# The functional pieces, jitted once per distinct Models value (shared by every Pipeline of the same architecture).
+_jit_encode_text = jax.jit(_encode_text, static_argnums=0)
+_jit_unet = jax.jit(_unet, static_argnums=0)
+_jit_decode = jax.jit(_decode, static_argnums=0)
+_jit_encode_latents = jax.jit(_encode_latents, static_argnums=0)
+
+
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _txt2img_program(params, ids, uncond_ids, noise, guidance, rescale, key, *, spec: _Spec):
     context, uncond = _contexts(spec, params, ids, uncond_ids)
@@ -231,10 +238,6 @@ class Pipeline:
         param_dtypes = {"text_encoder": self.dtype, "vae": vae_dtype, "unet": self.dtype}
         self.params = {name: jax.device_put(jax.tree.map(lambda a, d=param_dtypes[name]: np.asarray(a, d), tree))
                        for name, tree in loaded.params.items()}
-        self._jit_encode_text = jax.jit(functools.partial(_encode_text, self.models))
-        self._jit_unet = jax.jit(functools.partial(_unet, self.models))
-        self._jit_decode = jax.jit(functools.partial(_decode, self.models))
-        self._jit_encode_latents = jax.jit(functools.partial(_encode_latents, self.models))
 
     # ------------------------------------------------------------------------------------ properties
     @property
@@ -264,22 +267,22 @@ class Pipeline:
 
     def encode_prompt(self, prompts: str | Sequence[str]) -> jax.Array:
         """Prompts -> [B, 77, D] conditioning, as the U-Net receives it."""
-        return self._jit_encode_text(self.params, jnp.asarray(self.tokenize(prompts)))
+        return _jit_encode_text(self.models, self.params, jnp.asarray(self.tokenize(prompts)))
 
     def predict_noise(self, latents, timesteps, context) -> jax.Array:
         """latents [B, h, w, C] NHWC, timesteps [B] or scalar, context [B, 77, D] -> U-Net output [B, h, w, 4]."""
         latents = jnp.asarray(latents)
         t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (latents.shape[0],))
-        return self._jit_unet(self.params, latents, t, jnp.asarray(context))
+        return _jit_unet(self.models, self.params, latents, t, jnp.asarray(context))
 
     def decode_latents(self, latents) -> jax.Array:
         """Scaled latents [B, h, w, 4] (as the sampler returns them) -> images [B, H, W, 3] float32 in [0, 1]."""
-        return self._jit_decode(self.params, jnp.asarray(latents))
+        return _jit_decode(self.models, self.params, jnp.asarray(latents))
 
     def encode_image(self, images, key: jax.Array | None = None) -> jax.Array:
         """Images [B, H, W, 3] in [0, 1] -> scaled latents [B, H/8, W/8, 4] (posterior mean, or a sample with key)."""
         images = _check_images(images, self.vae_scale_factor)
-        return self._jit_encode_latents(self.params, images, key)
+        return _jit_encode_latents(self.models, self.params, images, key)
 
     # ---------------------------------------------------------------------------------- programs
     def _prepare(self, prompts, negative_prompt, guidance_scale, sampler, steps, eta, use_karras_sigmas,

@@ -1,0 +1,218 @@
+"""The ``jaxt2i`` command: generate, img2img, inpaint, convert, train, eval."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Sequence
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "shapes_model")
+
+
+class CLIError(Exception):
+    """A problem with the command line the user can fix; printed without a traceback."""
+
+
+# --------------------------------------------------------------------------------------------- arguments
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size must look like 512x512 (WIDTHxHEIGHT); got {text!r}.") from None
+    if width <= 0 or height <= 0 or width % 8 or height % 8:
+        raise argparse.ArgumentTypeError(f"--size {width}x{height}: width and height must be positive multiples of 8.")
+    return width, height
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, default_strength: float | None = None) -> None:
+    from jaxt2i.diffusion.samplers import SAMPLERS
+
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("--model", default=None, help="diffusers folder, single .safetensors/.ckpt, or jaxt2i folder "
+                   "(default: the small shapes model shipped with jaxt2i)")
+    p.add_argument("--config", default=None, help="architecture of a single file: preset name or diffusers folder")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50; 25 for the shapes model)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (<= 1 turns it off)")
+    p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="sampler (default: ddim)")
+    p.add_argument("--karras", action="store_true", help="Karras sigmas (lms, euler, heun, dpmpp_2m)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num", type=int, default=1, help="images to generate (saved as a grid)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--out", default="jaxt2i.png", help="PNG to write (never overwritten: a free name is chosen)")
+    if default_strength is not None:
+        p.add_argument("--strength", type=float, default=default_strength,
+                       help=f"how much of the image is re-noised, in (0, 1] (default {default_strength})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxt2i", description="Text-to-image generation in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="text -> image")
+    _add_sampling_args(gen)
+    gen.add_argument("--size", type=_parse_size, default=None, help="WIDTHxHEIGHT, multiples of 8 (default: model's)")
+    i2i = sub.add_parser("img2img", help="text + image -> image")
+    _add_sampling_args(i2i, default_strength=0.8)
+    i2i.add_argument("--image", required=True, help="input image file")
+    inp = sub.add_parser("inpaint", help="text + image + mask -> image (white mask pixels are repainted)")
+    _add_sampling_args(inp, default_strength=1.0)
+    inp.add_argument("--image", required=True, help="input image file")
+    inp.add_argument("--mask", required=True, help="mask image of the same size; white = repaint")
+    conv = sub.add_parser("convert", help="convert a checkpoint (default: to jaxt2i's fast-loading format)")
+    conv.add_argument("src", help="diffusers folder, single .safetensors/.ckpt, or jaxt2i folder")
+    conv.add_argument("dst", help="destination folder (or .safetensors for --to single-file)")
+    conv.add_argument("--to", default="jaxt2i", choices=("jaxt2i", "diffusers", "single-file"))
+    conv.add_argument("--config", default=None, help="architecture of a single file: preset name or diffusers folder")
+    conv.add_argument("--ema", action="store_true", help="take the EMA U-Net weights of a single file")
+    conv.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                      help="storage dtype of the written weights (default: as read)")
+    sub.add_parser("train", help="train or fine-tune: jaxt2i train CONFIG.yaml [key=value ...]", add_help=False)
+    sub.add_parser("eval", help="prompt-adherence evaluation of a shapes-world model", add_help=False)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def _free_path(path: str) -> str:
+    """``path`` if it does not exist, else ``stem-1.png``, ``stem-2.png``, ... (never overwrite a user's file)."""
+    if not os.path.exists(path):
+        return path
+    stem, ext = os.path.splitext(path)
+    n = 1
+    while os.path.exists(f"{stem}-{n}{ext}"):
+        n += 1
+    return f"{stem}-{n}{ext}"
+
+
+def _load(args):
+    from jaxt2i.pipeline import load_pipeline
+
+    model = args.model or DEFAULT_MODEL
+    if args.model is None and not os.path.isdir(DEFAULT_MODEL):
+        raise CLIError("No --model given and this jaxt2i install ships no default model; pass --model PATH "
+                       "(a diffusers folder, a .safetensors/.ckpt file or a `jaxt2i convert` folder).")
+    if not os.path.exists(model):
+        raise CLIError(f"--model {model}: no such file or folder.")
+    t0 = time.perf_counter()
+    pipe = load_pipeline(model, config=args.config, dtype=args.dtype)
+    print(f"loaded {model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return pipe, model
+
+
+def _model_defaults(model: str, args) -> tuple[int, float]:
+    shipped = os.path.abspath(model) == os.path.abspath(DEFAULT_MODEL)
+    steps = args.steps if args.steps is not None else (25 if shipped else 50)
+    guidance = args.guidance if args.guidance is not None else (3.0 if shipped else 7.5)
+    return steps, guidance
+
+
+class _Progress:
+    """A one-line progress display over the model calls of a sampling run (stderr)."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+        print(f"compiling and running {total} model calls...", file=sys.stderr, flush=True)
+
+    def __call__(self):
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        print(f"\rstep {self.done}/{self.total}  {elapsed:.1f} s", end="", file=sys.stderr, flush=True)
+        if self.done == self.total:
+            print(file=sys.stderr)
+
+
+def _run_sampling(args, kind: str) -> int:
+    from jaxt2i import images as imio
+    from jaxt2i.diffusion.samplers import sampler_timesteps
+    from jaxt2i.pipeline import progress_hook
+
+    if args.num < 1:
+        raise CLIError("--num must be >= 1.")
+    if args.steps is not None and args.steps < 1:
+        raise CLIError("--steps must be >= 1.")
+    pipe, model = _load(args)
+    steps, guidance = _model_defaults(model, args)
+    prompts = [args.prompt] * args.num
+    common = dict(negative_prompt=args.negative, steps=steps, guidance_scale=guidance, sampler=args.sampler,
+                  seed=args.seed, use_karras_sigmas=args.karras, progress=True)
+    start = 0
+    if kind != "generate" and args.strength < 1.0:
+        start = steps - min(int(steps * args.strength), steps)
+    _, calls = sampler_timesteps(args.sampler, steps, pipe.schedule, use_karras_sigmas=args.karras, start_step=start)
+    t0 = time.perf_counter()
+    with progress_hook(_Progress(calls)):
+        if kind == "generate":
+            width, height = args.size or pipe.default_size[::-1]
+            out = pipe.text_to_image(prompts, height=height, width=width, **common)
+        else:
+            image = imio.load_image(args.image)
+            h, w = image.shape[:2]
+            f = pipe.vae_scale_factor
+            if h % f or w % f:
+                raise CLIError(f"--image is {w}x{h}; its sides must be multiples of {f}. Resize or crop it.")
+            if kind == "img2img":
+                out = pipe.image_to_image(prompts, image, strength=args.strength, **common)
+            else:
+                mask = imio.load_mask(args.mask, (w, h))
+                out = pipe.inpaint(prompts, image, mask, strength=args.strength, **common)
+    elapsed = time.perf_counter() - t0
+    meta = {"prompt": args.prompt, "negative_prompt": args.negative or "", "steps": steps, "guidance": guidance,
+            "sampler": args.sampler, "karras": args.karras, "seed": args.seed, "size": f"{out.shape[2]}x{out.shape[1]}",
+            "model": model, "command": kind, "software": "jaxt2i"}
+    if kind != "generate":
+        meta["strength"] = args.strength
+    path = imio.save_png(_free_path(args.out), out, meta)
+    print(f"wrote {path} ({len(out)} image(s), {elapsed:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def _convert(args) -> int:
+    import numpy as np
+
+    from jaxt2i.convert import load
+    from jaxt2i.pipeline import DTYPES
+
+    if os.path.exists(args.dst):
+        raise CLIError(f"{args.dst} already exists; choose a new destination (nothing was written).")
+    t0 = time.perf_counter()
+    model = load.read_any(args.src, config=args.config, ema=args.ema)
+    if args.dtype:
+        import jax
+
+        dtype = DTYPES[args.dtype]
+        model.params = {k: jax.tree.map(lambda a: np.asarray(a, dtype), v) for k, v in model.params.items()}
+    writer = {"jaxt2i": load.write_native, "diffusers": load.write_diffusers_folder,
+              "single-file": load.write_single_file}[args.to]
+    writer(args.dst, model)
+    print(f"converted {args.src} -> {args.dst} ({args.to}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        from jaxt2i.train.cli import train_main
+
+        return train_main(argv[1:])
+    if argv and argv[0] == "eval":
+        from jaxt2i.eval.cli import eval_main
+
+        return eval_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("generate", "img2img", "inpaint"):
+            return _run_sampling(args, args.command)
+        if args.command == "convert":
+            return _convert(args)
+    except CLIError as e:
+        print(f"jaxt2i {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"jaxt2i {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
