@@ -346,11 +346,14 @@ class Pipeline:
 
     def image_to_image(self, prompts: str | Sequence[str], image, strength: float = 0.8,
                        negative_prompt: str | Sequence[str] | None = None, steps: int = 50,
-                       guidance_scale: float = 7.5, sampler: str = "ddim", seed: int = 0, *, eta: float = 0.0,
-                       guidance_rescale: float = 0.0, use_karras_sigmas: bool = False,
+                       guidance_scale: float = 7.5, sampler: str = "ddim", seed: int = 0, latents=None, *,
+                       eta: float = 0.0, guidance_rescale: float = 0.0, use_karras_sigmas: bool = False,
                        progress: bool = False) -> np.ndarray:
         """Prompts + image(s) [B or 1, H, W, 3] in [0, 1] -> images [B, H, W, 3]; ``strength`` in (0, 1] is how
-        much of the schedule is re-run (diffusers' semantics: the last ``int(steps * strength)`` steps)."""
+        much of the schedule is re-run (diffusers' semantics: the last ``int(steps * strength)`` steps).
+
+        ``latents``: optional standard-normal noise [B, H/8, W/8, 4] used to noise the image's latents.
+        """
         if not 0.0 < float(strength) <= 1.0:
             raise ValueError(f"strength must be in (0, 1]; got {strength}.")
         prompts, spec, ids, uncond_ids = self._prepare(prompts, negative_prompt, guidance_scale, sampler, steps,
@@ -358,7 +361,7 @@ class Pipeline:
         images = _batch_images(_check_images(image, self.vae_scale_factor), len(prompts))
         height, width = images.shape[1:3]
         noise_key, program_key = jax.random.split(jax.random.key(seed))
-        noise = self._noise(None, len(prompts), height, width, noise_key)
+        noise = self._noise(latents, len(prompts), height, width, noise_key)
         out = _img2img_program(self.params, ids, uncond_ids, images, noise, jnp.float32(guidance_scale),
                                jnp.float32(guidance_rescale), program_key, spec=spec, strength=float(strength))
         return np.asarray(out)
@@ -366,11 +369,12 @@ class Pipeline:
     def inpaint(self, prompts: str | Sequence[str], image, mask, strength: float = 1.0,
                 negative_prompt: str | Sequence[str] | None = None, steps: int = 50, guidance_scale: float = 7.5,
                 sampler: str = "ddim", seed: int = 0, *, eta: float = 0.0, guidance_rescale: float = 0.0,
-                use_karras_sigmas: bool = False, progress: bool = False) -> np.ndarray:
+                latents=None, use_karras_sigmas: bool = False, progress: bool = False) -> np.ndarray:
         """Repaints where ``mask`` is 1. image [B or 1, H, W, 3] in [0, 1]; mask [B or 1, H, W(, 1)] in {0, 1}.
 
         9-channel inpainting U-Nets get the mask and the masked image's latents as extra input channels; ordinary
         models keep the known region by blending it back (noised to the current level) after every step.
+        ``latents``: optional standard-normal noise [B, H/8, W/8, 4] (the start noise, also used for blending).
         """
         if not 0.0 < float(strength) <= 1.0:
             raise ValueError(f"strength must be in (0, 1]; got {strength}.")
@@ -380,7 +384,7 @@ class Pipeline:
         masks = _batch_images(_check_mask(mask, images.shape[1:3]), len(prompts))
         height, width = images.shape[1:3]
         noise_key, program_key = jax.random.split(jax.random.key(seed))
-        noise = self._noise(None, len(prompts), height, width, noise_key)
+        noise = self._noise(latents, len(prompts), height, width, noise_key)
         out = _inpaint_program(self.params, ids, uncond_ids, images, masks, noise, jnp.float32(guidance_scale),
                                jnp.float32(guidance_rescale), program_key, spec=spec, strength=float(strength))
         return np.asarray(out)

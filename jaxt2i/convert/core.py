@@ -132,7 +132,11 @@ def to_flax(
     flat = {}
     for rule in rules:
         leaf = abstract_flat[rule.flax_path]
-        value = _TRANSFORMS[rule.transform][0](np.asarray(state_dict[rule.torch_key]))
+        raw = np.asarray(state_dict[rule.torch_key])
+        try:
+            value = _TRANSFORMS[rule.transform][0](raw)
+        except (IndexError, ValueError):  # wrong rank for the transform, e.g. a Linear weight where a conv belongs
+            value = raw
         if tuple(value.shape) != tuple(leaf.shape):
             raise ConversionError(
                 f"{source}: tensor {rule.torch_key} has shape {tuple(np.shape(state_dict[rule.torch_key]))}, "

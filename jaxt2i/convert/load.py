@@ -312,7 +312,6 @@ def _scheduler_config(schedule: ScheduleConfig) -> dict:
         value = getattr(schedule, field.name)
         if value is not None:
             config[field.name] = list(value) if isinstance(value, tuple) else value
-    config.setdefault("timestep_spacing", "leading")
     return config
 
 

@@ -60,7 +60,23 @@ def save_diffusers_folder(path: str, preset: str, seed: int = 0, in_channels: in
     pipe = cls(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(path)
+    _sd_like_scheduler_config(path)
+    pipe.scheduler = PNDMScheduler.from_pretrained(path, subfolder="scheduler")
     return pipe
+
+
+def _sd_like_scheduler_config(path: str) -> None:
+    """Make scheduler_config.json look like the released SD ones: clip_sample false, no timestep_spacing (so each
+    scheduler class uses its own default spacing, in diffusers and in jaxt2i alike)."""
+    import json
+
+    file = os.path.join(path, "scheduler", "scheduler_config.json")
+    with open(file) as f:
+        config = json.load(f)
+    config["clip_sample"] = False
+    config.pop("timestep_spacing", None)
+    with open(file, "w") as f:
+        json.dump(config, f, indent=2)
 
 
 def to_numpy_state_dict(module: torch.nn.Module) -> dict[str, np.ndarray]:
