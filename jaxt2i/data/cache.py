@@ -1,0 +1,198 @@
+"""Disk cache of VAE latents and text embeddings, for training with frozen encoders.
+
+With the VAE and the text encoder frozen, their outputs for a given image and caption never
+change; encoding them once saves most of a fine-tuning step's work on small GPUs.
+
+Layout of a cache folder::
+
+    cache.json                 {"num_examples", "shard_size", "scaling_factor", "image_size", "dtype", ...}
+    shard_00000.safetensors    latent_mean [m, h, w, 4], latent_std [m, h, w, 4], valid uint8 [m],
+                               context [c, 77, D] (all captions of the shard's images),
+                               caption_offsets int64 [m + 1] (image j's captions: offsets[j]..offsets[j+1])
+    uncond.safetensors         uncond_context [77, D] (the empty prompt, for condition dropout)
+
+Images are centre-cropped and never flipped when cached. The latent distribution's mean and
+standard deviation are stored, so each use of an image still draws a fresh latent sample
+(``mean + std * noise``, noise from the example's generator), and each use draws one caption.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxt2i.data.pipeline import Example, UnreadableExample
+from jaxt2i.data.transforms import preprocess
+
+CACHE_META = "cache.json"
+# images [B, S, S, 3] in [-1, 1] -> (mean, std), each [B, h, w, 4] (unscaled)
+EncodeImages = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+EncodeTexts = Callable[[Sequence[str]], np.ndarray]  # B strings -> [B, 77, D]
+
+
+def _shard_name(i: int) -> str:
+    return f"shard_{i:05d}.safetensors"
+
+
+def _encode_shard(source, indices, image_size, encode_images, encode_texts, batch_size, dtype):
+    means, stds, valid, contexts, offsets = [], [], [], [], [0]
+    for start in range(0, len(indices), batch_size):
+        chunk, images, captions = [], [], []
+        for i in indices[start : start + batch_size]:
+            try:
+                ex = source.example(int(i))
+            except UnreadableExample as e:
+                warnings.warn(f"cache: skipping unreadable example {i}: {e}")
+                ex = None
+            chunk.append(ex)
+            if ex is not None:
+                images.append(preprocess(ex.image, image_size, crop="center"))
+                captions.extend(ex.captions)
+        mean = std = ctx = None
+        if images:
+            mean, std = (np.asarray(a, dtype) for a in encode_images(np.stack(images)))
+            ctx = np.asarray(encode_texts(captions), dtype)
+        j = c = 0
+        for ex in chunk:
+            valid.append(ex is not None)
+            if ex is None:
+                means.append(None)
+                stds.append(None)
+                offsets.append(offsets[-1])
+                continue
+            means.append(mean[j])
+            stds.append(std[j])
+            contexts.append(ctx[c : c + len(ex.captions)])
+            offsets.append(offsets[-1] + len(ex.captions))
+            j += 1
+            c += len(ex.captions)
+    return means, stds, valid, contexts, offsets
+
+
+def write_cache(
+    source,
+    cache_dir: str | os.PathLike,
+    encode_images: EncodeImages,
+    encode_texts: EncodeTexts,
+    *,
+    image_size: int,
+    scaling_factor: float,
+    batch_size: int = 8,
+    shard_size: int = 1024,
+    dtype=np.float32,
+) -> Path:
+    """Encodes every example of ``source`` and writes a cache folder; returns its path.
+
+    Unreadable images are marked invalid (the cached source then skips them like the image
+    pipeline would). Shards already present are kept, so an interrupted cache run continues.
+    """
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    n = len(source)
+    num_shards = -(-n // shard_size)
+    d_model = None
+    for s in range(num_shards):
+        path = cache_dir / _shard_name(s)
+        if path.exists():
+            continue
+        indices = np.arange(s * shard_size, min(n, (s + 1) * shard_size))
+        means, stds, valid, contexts, offsets = _encode_shard(
+            source, indices, image_size, encode_images, encode_texts, batch_size, dtype
+        )
+        ref = next((m for m in means if m is not None), None)
+        if ref is None:
+            raise RuntimeError(f"cache: every image of shard {s} (examples {indices[0]}..{indices[-1]}) is unreadable")
+        d_model = contexts[0].shape[-1]
+        fill = np.zeros_like(ref)
+        tensors = {
+            "latent_mean": np.stack([m if m is not None else fill for m in means]),
+            "latent_std": np.stack([v if v is not None else fill for v in stds]),
+            "valid": np.asarray(valid, np.uint8),
+            "context": np.concatenate(contexts),
+            "caption_offsets": np.asarray(offsets, np.int64),
+        }
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)  # a shard is either complete or absent
+    uncond = np.asarray(encode_texts([""]), dtype)[0]
+    save_file({"uncond_context": uncond}, str(cache_dir / "uncond.safetensors"))
+    meta = {
+        "num_examples": n,
+        "shard_size": shard_size,
+        "num_shards": num_shards,
+        "scaling_factor": float(scaling_factor),
+        "image_size": int(image_size),
+        "dtype": np.dtype(dtype).name,
+        "context_dim": int(d_model if d_model is not None else uncond.shape[-1]),
+    }
+    (cache_dir / CACHE_META).write_text(json.dumps(meta, indent=1))
+    return cache_dir
+
+
+class CachedSource:
+    """A cache folder written by ``write_cache``, read as a source (``example(i).arrays``)."""
+
+    def __init__(self, cache_dir: str | os.PathLike):
+        self.dir = Path(cache_dir)
+        meta_path = self.dir / CACHE_META
+        if not meta_path.exists():
+            raise FileNotFoundError(
+                f"{meta_path} does not exist: write the cache first (`jaxt2i train CONFIG data.write_cache=true`)"
+            )
+        self.meta = json.loads(meta_path.read_text())
+        self.scaling_factor = float(self.meta["scaling_factor"])
+        with safe_open(str(self.dir / "uncond.safetensors"), framework="numpy") as f:
+            self.uncond_context = f.get_tensor("uncond_context").astype(np.float32)  # [77, D]
+        self._open: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return int(self.meta["num_examples"])
+
+    def _shard(self, s: int):
+        if s not in self._open:
+            if len(self._open) >= 4:
+                self._open.pop(next(iter(self._open))).__exit__(None, None, None)
+            handle = safe_open(str(self.dir / _shard_name(s)), framework="numpy")
+            self._open[s] = handle.__enter__()
+        return self._open[s]
+
+    def example(self, index: int) -> Example:
+        s, j = divmod(int(index), int(self.meta["shard_size"]))
+        f = self._shard(s)
+        if not f.get_slice("valid")[j : j + 1][0]:
+            raise UnreadableExample(f"cached example {index} was unreadable when the cache was written")
+        lo, hi = (int(v) for v in f.get_slice("caption_offsets")[j : j + 2])
+        arrays = {
+            "mean": f.get_slice("latent_mean")[j : j + 1][0].astype(np.float32),
+            "std": f.get_slice("latent_std")[j : j + 1][0].astype(np.float32),
+            "contexts": f.get_slice("context")[lo:hi].astype(np.float32),
+            "scaling_factor": self.scaling_factor,
+            "uncond_context": self.uncond_context,
+        }
+        return Example(index=int(index), arrays=arrays)
+
+
+def assemble_cached(examples: Sequence[Example], rngs: Sequence[np.random.Generator]) -> dict:
+    """Cached examples -> ``{"latents": [B, h, w, 4] scaled, "context": [B, 77, D], "uncond_context": [77, D]}``.
+
+    Each example draws its caption first, then its latent noise, from its own generator.
+    """
+    latents, contexts = [], []
+    for ex, rng in zip(examples, rngs):
+        a = ex.arrays
+        k = int(rng.integers(len(a["contexts"]))) if len(a["contexts"]) > 1 else 0
+        contexts.append(a["contexts"][k])
+        noise = rng.standard_normal(a["mean"].shape).astype(np.float32)
+        latents.append((a["mean"] + a["std"] * noise) * a["scaling_factor"])
+    return {
+        "latents": np.stack(latents).astype(np.float32),
+        "context": np.stack(contexts).astype(np.float32),
+        "uncond_context": np.asarray(examples[0].arrays["uncond_context"], np.float32),  # one, shared
+    }

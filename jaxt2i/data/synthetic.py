@@ -1,0 +1,47 @@
+"""A synthetic captioned image set for tests and benchmarks, built on the shapes world.
+
+Example ``i`` is ``jaxt2i.data.shapes``' scene ``(seed, i, split)``: a 64x64 image of one or two
+coloured shapes and several captions of it (the world's own caption followed by paraphrases drawn
+from the same scene), so the pipeline's "draw one caption per use" path is exercised too. Nothing
+is stored: every example is regenerated from its index.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxt2i.data import shapes
+from jaxt2i.data.pipeline import Example
+
+_PARAPHRASE_STREAM = 0xC2B2AE35
+
+
+class SyntheticSource:
+    """``num_examples`` shapes-world examples; ``example(i)`` -> uint8 ``[64, 64, 3]`` image + captions."""
+
+    def __init__(self, seed: int = 0, num_examples: int = 1024, split: str = "train", captions_per_image: int = 3):
+        if num_examples < 1:
+            raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+        self.seed = int(seed)
+        self.num_examples = int(num_examples)
+        self.split = split
+        self.captions_per_image = max(1, int(captions_per_image))
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def captions(self, index: int) -> tuple[str, ...]:
+        """All captions of example ``index`` (the first is ``shapes.example_caption``)."""
+        sc = shapes.scene(self.seed, index, self.split)
+        first = shapes.example_caption(self.seed, index, self.split)
+        extra = [
+            shapes.caption(sc, np.random.default_rng([self.seed, index, k, _PARAPHRASE_STREAM]))
+            for k in range(1, self.captions_per_image)
+        ]
+        return (first, *extra)
+
+    def example(self, index: int) -> Example:
+        if not 0 <= index < self.num_examples:
+            raise IndexError(f"synthetic example {index} is outside 0..{self.num_examples - 1}")
+        image = shapes.render(shapes.scene(self.seed, index, self.split))  # [64, 64, 3] uint8
+        return Example(image=image, captions=self.captions(index), index=index)

@@ -1,0 +1,185 @@
+"""Orbax checkpoints of a training run, automatic resume, and clean exit on SIGTERM.
+
+A checkpoint at step ``s`` lives in ``WORKDIR/checkpoints/<s>/`` and holds two items:
+
+* ``state``: the whole ``TrainState`` pytree (trainable params, frozen params, EMA params, optimizer
+  state, step, RNG) saved with Orbax's standard (tensorstore) handler, sharded arrays included;
+* ``data``: a JSON dict with the data position of every host (see ``jaxt2i.data.pipeline``) and
+  whatever the loop adds (the config, for the record).
+
+Saves are asynchronous (training continues while the arrays are written), atomic (Orbax writes
+into a temporary folder and renames it when complete, so a killed run leaves either the whole
+checkpoint or none) and only the newest ``keep`` are kept.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def keys_to_data(tree):
+    """Typed PRNG key leaves -> their uint32 key data (what a checkpoint can store)."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def keys_from_data(tree, like):
+    """Inverse of ``keys_to_data``: wraps the leaves that are typed keys in ``like`` back into keys."""
+    def one(x, ref):
+        if _is_key(ref):
+            return jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref))
+        return x
+
+    return jax.tree.map(one, tree, like)
+
+
+def abstract_like(tree):
+    """Concrete (possibly sharded) arrays -> ShapeDtypeStructs with the same shardings (a restore target)."""
+    def one(x):
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        if isinstance(x, (np.ndarray, np.generic)):
+            return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+        return x
+
+    return jax.tree.map(one, tree)
+
+
+class Checkpointer:
+    """Saves and restores ``(state, data position)`` under ``directory``.
+
+    Args:
+      directory: the checkpoints folder (created if missing).
+      keep: how many of the newest checkpoints to keep.
+      async_save: write arrays in the background (``wait()`` blocks until they are on disk).
+    """
+
+    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,  # leftovers of a save killed half-way
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state, data: dict, *, force: bool = True) -> bool:
+        """Starts saving ``state`` and the JSON-able ``data`` as step ``step``; returns whether a save began."""
+        if step in self.manager.all_steps():
+            return False
+        args = ocp.args.Composite(state=ocp.args.StandardSave(keys_to_data(state)), data=ocp.args.JsonSave(data))
+        return self.manager.save(int(step), args=args, force=force)
+
+    def restore(self, state_like, step: int | None = None) -> tuple[Any, dict]:
+        """Restores step ``step`` (default: the latest) into the shapes, dtypes and shardings of ``state_like``."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        target = abstract_like(keys_to_data(state_like))
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+        restored = self.manager.restore(int(step), args=args)
+        return keys_from_data(restored["state"], state_like), dict(restored["data"] or {})
+
+    def wait(self):
+        """Blocks until pending asynchronous saves are complete."""
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_or_init(checkpointer: Checkpointer, init_fn: Callable[[], tuple[Any, Any]]):
+    """Resumes from the latest checkpoint if there is one, else starts fresh.
+
+    ``init_fn() -> (state, state_shardings)`` builds the initial state (``init_train_state``); its
+    shapes and shardings are the restore target. Returns ``(state, state_shardings, data, step)``
+    where ``data`` is the checkpoint's JSON item (``{}`` for a fresh start) and ``step`` the
+    restored step (None for a fresh start).
+    """
+    state, shardings = init_fn()
+    step = checkpointer.latest_step()
+    if step is None:
+        return state, shardings, {}, None
+    restored, data = checkpointer.restore(state, step)
+    del state
+    return restored, shardings, data, step
+
+
+class PreemptionGuard:
+    """Turns SIGTERM (and optionally SIGINT) into a flag the loop checks after each step.
+
+    Use as a context manager; the previous handlers come back on exit. The loop finishes the step
+    it is in, saves a checkpoint and exits with status 0 when ``requested`` is set. In a
+    multi-process run ``should_stop()`` agrees across processes (any one signalled stops all).
+    """
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self.signals = tuple(signals)
+        self._event = threading.Event()
+        self._previous: dict = {}
+        self.signal_name: str | None = None
+
+    def _handler(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+        self._event.set()
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self._previous[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+        return False
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def request(self):
+        """Asks for a stop as a signal would (for tests and callers)."""
+        self._event.set()
+
+    def should_stop(self) -> bool:
+        """Whether to stop now; every process gets the same answer."""
+        flag = self._event.is_set()
+        if jax.process_count() == 1:
+            return flag
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
+        return bool(np.any(flags))
+
+
+def gather_host_positions(position: dict) -> list[dict]:
+    """Every host's data position (in process order); with one process, ``[position]``."""
+    if jax.process_count() == 1:
+        return [dict(position)]
+    from jax.experimental import multihost_utils
+
+    keys = sorted(position)
+    local = np.asarray([int(position[k]) for k in keys], np.int64)
+    allv = np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), len(keys))
+    return [dict(zip(keys, (int(v) for v in row))) for row in allv]

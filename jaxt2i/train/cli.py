@@ -1,0 +1,69 @@
+"""``jaxt2i train CONFIG.yaml [key=value ...]``: train (or resume) a run described by a YAML config.
+
+Also runnable as ``python -m jaxt2i.train.cli CONFIG.yaml [key=value ...]``. Exit status: 0 when the
+run finished or was stopped by SIGTERM after saving a checkpoint (run the same command again to
+continue); 2 for a bad config; 1 for a failed run (for example a NaN loss with nan_policy=abort).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+USAGE_EPILOG = """\
+overrides (dotted keys, YAML values), for example:
+  workdir=runs/a steps=2000 seed=1 batch_size=32 checkpoint_every=500
+  mesh.data=-1 mesh.fsdp=4 optim.lr=1e-5 data.path=/data/flickr30k
+  coordinator_address=10.0.0.1:1234 num_processes=2 process_id=0
+A run restarts from the newest checkpoint in WORKDIR/checkpoints by itself.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jaxt2i train",
+        description="Train or fine-tune a text-to-image model from a YAML config.",
+        epilog=USAGE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    return p
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``jaxt2i train``; returns the process exit status."""
+    import yaml
+
+    from jaxt2i.train.config import ConfigError, load_config, to_dict
+
+    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"jaxt2i train: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+
+    from jaxt2i.train.loop import NonFiniteLossError, run
+
+    try:
+        result = run(cfg)
+    except NonFiniteLossError as e:
+        print(f"jaxt2i train: {e}", file=sys.stderr)
+        return 1
+    if result.preempted:
+        print(f"jaxt2i train: stopped at step {result.step} and saved a checkpoint; run the same command to "
+              "continue.", file=sys.stderr)
+    else:
+        print(f"jaxt2i train: done, {result.step} steps; final weights in {result.final_dir}, metrics in "
+              f"{result.workdir / 'metrics.jsonl'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

@@ -1,0 +1,196 @@
+"""Config parsing and overrides, the CLI's exit codes, metrics files, progress line, MFU, NaN policy (no training)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import flax.struct
+import jax.numpy as jnp
+import pytest
+
+from jaxt2i.train import loop
+from jaxt2i.train.cli import train_main
+from jaxt2i.train.config import ConfigError, TrainConfig, load_config, to_dict
+from jaxt2i.train.metrics import MetricsWriter, ProgressBar, mfu, peak_flops_per_device
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "tiny.yaml"
+SD15 = ROOT / "configs" / "sd15_finetune.yaml"
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_shipped_configs_load():
+    tiny = load_config(TINY)
+    assert tiny.steps == 8 and tiny.data.source == "synthetic" and tiny.model.preset == "tiny_sd1"
+    assert tiny.optim.total_steps == 8  # defaults to steps
+    sd = load_config(SD15)
+    assert sd.compute_dtype == "bfloat16" and sd.data.source == "folder" and sd.model.remat
+    assert sd.optim.total_steps == 10000 and sd.sample.prompts[0].startswith("a dog")
+
+
+def test_overrides_set_nested_typed_values():
+    cfg = load_config(TINY, [
+        "workdir=/tmp/x", "steps=20", "seed=3", "checkpoint_every=5", "mesh.data=2", "mesh.fsdp=4",
+        "optim.lr=1e-4", "optim.ema_decay=null", "loss.min_snr_gamma=5", "data.flip=true",
+        "coordinator_address=10.0.0.1:1234", "num_processes=2", "process_id=1",
+        "sample.prompts=[a cat, a dog]", "optim.total_steps=100",
+    ])
+    assert cfg.workdir == "/tmp/x" and cfg.steps == 20 and cfg.seed == 3 and cfg.checkpoint_every == 5
+    assert (cfg.mesh.data, cfg.mesh.fsdp) == (2, 4)
+    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float) and cfg.optim.ema_decay is None
+    assert cfg.loss.min_snr_gamma == 5.0 and cfg.data.flip is True
+    assert (cfg.coordinator_address, cfg.num_processes, cfg.process_id) == ("10.0.0.1:1234", 2, 1)
+    assert cfg.sample.prompts == ("a cat", "a dog") and cfg.optim.total_steps == 100
+    with pytest.raises(Exception):
+        cfg.steps = 3  # frozen
+
+
+def test_steps_override_moves_the_lr_schedule_end():
+    assert load_config(TINY, ["steps=50"]).optim.total_steps == 50
+
+
+@pytest.mark.parametrize("override, named, lists", [
+    ("stepz=3", "'stepz'", "steps"),
+    ("mesh.fdsp=2", "'mesh.fdsp'", "fsdp"),
+    ("optim.learning_rate=1", "'optim.learning_rate'", "lr"),
+    ("nosuchsection.x=1", "'nosuchsection'", "workdir"),
+])
+def test_unknown_keys_are_errors_naming_the_key_and_the_valid_ones(override, named, lists):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [override])
+    assert named in str(e.value) and lists in str(e.value)
+
+
+def test_bad_values_are_errors():
+    with pytest.raises(ConfigError, match="steps: expected an integer"):
+        load_config(TINY, ["steps=many"])
+    with pytest.raises(ConfigError, match="nan_policy"):
+        load_config(TINY, ["nan_policy=ignore"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(TINY, ["steps"])
+    with pytest.raises(ConfigError, match="is a section"):
+        load_config(TINY, ["mesh=2"])
+
+
+def test_unknown_key_in_the_yaml_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("steps: 3\ndata:\n  sorce: folder\n")
+    with pytest.raises(ConfigError, match=r"'data.sorce'.*source"):
+        load_config(p)
+
+
+def test_config_dict_round_trip():
+    cfg = load_config(SD15)
+    from jaxt2i.train.config import from_dict
+
+    assert from_dict(TrainConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_config_error_exits_2(capsys):
+    assert train_main([str(TINY), "mesh.fdsp=2"]) == 2
+    assert "mesh.fdsp" in capsys.readouterr().err
+
+
+def test_cli_print_config(capsys):
+    assert train_main([str(TINY), "steps=3", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 3" in out and "fsdp: 1" in out
+
+
+def test_cli_nonfinite_loss_exits_1(monkeypatch, capsys):
+    def boom(cfg):
+        raise loop.NonFiniteLossError("loss is nan at step 3; stopping.")
+
+    monkeypatch.setattr(loop, "run", boom)
+    assert train_main([str(TINY)]) == 1
+    assert "loss is nan at step 3" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- NaN policy
+
+
+class S(flax.struct.PyTreeNode):
+    step: jnp.ndarray
+    w: jnp.ndarray
+
+
+def test_nonfinite_abort_raises_with_advice():
+    with pytest.raises(loop.NonFiniteLossError, match="loss is nan at step 5.*nan_policy=skip"):
+        loop.handle_nonfinite(float("nan"), 5, "abort", None)
+
+
+def test_nonfinite_skip_keeps_previous_weights_and_advances_the_step():
+    prev = S(step=jnp.int32(4), w=jnp.ones(3))
+    out = loop.handle_nonfinite(float("inf"), 5, "skip", prev)
+    assert int(out.step) == 5 and bool((out.w == 1).all())
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_metrics_writer_appends_and_truncates_on_resume(tmp_path):
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    for s in range(1, 7):
+        w.write(s, {"loss": 1.0 / s, "lr": 0.1})
+    w.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')  # a line cut by a kill
+    w = MetricsWriter(tmp_path, tensorboard=False, truncate_after=4)  # resumed from checkpoint 4
+    w.write(5, {"loss": float("nan")})
+    w.close()
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
+    assert recs[0]["loss"] == 1.0 and recs[-1]["loss"] == "nan"
+
+
+def test_fresh_run_replaces_old_metrics(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9}\n')
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    w.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_tensorboard_off_is_said_once(tmp_path):
+    said = []
+    w = MetricsWriter(tmp_path, tensorboard=True, log=said.append)
+    w.write(1, {"loss": 1.0})
+    w.close()
+    try:
+        import tensorboardX  # noqa: F401
+
+        has_tb = True
+    except ImportError:
+        try:
+            import tensorflow  # noqa: F401
+
+            has_tb = True
+        except ImportError:
+            has_tb = False
+    if has_tb:
+        assert said == [] and any((tmp_path / "tb").iterdir())
+    else:
+        assert len(said) == 1 and "TensorBoard" in said[0]
+
+
+def test_progress_line_has_step_rate_and_eta():
+    stream = io.StringIO()
+    bar = ProgressBar(10, 0, stream=stream, min_interval_s=0)
+    bar.update(5, "loss 0.5")
+    line = stream.getvalue()
+    assert "5/10" in line and "step/s" in line and "ETA" in line and "loss 0.5" in line
+
+
+def test_mfu_and_peak_table():
+    assert peak_flops_per_device("NVIDIA H100 80GB HBM3") == pytest.approx(989e12)
+    assert peak_flops_per_device("TPU v4") == pytest.approx(275e12)
+    assert peak_flops_per_device("cpu") is None
+    assert peak_flops_per_device("cpu", override_tflops=2.0) == pytest.approx(2e12)
+    assert mfu(1e12, 2.0, 4, 1e12) == pytest.approx(0.5)
+    assert mfu(None, 2.0, 4, 1e12) is None and mfu(1e12, 2.0, 4, None) is None

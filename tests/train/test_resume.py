@@ -1,0 +1,161 @@
+"""End-to-end runs of ``configs/tiny.yaml`` in subprocesses: exact resume after SIGKILL, SIGTERM, NaN policy.
+
+Every run goes through ``jaxt2i.train.cli.train_main`` in a fresh Python process (a small harness below adds
+the interruption at a chosen step). The runs share a persistent XLA compilation cache and a low XLA
+optimisation level, so only the first one pays for compilation; all runs use the same flags, so they run
+the same executables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "configs" / "tiny.yaml"
+
+HARNESS = r'''
+import json, os, signal, sys
+import numpy as np
+from jaxt2i.train import loop
+from jaxt2i.train.cli import train_main
+
+opts = json.loads(os.environ.get("HARNESS_OPTS", "{}"))
+real_run, real_batches = loop.run, loop.make_batches
+
+def on_step_end(step, metrics, ctx):
+    if step == opts.get("signal_at"):
+        if opts["signal"] == "KILL":
+            ctx["checkpointer"].wait()  # make sure the first checkpoint is complete: we test resuming from it
+            os.kill(os.getpid(), signal.SIGKILL)
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+class NaNAt:
+    """Delegates to the real iterator; batch number opts["nan_at"] (1-based) gets NaN images."""
+    def __init__(self, it):
+        self.it, self.n = it, 0
+    def __next__(self):
+        b = next(self.it)
+        self.n += 1
+        if self.n == opts.get("nan_at"):
+            b = dict(b, images=np.full_like(b["images"], np.nan))
+        return b
+    def __getattr__(self, name):
+        return getattr(self.it, name)
+
+loop.run = lambda cfg, **kw: real_run(cfg, on_step_end=on_step_end, **kw)
+loop.make_batches = lambda *a, **k: NaNAt(real_batches(*a, **k))
+sys.exit(train_main(sys.argv[1:]))
+'''
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("xla_cache")
+    e = dict(os.environ)
+    e.update({
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "XLA_FLAGS": (e.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip(),
+        "PYTHONPATH": str(ROOT) + os.pathsep + e.get("PYTHONPATH", ""),
+    })
+    return e
+
+
+def train(env, workdir: Path, *overrides: str, **opts) -> subprocess.CompletedProcess:
+    harness = workdir.parent / "harness.py"
+    harness.write_text(HARNESS)
+    e = dict(env, HARNESS_OPTS=json.dumps(opts))
+    cmd = [sys.executable, str(harness), str(CONFIG), f"workdir={workdir}", "progress=false", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=900)
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    recs = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in recs]
+    assert steps == sorted(set(steps)), f"each step must be logged once, got {steps}"
+    return {r["step"]: r["loss"] for r in recs}
+
+
+def final_params(workdir: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for name in ("unet", "vae", "text_encoder"):
+        out.update({f"{name}/{k}": v for k, v in load_file(str(workdir / "final" / f"{name}.safetensors")).items()})
+    return out
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def reference(env, tmp_path_factory):
+    """The uninterrupted 8-step run."""
+    workdir = tmp_path_factory.mktemp("ref") / "run"
+    proc = train(env, workdir)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return workdir
+
+
+def test_uninterrupted_run_writes_metrics_checkpoints_and_final(reference):
+    recs = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 9))
+    for r in recs:
+        assert np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) and r["lr"] >= 0
+    assert all("steps_per_s" in r and "images_per_s" in r for r in recs[1:])
+    assert checkpoint_steps(reference) == [4, 8]
+    manifest = json.loads((reference / "final" / "jaxt2i.json").read_text())
+    assert set(manifest["components"]) == {"unet", "vae", "text_encoder"}
+    assert json.loads((reference / "config.json").read_text())["steps"] == 8
+
+
+def test_sigkill_then_sigterm_then_finish_equals_uninterrupted(env, reference, tmp_path):
+    workdir = tmp_path / "run"
+    killed = train(env, workdir, signal_at=6, signal="KILL")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+    assert checkpoint_steps(workdir) == [4]
+    assert not (workdir / "final").exists()
+
+    # resumes from step 4; a SIGTERM after step 6 makes it finish step 7, save it and exit 0
+    termed = train(env, workdir, signal_at=6, signal="TERM")
+    assert termed.returncode == 0, termed.stderr[-4000:]
+    assert "resumed from" in termed.stderr and "SIGTERM received: saved step 7" in termed.stderr
+    assert 7 in checkpoint_steps(workdir)
+    assert not (workdir / "final").exists()
+
+    finished = train(env, workdir)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    assert losses(workdir) == losses(reference)  # bit-identical per-step losses (JSON floats round-trip exactly)
+    got, want = final_params(workdir), final_params(reference)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert np.array_equal(got[k], want[k]), k
+
+
+@pytest.mark.slow  # the policy itself is unit-tested in test_loop.py; this is the whole path through the CLI
+def test_nan_loss_aborts_with_a_clear_message(env, tmp_path):
+    proc = train(env, tmp_path / "run", "steps=4", nan_at=3)
+    assert proc.returncode == 1
+    assert "loss is nan at step 3" in proc.stderr and "nan_policy=skip" in proc.stderr
+    assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.slow
+def test_nan_loss_skipped_when_configured(env, tmp_path):
+    proc = train(env, tmp_path / "run", "steps=4", "nan_policy=skip", nan_at=3)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "update discarded" in proc.stderr
+    rec = losses(tmp_path / "run")
+    assert rec[3] == "nan" and all(np.isfinite(rec[s]) for s in (1, 2, 4))
+    assert (tmp_path / "run" / "final" / "unet.safetensors").exists()
