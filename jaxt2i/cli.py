@@ -108,24 +108,24 @@ def _model_defaults(model: str, args) -> tuple[int, float]:
 
 
 class _Progress:
-    """A one-line progress display over the model calls of a sampling run (stderr)."""
+    """A one-line progress display over the model calls of a sampling run (stderr), called as fn(done, total)."""
 
-    def __init__(self, total: int):
-        self.total, self.done, self.start = total, 0, time.perf_counter()
-        print(f"compiling and running {total} model calls...", file=sys.stderr, flush=True)
+    def __init__(self):
+        self.start = time.perf_counter()
+        print("preparing (the first run of a shape compiles; later runs reuse the cache)...", file=sys.stderr,
+              flush=True)
 
-    def __call__(self):
-        self.done += 1
+    def __call__(self, done: int, total: int):
+        if done == 0:
+            self.start = time.perf_counter()
         elapsed = time.perf_counter() - self.start
-        print(f"\rstep {self.done}/{self.total}  {elapsed:.1f} s", end="", file=sys.stderr, flush=True)
-        if self.done == self.total:
-            print(file=sys.stderr)
+        rate = f"{done / elapsed:.2f} calls/s" if done and elapsed > 0 else ""
+        end = "\n" if done == total else ""
+        print(f"\rsampling {done}/{total}  {elapsed:.1f} s  {rate}", end=end, file=sys.stderr, flush=True)
 
 
 def _run_sampling(args, kind: str) -> int:
     from jaxt2i import images as imio
-    from jaxt2i.diffusion.samplers import sampler_timesteps
-    from jaxt2i.pipeline import progress_hook
 
     if args.num < 1:
         raise CLIError("--num must be >= 1.")
@@ -135,27 +135,22 @@ def _run_sampling(args, kind: str) -> int:
     steps, guidance = _model_defaults(model, args)
     prompts = [args.prompt] * args.num
     common = dict(negative_prompt=args.negative, steps=steps, guidance_scale=guidance, sampler=args.sampler,
-                  seed=args.seed, use_karras_sigmas=args.karras, progress=True)
-    start = 0
-    if kind != "generate" and args.strength < 1.0:
-        start = steps - min(int(steps * args.strength), steps)
-    _, calls = sampler_timesteps(args.sampler, steps, pipe.schedule, use_karras_sigmas=args.karras, start_step=start)
+                  seed=args.seed, use_karras_sigmas=args.karras, progress=_Progress())
     t0 = time.perf_counter()
-    with progress_hook(_Progress(calls)):
-        if kind == "generate":
-            width, height = args.size or pipe.default_size[::-1]
-            out = pipe.text_to_image(prompts, height=height, width=width, **common)
+    if kind == "generate":
+        width, height = args.size or pipe.default_size[::-1]
+        out = pipe.text_to_image(prompts, height=height, width=width, **common)
+    else:
+        image = imio.load_image(args.image)
+        h, w = image.shape[:2]
+        f = pipe.vae_scale_factor
+        if h % f or w % f:
+            raise CLIError(f"--image is {w}x{h}; its sides must be multiples of {f}. Resize or crop it.")
+        if kind == "img2img":
+            out = pipe.image_to_image(prompts, image, strength=args.strength, **common)
         else:
-            image = imio.load_image(args.image)
-            h, w = image.shape[:2]
-            f = pipe.vae_scale_factor
-            if h % f or w % f:
-                raise CLIError(f"--image is {w}x{h}; its sides must be multiples of {f}. Resize or crop it.")
-            if kind == "img2img":
-                out = pipe.image_to_image(prompts, image, strength=args.strength, **common)
-            else:
-                mask = imio.load_mask(args.mask, (w, h))
-                out = pipe.inpaint(prompts, image, mask, strength=args.strength, **common)
+            mask = imio.load_mask(args.mask, (w, h))
+            out = pipe.inpaint(prompts, image, mask, strength=args.strength, **common)
     elapsed = time.perf_counter() - t0
     meta = {"prompt": args.prompt, "negative_prompt": args.negative or "", "steps": steps, "guidance": guidance,
             "sampler": args.sampler, "karras": args.karras, "seed": args.seed, "size": f"{out.shape[2]}x{out.shape[1]}",

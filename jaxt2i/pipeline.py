@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import warnings
+import sys
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -54,43 +54,37 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- progress
-_PROGRESS_HOOK: list[Callable[[], None] | None] = [None]
-
-
-def _progress_tick(_):
-    hook = _PROGRESS_HOOK[0]
-    if hook is not None:
-        hook()
-
-
-class progress_hook:
-    """``with progress_hook(fn): pipe.text_to_image(..., progress=True)`` calls ``fn()`` after each model call."""
-
-    def __init__(self, fn: Callable[[], None]):
-        self.fn = fn
-
-    def __enter__(self):
-        self.previous, _PROGRESS_HOOK[0] = _PROGRESS_HOOK[0], self.fn
-        return self
-
-    def __exit__(self, *exc):
-        _PROGRESS_HOOK[0] = self.previous
+ProgressFn = Callable[[int, int], None]  # (model calls done, total model calls)
 
 
 # ------------------------------------------------------------------------------------------ static program spec
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-    """The static part of a sampling program (hashable; one compiled program per distinct value)."""
+    """The static part of a sampling program (hashable; one compiled program per distinct value).
+
+    kind: "txt2img" | "img2img" | "inpaint"; strength: img2img/inpaint strength (the last int(steps * strength)
+    steps are run; inpaint at strength 1 starts from pure noise).
+    """
 
     models: Models
     schedule: ScheduleConfig
+    kind: str
     sampler: str
     steps: int
     use_cfg: bool
     karras: bool
     eta: float
-    start_step: int = 0
-    progress: bool = False
+    strength: float = 1.0
+
+    @property
+    def start_step(self) -> int:
+        return 0 if self.strength >= 1.0 and self.kind != "img2img" else samplers.strength_start_step(
+            self.steps, self.strength)
+
+    @property
+    def sampler_kwargs(self) -> dict:
+        return dict(sampler=self.sampler, steps=self.steps, schedule=self.schedule, eta=self.eta,
+                    use_karras_sigmas=self.karras, start_step=self.start_step)
 
 
 def _encode_text(models: Models, params, ids):
@@ -121,35 +115,6 @@ def _encode_latents(models: Models, params, images, key):
     return vae.scale_latents(z.astype(jnp.float32), models.vae.config)
 
 
-def _denoiser(spec: _Spec, params, context, uncond, guidance, rescale, extra_channels=None):
-    """denoise_fn(x, t) for the sampler: the U-Net with classifier-free guidance (one batched call)."""
-
-    def model_fn(x, t, ctx):
-        if extra_channels is not None:  # 9-channel inpainting U-Net: [x, mask, masked-image latents]
-            reps = x.shape[0] // extra_channels.shape[0]
-            x = jnp.concatenate([x, jnp.tile(extra_channels, (reps, 1, 1, 1)).astype(x.dtype)], axis=-1)
-        out = _unet(spec.models, params, x, t, ctx)
-        if spec.progress:
-            jax.debug.callback(_progress_tick, t[0])
-        return out
-
-    if spec.use_cfg:
-        return cfg_denoise_fn(model_fn, context, uncond, guidance, rescale)
-    return lambda x, t: model_fn(x, t, context)
-
-
-def _run_sampler(spec: _Spec, denoise, x, key, post_step_fn=None):
-    return samplers.sample(
-        denoise, x, sampler=spec.sampler, steps=spec.steps, schedule=spec.schedule, key=key, eta=spec.eta,
-        use_karras_sigmas=spec.karras, start_step=spec.start_step, post_step_fn=post_step_fn)
-
-
-def _contexts(spec: _Spec, params, ids, uncond_ids):
-    context = _encode_text(spec.models, params, ids)
-    uncond = _encode_text(spec.models, params, uncond_ids) if spec.use_cfg else None
-    return context, uncond
-
-
 # The functional pieces, jitted once per distinct Models value (shared by every Pipeline of the same architecture).
 _jit_encode_text = jax.jit(_encode_text, static_argnums=0)
 _jit_unet = jax.jit(_unet, static_argnums=0)
@@ -157,60 +122,99 @@ _jit_decode = jax.jit(_decode, static_argnums=0)
 _jit_encode_latents = jax.jit(_encode_latents, static_argnums=0)
 
 
+def _setup(spec: _Spec, params, inputs: dict, key):
+    """Everything before the sampling loop: text encoding, image encoding, the start sample.
+
+    inputs: ids / uncond_ids [B, 77]; noise [B, h, w, 4] standard normal; images [B, H, W, 3] and masks
+    [B, H, W, 1] for img2img / inpaint. Returns (PreparedRun, cond) where cond holds what the denoiser and the
+    inpainting blend need at every step.
+    """
+    context = _encode_text(spec.models, params, inputs["ids"])
+    cond = {"context": context,
+            "uncond": _encode_text(spec.models, params, inputs["uncond_ids"]) if spec.use_cfg else None}
+    noise, start = inputs["noise"], spec.start_step
+    x, noised = noise, False
+    if spec.kind != "txt2img":
+        encode_key, masked_key = jax.random.split(key)
+        x0 = _encode_latents(spec.models, params, inputs["images"], encode_key)
+        if spec.kind == "img2img" or start > 0:
+            x, start = samplers.img2img_start(x0, noise, sampler=spec.sampler, steps=spec.steps,
+                                              strength=spec.strength, schedule=spec.schedule,
+                                              use_karras_sigmas=spec.karras)
+            noised = True
+        if spec.kind == "inpaint":
+            masks = inputs["masks"]
+            factor = masks.shape[1] // noise.shape[1]
+            # Nearest-neighbour downsampling to the latent grid (what diffusers' interpolate does).
+            latent_mask = masks[:, ::factor, ::factor, :].astype(jnp.float32)
+            if spec.models.unet.config.in_channels == 9:
+                masked = _encode_latents(spec.models, params, inputs["images"] * (masks < 0.5), masked_key)
+                cond["extra"] = jnp.concatenate([latent_mask, masked], axis=-1)
+            else:
+                cond["blend"] = {"x0": x0, "noise": noise, "mask": latent_mask}
+    run = samplers.prepare_run(x, init_is_noised=noised, key=key, **spec.sampler_kwargs)
+    return run, cond
+
+
+def _denoiser(spec: _Spec, params, cond, guidance, rescale):
+    """denoise_fn(x, t) for the sampler: the U-Net with classifier-free guidance (one batched call)."""
+    extra = cond.get("extra")
+
+    def model_fn(x, t, ctx):
+        if extra is not None:  # 9-channel inpainting U-Net: [x, mask, masked-image latents]
+            reps = x.shape[0] // extra.shape[0]
+            x = jnp.concatenate([x, jnp.tile(extra, (reps, 1, 1, 1)).astype(x.dtype)], axis=-1)
+        return _unet(spec.models, params, x, t, ctx)
+
+    if spec.use_cfg:
+        return cfg_denoise_fn(model_fn, cond["context"], cond["uncond"], guidance, rescale)
+    return lambda x, t: model_fn(x, t, cond["context"])
+
+
+def _run_segment(spec: _Spec, params, state, xs, cond, guidance, rescale, key):
+    """Runs the model calls in ``xs`` (all of them, or a slice) and returns the new sampler state."""
+    post = None
+    if "blend" in cond:  # ordinary model inpainting: restore the known region after every step
+        b = cond["blend"]
+        post = samplers.inpaint_post_step_fn(b["x0"], b["noise"], b["mask"], sampler=spec.sampler, steps=spec.steps,
+                                             schedule=spec.schedule, use_karras_sigmas=spec.karras,
+                                             start_step=spec.start_step)
+    return samplers.run_calls(_denoiser(spec, params, cond, guidance, rescale), state, xs, key=key,
+                              post_step_fn=post, **spec.sampler_kwargs)
+
+
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _txt2img_program(params, ids, uncond_ids, noise, guidance, rescale, key, *, spec: _Spec):
-    context, uncond = _contexts(spec, params, ids, uncond_ids)
-    denoise = _denoiser(spec, params, context, uncond, guidance, rescale)
-    latents = _run_sampler(spec, denoise, noise, key)
-    return _decode(spec.models, params, latents)
+def _program(params, inputs, guidance, rescale, key, *, spec: _Spec):
+    """The whole text->image / image->image / inpaint program: [B, 77] ids ... -> images [B, H, W, 3]."""
+    setup_key, sample_key = jax.random.split(key)
+    run, cond = _setup(spec, params, inputs, setup_key)
+    state = _run_segment(spec, params, run.state, run.xs, cond, guidance, rescale, sample_key)
+    return _decode(spec.models, params, state["x"])
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "strength"))
-def _img2img_program(params, ids, uncond_ids, images, noise, guidance, rescale, key, *, spec: _Spec,
-                     strength: float):
-    context, uncond = _contexts(spec, params, ids, uncond_ids)
-    encode_key, sample_key = jax.random.split(key)
-    x0 = _encode_latents(spec.models, params, images, encode_key)
-    x, start = samplers.img2img_start(x0, noise, sampler=spec.sampler, steps=spec.steps, strength=strength,
-                                      schedule=spec.schedule, use_karras_sigmas=spec.karras)
-    spec = dataclasses.replace(spec, start_step=start)
-    denoise = _denoiser(spec, params, context, uncond, guidance, rescale)
-    latents = samplers.sample(denoise, x, sampler=spec.sampler, steps=spec.steps, schedule=spec.schedule,
-                              key=sample_key, eta=spec.eta, use_karras_sigmas=spec.karras, start_step=start,
-                              init_is_noised=True)
-    return _decode(spec.models, params, latents)
+# The same program in three stages, so a caller can watch progress between segments of model calls (each stage
+# compiles once and is cacheable; a host callback inside one program would make it uncacheable).
+@functools.partial(jax.jit, static_argnums=0)
+def _setup_stage(spec: _Spec, params, inputs, key):
+    run, cond = _setup(spec, params, inputs, key)
+    return run.state, run.xs, cond
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "strength"))
-def _inpaint_program(params, ids, uncond_ids, images, masks, noise, guidance, rescale, key, *, spec: _Spec,
-                     strength: float):
-    """images [B, H, W, 3] in [0, 1]; masks [B, H, W, 1] with 1 = repaint; noise [B, h, w, 4]."""
-    context, uncond = _contexts(spec, params, ids, uncond_ids)
-    encode_key, masked_key, sample_key = jax.random.split(key, 3)
-    factor = images.shape[1] // noise.shape[1]
-    # Nearest-neighbour downsampling of the mask to the latent grid (what diffusers' interpolate does).
-    latent_mask = masks[:, ::factor, ::factor, :].astype(jnp.float32)
-    x0 = _encode_latents(spec.models, params, images, encode_key)
-    nine_channels = spec.models.unet.config.in_channels == 9
-    if strength >= 1.0:
-        x, start = noise, 0
-    else:
-        x, start = samplers.img2img_start(x0, noise, sampler=spec.sampler, steps=spec.steps, strength=strength,
-                                          schedule=spec.schedule, use_karras_sigmas=spec.karras)
-    spec = dataclasses.replace(spec, start_step=start)
-    if nine_channels:
-        masked = _encode_latents(spec.models, params, images * (masks < 0.5), masked_key)
-        extra = jnp.concatenate([latent_mask, masked], axis=-1)
-        denoise = _denoiser(spec, params, context, uncond, guidance, rescale, extra_channels=extra)
-        post = None
-    else:
-        denoise = _denoiser(spec, params, context, uncond, guidance, rescale)
-        post = samplers.inpaint_post_step_fn(x0, noise, latent_mask, sampler=spec.sampler, steps=spec.steps,
-                                             schedule=spec.schedule, use_karras_sigmas=spec.karras, start_step=start)
-    latents = samplers.sample(denoise, x, sampler=spec.sampler, steps=spec.steps, schedule=spec.schedule,
-                              key=sample_key, eta=spec.eta, use_karras_sigmas=spec.karras, start_step=start,
-                              init_is_noised=start > 0, post_step_fn=post)
-    return _decode(spec.models, params, latents)
+
+_segment_stage = jax.jit(_run_segment, static_argnums=0)
+
+
+def _run_with_progress(spec: _Spec, params, inputs, guidance, rescale, key, progress: ProgressFn):
+    setup_key, sample_key = jax.random.split(key)
+    state, xs, cond = _setup_stage(spec, params, inputs, setup_key)
+    total = int(xs["i"].shape[0])
+    progress(0, total)
+    for i in range(total):
+        xs_i = jax.tree.map(lambda a: a[i:i + 1], xs)
+        state = _segment_stage(spec, params, state, xs_i, cond, guidance, rescale, sample_key)
+        jax.block_until_ready(state["x"])
+        progress(i + 1, total)
+    return _jit_decode(spec.models, params, state["x"])
 
 
 # --------------------------------------------------------------------------------------------------- Pipeline
@@ -285,8 +289,10 @@ class Pipeline:
         return _jit_encode_latents(self.models, self.params, images, key)
 
     # ---------------------------------------------------------------------------------- programs
-    def _prepare(self, prompts, negative_prompt, guidance_scale, sampler, steps, eta, use_karras_sigmas,
-                 progress, start_step=0):
+    def _run(self, kind: str, prompts, negative_prompt, steps, guidance_scale, sampler, seed, eta, guidance_rescale,
+             use_karras_sigmas, progress, *, height, width, latents=None, strength=1.0, images=None,
+             masks=None) -> np.ndarray:
+        """Validates the arguments, builds the static spec and runs the program (or its stages, with progress)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("Give at least one prompt.")
@@ -294,13 +300,26 @@ class Pipeline:
             raise ValueError(f"Unknown sampler {sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}.")
         if int(steps) < 1:
             raise ValueError(f"steps must be >= 1; got {steps}.")
-        negatives = _negatives(negative_prompt, len(prompts))
-        use_cfg = float(guidance_scale) > 1.0
-        spec = _Spec(self.models, self.schedule, sampler, int(steps), use_cfg, bool(use_karras_sigmas), float(eta),
-                     start_step, bool(progress))
-        ids = jnp.asarray(self.tokenize(prompts))
-        uncond_ids = jnp.asarray(self.tokenize(negatives))
-        return prompts, spec, ids, uncond_ids
+        if not 0.0 < float(strength) <= 1.0:
+            raise ValueError(f"strength must be in (0, 1]; got {strength}.")
+        spec = _Spec(self.models, self.schedule, kind, sampler, int(steps), float(guidance_scale) > 1.0,
+                     bool(use_karras_sigmas), float(eta), float(strength))
+        spec.start_step  # noqa: B018 -- validates strength against steps before anything runs
+        noise_key, program_key = jax.random.split(jax.random.key(seed))
+        inputs = {"ids": jnp.asarray(self.tokenize(prompts)),
+                  "uncond_ids": jnp.asarray(self.tokenize(_negatives(negative_prompt, len(prompts)))),
+                  "noise": self._noise(latents, len(prompts), height, width, noise_key)}
+        if images is not None:
+            inputs["images"] = images
+        if masks is not None:
+            inputs["masks"] = masks
+        guidance, rescale = jnp.float32(guidance_scale), jnp.float32(guidance_rescale)
+        if progress:
+            report = progress if callable(progress) else _print_progress
+            out = _run_with_progress(spec, self.params, inputs, guidance, rescale, program_key, report)
+        else:
+            out = _program(self.params, inputs, guidance, rescale, program_key, spec=spec)
+        return np.asarray(out)
 
     def _noise(self, latents, batch, height, width, key):
         shape = (batch, height // self.vae_scale_factor, width // self.vae_scale_factor,
@@ -326,68 +345,52 @@ class Pipeline:
                       steps: int = 50, guidance_scale: float = 7.5, sampler: str = "ddim", seed: int = 0,
                       height: int | None = None, width: int | None = None, latents=None, *, eta: float = 0.0,
                       guidance_rescale: float = 0.0, use_karras_sigmas: bool = False,
-                      progress: bool = False) -> np.ndarray:
+                      progress: bool | ProgressFn = False) -> np.ndarray:
         """Prompts -> float32 images [B, H, W, 3] in [0, 1] (one jitted program: text encoding, sampling, decoding).
 
         ``latents``: optional standard-normal noise [B, H/8, W/8, 4] (the sampler scales it as it needs);
-        otherwise drawn from ``seed``. Guidance <= 1 skips the unconditional half of the batch.
+        otherwise drawn from ``seed``. Guidance <= 1 skips the unconditional half of the batch. ``progress``:
+        True prints a progress line, or a function ``fn(done, total)`` called after every model call (the
+        program then runs in stages: same numbers, one dispatch per model call).
         """
         if self.is_inpainting_model:
             raise ValueError("This is a 9-channel inpainting model; use inpaint() (or `jaxt2i inpaint`).")
-        prompts, spec, ids, uncond_ids = self._prepare(prompts, negative_prompt, guidance_scale, sampler, steps,
-                                                       eta, use_karras_sigmas, progress)
         height, width = self._size(height, width)
-        key = jax.random.key(seed)
-        noise_key, sample_key = jax.random.split(key)
-        noise = self._noise(latents, len(prompts), height, width, noise_key)
-        out = _txt2img_program(self.params, ids, uncond_ids, noise, jnp.float32(guidance_scale),
-                               jnp.float32(guidance_rescale), sample_key, spec=spec)
-        return np.asarray(out)
+        return self._run("txt2img", prompts, negative_prompt, steps, guidance_scale, sampler, seed, eta,
+                         guidance_rescale, use_karras_sigmas, progress, height=height, width=width, latents=latents)
 
     def image_to_image(self, prompts: str | Sequence[str], image, strength: float = 0.8,
                        negative_prompt: str | Sequence[str] | None = None, steps: int = 50,
                        guidance_scale: float = 7.5, sampler: str = "ddim", seed: int = 0, latents=None, *,
                        eta: float = 0.0, guidance_rescale: float = 0.0, use_karras_sigmas: bool = False,
-                       progress: bool = False) -> np.ndarray:
+                       progress: bool | ProgressFn = False) -> np.ndarray:
         """Prompts + image(s) [B or 1, H, W, 3] in [0, 1] -> images [B, H, W, 3]; ``strength`` in (0, 1] is how
         much of the schedule is re-run (diffusers' semantics: the last ``int(steps * strength)`` steps).
 
         ``latents``: optional standard-normal noise [B, H/8, W/8, 4] used to noise the image's latents.
         """
-        if not 0.0 < float(strength) <= 1.0:
-            raise ValueError(f"strength must be in (0, 1]; got {strength}.")
-        prompts, spec, ids, uncond_ids = self._prepare(prompts, negative_prompt, guidance_scale, sampler, steps,
-                                                       eta, use_karras_sigmas, progress)
-        images = _batch_images(_check_images(image, self.vae_scale_factor), len(prompts))
-        height, width = images.shape[1:3]
-        noise_key, program_key = jax.random.split(jax.random.key(seed))
-        noise = self._noise(latents, len(prompts), height, width, noise_key)
-        out = _img2img_program(self.params, ids, uncond_ids, images, noise, jnp.float32(guidance_scale),
-                               jnp.float32(guidance_rescale), program_key, spec=spec, strength=float(strength))
-        return np.asarray(out)
+        batch = 1 if isinstance(prompts, str) else len(prompts)
+        images = _batch_images(_check_images(image, self.vae_scale_factor), batch)
+        return self._run("img2img", prompts, negative_prompt, steps, guidance_scale, sampler, seed, eta,
+                         guidance_rescale, use_karras_sigmas, progress, height=images.shape[1],
+                         width=images.shape[2], latents=latents, strength=strength, images=images)
 
     def inpaint(self, prompts: str | Sequence[str], image, mask, strength: float = 1.0,
                 negative_prompt: str | Sequence[str] | None = None, steps: int = 50, guidance_scale: float = 7.5,
                 sampler: str = "ddim", seed: int = 0, *, eta: float = 0.0, guidance_rescale: float = 0.0,
-                latents=None, use_karras_sigmas: bool = False, progress: bool = False) -> np.ndarray:
+                latents=None, use_karras_sigmas: bool = False, progress: bool | ProgressFn = False) -> np.ndarray:
         """Repaints where ``mask`` is 1. image [B or 1, H, W, 3] in [0, 1]; mask [B or 1, H, W(, 1)] in {0, 1}.
 
         9-channel inpainting U-Nets get the mask and the masked image's latents as extra input channels; ordinary
         models keep the known region by blending it back (noised to the current level) after every step.
         ``latents``: optional standard-normal noise [B, H/8, W/8, 4] (the start noise, also used for blending).
         """
-        if not 0.0 < float(strength) <= 1.0:
-            raise ValueError(f"strength must be in (0, 1]; got {strength}.")
-        prompts, spec, ids, uncond_ids = self._prepare(prompts, negative_prompt, guidance_scale, sampler, steps,
-                                                       eta, use_karras_sigmas, progress)
-        images = _batch_images(_check_images(image, self.vae_scale_factor), len(prompts))
-        masks = _batch_images(_check_mask(mask, images.shape[1:3]), len(prompts))
-        height, width = images.shape[1:3]
-        noise_key, program_key = jax.random.split(jax.random.key(seed))
-        noise = self._noise(latents, len(prompts), height, width, noise_key)
-        out = _inpaint_program(self.params, ids, uncond_ids, images, masks, noise, jnp.float32(guidance_scale),
-                               jnp.float32(guidance_rescale), program_key, spec=spec, strength=float(strength))
-        return np.asarray(out)
+        batch = 1 if isinstance(prompts, str) else len(prompts)
+        images = _batch_images(_check_images(image, self.vae_scale_factor), batch)
+        masks = _batch_images(_check_mask(mask, images.shape[1:3]), batch)
+        return self._run("inpaint", prompts, negative_prompt, steps, guidance_scale, sampler, seed, eta,
+                         guidance_rescale, use_karras_sigmas, progress, height=images.shape[1],
+                         width=images.shape[2], latents=latents, strength=strength, images=images, masks=masks)
 
     def __repr__(self) -> str:
         return (f"Pipeline(source={self.source!r}, dtype={jnp.dtype(self.dtype).name}, "
@@ -395,6 +398,11 @@ class Pipeline:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
+def _print_progress(done: int, total: int) -> None:
+    end = "\n" if done == total else ""
+    print(f"\rsampling: {done}/{total} model calls", end=end, file=sys.stderr, flush=True)
+
+
 def _as_dtype(dtype) -> Any:
     if isinstance(dtype, str):
         if dtype not in DTYPES:

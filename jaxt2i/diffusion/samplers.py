@@ -534,6 +534,44 @@ def sample(
     Returns x_0 (float32 or wider), or (x_0, trajectory [calls_run, *x_T.shape]) when
     return_trajectory is set; the trajectory holds the sample after every model call.
     """
+    run = prepare_run(x_T, sampler=sampler, steps=steps, schedule=schedule, key=key, noise=noise, eta=eta,
+                      use_karras_sigmas=use_karras_sigmas, start_step=start_step, init_is_noised=init_is_noised)
+    state, traj = run_calls(denoise_fn, run.state, run.xs, sampler=sampler, steps=steps, schedule=schedule, key=key,
+                            eta=eta, use_karras_sigmas=use_karras_sigmas, start_step=start_step,
+                            post_step_fn=post_step_fn, return_trajectory=bool(return_trajectory))
+    return (state["x"], traj) if return_trajectory else state["x"]
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedRun:
+    """The scan inputs of a sampling run, for running its model calls in segments (see :func:`run_calls`).
+
+    state: the initial scan carry (``state["x"]`` is the sample); xs: per-call inputs with leading axis
+    [calls_run]; slice both ``jax.tree.map(lambda a: a[i:j], xs)`` to run calls i..j-1 of the run.
+    """
+
+    state: dict
+    xs: dict
+
+
+def _is_stochastic(sampler: str, eta) -> bool:
+    return sampler in ("ddpm", "euler_a") or (sampler == "ddim" and not _is_static_zero(eta))
+
+
+def prepare_run(
+    x_T: jnp.ndarray,
+    *,
+    sampler: str = "ddim",
+    steps: int = 50,
+    schedule: ScheduleConfig = ScheduleConfig(),
+    key: jax.Array | None = None,
+    noise: jnp.ndarray | None = None,
+    eta=0.0,
+    use_karras_sigmas: bool = False,
+    start_step: int = 0,
+    init_is_noised: bool | None = None,
+) -> PreparedRun:
+    """The initial carry and per-call inputs of :func:`sample` (same arguments), without running anything."""
     plan = make_plan(sampler, steps, schedule, use_karras_sigmas=use_karras_sigmas, start_step=start_step)
     x = jnp.asarray(x_T)
     dtype = jnp.promote_types(x.dtype, jnp.float32)
@@ -542,24 +580,50 @@ def sample(
         init_is_noised = start_step > 0
     if not init_is_noised:
         x = x * plan.init_noise_sigma
-
-    stochastic = sampler in ("ddpm", "euler_a") or (sampler == "ddim" and not _is_static_zero(eta))
+    stochastic = _is_stochastic(sampler, eta)
     if stochastic and key is None and noise is None:
         raise ValueError(
             f"sampler {sampler!r} (eta={eta!r}) draws noise: pass key=jax.random.key(seed) or noise of shape "
             f"[{plan.num_calls}, *x_T.shape]."
         )
     s = plan.call_start
-    xs = {"i": jnp.arange(s, plan.num_calls), "t": plan.timesteps[s:], "div": plan.input_div[s:]}
-    xs["row"] = {k: v[s:] for k, v in plan.table.items()}
+    xs = {"i": jnp.arange(s, plan.num_calls), "t": jnp.asarray(plan.timesteps[s:]),
+          "div": jnp.asarray(plan.input_div[s:])}
+    xs["row"] = {k: jnp.asarray(v[s:]) for k, v in plan.table.items()}
     if stochastic and noise is not None:
         noise = jnp.asarray(noise)
         expected = (plan.num_calls,) + x.shape
         if noise.shape != expected:
             raise ValueError(f"noise has shape {noise.shape}; sampler {sampler!r} with {steps} steps needs {expected}.")
         xs["noise"] = noise[s:].astype(dtype)
+    return PreparedRun(_initial_state(sampler, x), xs)
+
+
+def run_calls(
+    denoise_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray],
+    state: dict,
+    xs: dict,
+    *,
+    sampler: str = "ddim",
+    steps: int = 50,
+    schedule: ScheduleConfig = ScheduleConfig(),
+    key: jax.Array | None = None,
+    eta=0.0,
+    use_karras_sigmas: bool = False,
+    start_step: int = 0,
+    post_step_fn: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray] | None = None,
+    return_trajectory: bool | None = None,
+):
+    """Runs the model calls in ``xs`` (all of a :class:`PreparedRun` or a slice of it) with one ``lax.scan``.
+
+    Returns the new carry, or (carry, trajectory) when ``return_trajectory`` is not None. Static arguments as
+    in :func:`sample`; running the slices of a run one after another gives exactly the result of one scan.
+    """
+    plan = make_plan(sampler, steps, schedule, use_karras_sigmas=use_karras_sigmas, start_step=start_step)
+    dtype = state["x"].dtype
+    stochastic = _is_stochastic(sampler, eta)
     step = _step_fn(plan, eta)
-    batch = x.shape[0]
+    batch = state["x"].shape[0]
 
     def body(state, inp):
         x_in = state["x"] / inp["div"].astype(dtype)
@@ -570,15 +634,15 @@ def sample(
         elif "noise" in inp:
             n = inp["noise"]
         else:
-            n = jax.random.normal(jax.random.fold_in(key, inp["i"]), x.shape, dtype)
+            n = jax.random.normal(jax.random.fold_in(key, inp["i"]), state["x"].shape, dtype)
         row = {k: v.astype(dtype) for k, v in inp["row"].items()}
         state = step(state, out, row, n)
         if post_step_fn is not None:
             state = {**state, "x": post_step_fn(state["x"], inp["i"])}
         return state, (state["x"] if return_trajectory else None)
 
-    state, traj = jax.lax.scan(body, _initial_state(sampler, x), xs)
-    return (state["x"], traj) if return_trajectory else state["x"]
+    state, traj = jax.lax.scan(body, state, xs)
+    return state if return_trajectory is None else (state, traj)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -604,6 +668,15 @@ def sampler_timesteps(
     return ts, len(ts)
 
 
+def strength_start_step(steps: int, strength: float) -> int:
+    """The first step img2img runs for ``strength`` in (0, 1]: the last ``int(steps * strength)`` steps are run
+    (diffusers' semantics)."""
+    start_step = max(steps - min(int(steps * strength), steps), 0)
+    if start_step >= steps:
+        raise ValueError(f"strength={strength} with steps={steps} runs no step; raise strength or steps.")
+    return start_step
+
+
 def img2img_start(
     x0: jnp.ndarray,
     noise: jnp.ndarray,
@@ -621,10 +694,7 @@ def img2img_start(
     is the sampler's own (sqrt(abar) x0 + sqrt(1 - abar) noise, or x0 + sigma noise, ...).
     `strength` and `steps` are static (they pick the start step).
     """
-    init = min(int(steps * strength), steps)
-    start_step = max(steps - init, 0)
-    if start_step >= steps:
-        raise ValueError(f"strength={strength} with steps={steps} runs no step; raise strength or steps.")
+    start_step = strength_start_step(steps, strength)
     plan = make_plan(sampler, steps, schedule, use_karras_sigmas=use_karras_sigmas, start_step=start_step)
     j = plan.call_start
     x0 = jnp.asarray(x0)
@@ -672,6 +742,10 @@ def inpaint_post_step_fn(
 
 __all__ = [
     "SAMPLERS",
+    "PreparedRun",
+    "prepare_run",
+    "run_calls",
+    "strength_start_step",
     "SamplingPlan",
     "make_plan",
     "sample",

@@ -90,11 +90,11 @@ def test_new_prompt_seed_or_guidance_does_not_recompile(pipes):
     _, jpipe = pipes
     kwargs = dict(steps=STEPS, sampler="ddim", height=SIZE, width=SIZE)
     jpipe.text_to_image(PROMPTS, guidance_scale=6.0, seed=0, **kwargs)
-    before = jpipeline._txt2img_program._cache_size()
+    before = jpipeline._program._cache_size()
     a = jpipe.text_to_image(["a purple square", "two circles"], negative_prompt="dark", guidance_scale=3.5, seed=7,
                             **kwargs)
     b = jpipe.text_to_image(PROMPTS, guidance_scale=9.0, seed=123, **kwargs)
-    assert jpipeline._txt2img_program._cache_size() == before
+    assert jpipeline._program._cache_size() == before
     assert not np.allclose(a, b)  # the inputs really changed the output
 
 
@@ -197,3 +197,18 @@ def test_bad_inputs_give_clear_errors(pipes):
         jpipe.image_to_image("x", _image(0), strength=0.0, steps=2)
     with pytest.raises(ValueError, match="latents have shape"):
         jpipe.text_to_image("x", steps=2, latents=np.zeros((1, 3, 3, 4)), height=SIZE, width=SIZE)
+
+
+def test_progress_runs_in_stages_with_the_same_result(pipes):
+    """progress=fn runs setup / one segment per model call / decode; the numbers equal the single program's."""
+    _, jpipe = pipes
+    calls = []
+    kwargs = dict(steps=STEPS, guidance_scale=4.0, sampler="dpmpp_2m", height=SIZE, width=SIZE, seed=2)
+    staged = jpipe.text_to_image(PROMPTS, progress=lambda done, total: calls.append((done, total)), **kwargs)
+    np.testing.assert_allclose(staged, jpipe.text_to_image(PROMPTS, **kwargs), atol=1e-6, rtol=0)
+    assert calls == [(i, STEPS) for i in range(STEPS + 1)]
+    mask = np.zeros((SIZE, SIZE), np.float32)
+    mask[4:, :] = 1.0
+    inpaint_kwargs = dict(steps=STEPS, guidance_scale=4.0, strength=0.75, seed=3)
+    np.testing.assert_allclose(jpipe.inpaint("a cat", _image(3), mask, progress=lambda d, t: None, **inpaint_kwargs),
+                               jpipe.inpaint("a cat", _image(3), mask, **inpaint_kwargs), atol=1e-6, rtol=0)
