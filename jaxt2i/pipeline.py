@@ -148,7 +148,10 @@ def _setup(spec: _Spec, params, inputs: dict, key):
             # Nearest-neighbour downsampling to the latent grid (what diffusers' interpolate does).
             latent_mask = masks[:, ::factor, ::factor, :].astype(jnp.float32)
             if spec.models.unet.config.in_channels == 9:
-                masked = _encode_latents(spec.models, params, inputs["images"] * (masks < 0.5), masked_key)
+                # The repainted region is blanked to mid-gray (0 in the VAE's [-1, 1] range), as SD's inpainting
+                # models were trained.
+                masked_images = jnp.where(masks < 0.5, inputs["images"], 0.5)
+                masked = _encode_latents(spec.models, params, masked_images, masked_key)
                 cond["extra"] = jnp.concatenate([latent_mask, masked], axis=-1)
             else:
                 cond["blend"] = {"x0": x0, "noise": noise, "mask": latent_mask}
