@@ -87,8 +87,14 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     """Writes numpy arrays (bfloat16 allowed) to a safetensors file, atomically (temp file + rename)."""
     path = os.fspath(path)
     tmp = path + ".tmp"
-    _write_safetensors_raw(tmp, {k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata)
+    _write_safetensors_raw(tmp, {k: _contiguous(v) for k, v in tensors.items()}, metadata)
     os.replace(tmp, path)
+
+
+def _contiguous(value) -> np.ndarray:
+    """C-contiguous copy that keeps 0-d arrays 0-d (np.ascontiguousarray would make them [1])."""
+    value = np.asarray(value)
+    return np.ascontiguousarray(value).reshape(value.shape)
 
 
 def _write_safetensors_raw(path: str, tensors: Mapping[str, np.ndarray], metadata) -> None:

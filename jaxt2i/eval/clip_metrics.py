@@ -1,0 +1,116 @@
+"""Metrics built on the small shapes-world CLIP (:mod:`jaxt2i.models.clip_vision`).
+
+* Zero-shot classification: every image is scored against one prompt per class ("a red circle" for each of the
+  21 color-shape pairs); the best prompt is the prediction. Color accuracy counts the color of the predicted pair,
+  shape accuracy its shape, so a held-out combination (e.g. "a blue triangle", never seen in training) is judged
+  on each attribute and on the pair.
+* CLIP score: ``100 * max(cos(image, text), 0)`` averaged over pairs (the usual definition, w = 100).
+* Image features for the Frechet distance (:mod:`jaxt2i.eval.frechet`): the unit-norm image embeddings.
+
+The encoders come in as functions (``encode_images``, ``encode_texts``) so that the maths here is testable on
+hand-made embeddings; :func:`clip_encoders` builds them from trained parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxt2i.data import shapes
+from jaxt2i.models.clip_vision import CLIPConfig, CLIPModel
+
+ImageEncoder = Callable[[np.ndarray], np.ndarray]  # images [N, H, W, 3] in [0, 1] -> unit-norm [N, P]
+TextEncoder = Callable[[Sequence[str]], np.ndarray]  # prompts -> unit-norm [N, P]
+
+
+def pair_prompts(template: str = "a {color} {shape}") -> tuple[list[str], list[tuple[str, str]]]:
+    """One prompt per color-shape pair (21 in the shapes world) and the (color, shape) labels, same order."""
+    labels = [(c, s) for c in shapes.COLORS for s in shapes.SHAPES]
+    return [template.format(color=c, shape=s) for c, s in labels], labels
+
+
+def zero_shot_predict(image_features: np.ndarray, class_features: np.ndarray) -> np.ndarray:
+    """Index of the most similar class for each image: ``[N, P]``, ``[K, P]`` (unit-norm) -> ``[N]`` int."""
+    return np.argmax(np.asarray(image_features) @ np.asarray(class_features).T, axis=1)
+
+
+def zero_shot_accuracy(image_features: np.ndarray, class_features: np.ndarray,
+                       labels: Sequence[tuple[str, str]], targets: Sequence[tuple[str, str]]) -> dict:
+    """Color, shape and pair accuracy of zero-shot pair classification.
+
+    Args:
+      image_features: ``[N, P]`` unit-norm image embeddings.
+      class_features: ``[K, P]`` unit-norm embeddings of the K class prompts.
+      labels: the (color, shape) of each class prompt (K entries).
+      targets: the true (color, shape) of each image (N entries).
+    Returns: {"color": acc, "shape": acc, "pair": acc, "n": N}.
+    """
+    if len(targets) != len(image_features) or len(labels) != len(class_features):
+        raise ValueError(f"got {len(image_features)} images for {len(targets)} targets and {len(class_features)} "
+                         f"class prompts for {len(labels)} labels; each list must match its features.")
+    predicted = [labels[i] for i in zero_shot_predict(image_features, class_features)]
+    color = np.mean([p[0] == t[0] for p, t in zip(predicted, targets)])
+    shape = np.mean([p[1] == t[1] for p, t in zip(predicted, targets)])
+    pair = np.mean([p == t for p, t in zip(predicted, targets)])
+    return {"color": float(color), "shape": float(shape), "pair": float(pair), "n": len(targets)}
+
+
+def clip_score(image_features: np.ndarray, text_features: np.ndarray) -> float:
+    """Mean ``100 * max(cos, 0)`` over matching rows of unit-norm ``[N, P]`` image and text features."""
+    cos = np.sum(np.asarray(image_features, np.float64) * np.asarray(text_features, np.float64), axis=1)
+    return float(np.mean(100.0 * np.maximum(cos, 0.0)))
+
+
+def retrieval_accuracy(image_features: np.ndarray, text_features: np.ndarray) -> dict:
+    """Top-1 image->text and text->image accuracy among N matching pairs (row i matches row i)."""
+    sims = np.asarray(image_features) @ np.asarray(text_features).T
+    target = np.arange(len(sims))
+    return {"image_to_text": float(np.mean(np.argmax(sims, 1) == target)),
+            "text_to_image": float(np.mean(np.argmax(sims, 0) == target))}
+
+
+def one_object_eval_set(split: str, n: int, seed: int = 0) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """``n`` one-object images of ``split`` ([n, 64, 64, 3] in [0, 1]) and their (color, shape).
+
+    Uses its own scene stream (``seed + 2_000_003``), apart from training streams. In ``"heldout"`` every image
+    is one of the held-out color-shape pairs, which the training split never shows.
+    """
+    scenes = [shapes.scene(seed + 2_000_003, i, split, n_objects=1) for i in range(n)]
+    images = np.stack([shapes.render(s) for s in scenes]).astype(np.float32) / 255.0
+    return images, [(s.objects[0].color, s.objects[0].shape) for s in scenes]
+
+
+def zero_shot_report(encode_images: ImageEncoder, encode_texts: TextEncoder, split: str, n: int,
+                     seed: int = 0) -> dict:
+    """Zero-shot color / shape / pair accuracy over the 21 "a {color} {shape}" prompts on one-object images."""
+    images, targets = one_object_eval_set(split, n, seed)
+    prompts, labels = pair_prompts()
+    return zero_shot_accuracy(encode_images(images), encode_texts(prompts), labels, targets)
+
+
+def clip_encoders(params: Any, config: CLIPConfig, tokenizer, batch_size: int = 128
+                  ) -> tuple[ImageEncoder, TextEncoder]:
+    """Batched numpy encoders from CLIP parameters; ``tokenizer`` maps prompts to ``[B, 77]`` ids."""
+    model = CLIPModel(config)
+    image_fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=CLIPModel.get_image_features))
+    text_fn = jax.jit(lambda p, t: model.apply({"params": p}, t, method=CLIPModel.get_text_features))
+
+    def batched(fn, inputs):
+        return np.concatenate([np.asarray(fn(params, jnp.asarray(inputs[i: i + batch_size])))
+                               for i in range(0, len(inputs), batch_size)])
+
+    def encode_images(images: np.ndarray) -> np.ndarray:
+        return batched(image_fn, np.asarray(images, np.float32))
+
+    def encode_texts(prompts: Sequence[str]) -> np.ndarray:
+        return batched(text_fn, tokenizer(list(prompts)))
+
+    return encode_images, encode_texts
+
+
+def image_features(encode_images: ImageEncoder, images: np.ndarray) -> np.ndarray:
+    """Features for :func:`jaxt2i.eval.frechet.frechet_distance_from_features`: unit-norm ``[N, P]`` float64."""
+    return np.asarray(encode_images(images), np.float64)

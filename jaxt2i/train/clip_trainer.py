@@ -1,0 +1,234 @@
+"""Contrastive training of the small shapes-world CLIP (:mod:`jaxt2i.models.clip_vision`).
+
+Each step takes a batch of (image, caption) pairs from a fixed pool of training scenes (``jaxt2i.data.shapes``,
+``split="train"``), encodes both with :class:`CLIPModel` and minimises the symmetric InfoNCE loss with the learned
+temperature (clipped at 100). Captions are redrawn every epoch from the scene's caption templates
+(``shapes.caption`` with a seeded generator), so the text tower sees the paraphrases of every scene. Captions are
+tokenised with the real CLIP BPE tokenizer (``CLIPTokenizer.default()``).
+
+Only the first ``text_length`` token positions are fed in training: the text tower is causal and pools at EOS, so
+positions after EOS receive no gradient at all; cutting them is exactly the same training, cheaper. Every caption
+must fit (checked); at inference the model takes all 77 positions.
+
+The step is pure and jitted, ``(state, images, ids, key) -> (state, metrics)``; the run is deterministic from the
+config's seed. The output folder holds ``params.safetensors`` / ``config.json`` of the whole CLIP (``{"text":
+CLIPTextConfig, "vision": CLIPVisionConfig}`` as dicts) and ``text_encoder/`` with the text tower alone (what a
+U-Net conditions on), ``metrics.json``, ``train_config.json`` and ``log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from jaxt2i.data import shapes
+from jaxt2i.eval import clip_metrics, frechet
+from jaxt2i.models.clip import CLIPTextConfig
+from jaxt2i.models.clip_vision import (CLIPConfig, CLIPModel, CLIPVisionConfig, clipped_scale, contrastive_loss,
+                                       init_params, preset)
+from jaxt2i.tokenizer import CLIPTokenizer
+from jaxt2i.train.optim import OptimConfig, make_optimizer
+from jaxt2i.train.vae_trainer import (count_params, epoch_batches, load_model_folder, load_yaml_config,
+                                      save_model_folder)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTrainConfig:
+    """Everything a CLIP run depends on.
+
+    model: a preset name of :data:`jaxt2i.models.clip_vision.PRESETS`, or ``{"text": {...}, "vision": {...}}``
+      with the fields of CLIPTextConfig / CLIPVisionConfig (missing fields take the ``shapes`` preset's values).
+    train_examples: size of the pool of training scenes; eval_examples: one-object images per split for zero-shot.
+    """
+
+    seed: int = 0
+    model: Any = "shapes"
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip_norm: float | None = 1.0
+    text_length: int = 32
+    train_examples: int = 8192
+    eval_examples: int = 300
+    heldout_pairs: int = 256
+    log_every: int = 25
+    save_dtype: str = "float16"
+
+    @property
+    def clip_config(self) -> CLIPConfig:
+        if isinstance(self.model, str):
+            return preset(self.model)
+        base = preset("shapes")
+        text = dataclasses.replace(base.text, **dict(self.model.get("text", {})))
+        vision = dataclasses.replace(base.vision, **dict(self.model.get("vision", {})))
+        return CLIPConfig(text=text, vision=vision)
+
+    @property
+    def optim(self) -> OptimConfig:
+        return OptimConfig(lr=self.lr, warmup_steps=self.warmup_steps, total_steps=self.steps,
+                           weight_decay=self.weight_decay, grad_clip_norm=self.grad_clip_norm, ema_decay=None,
+                           final_lr_fraction=0.05)
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def init_state(config: CLIPConfig, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    params = init_params(config, key)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def make_train_step(config: CLIPConfig, optimizer: optax.GradientTransformation
+                    ) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, dict]]:
+    """Jitted ``(state, images [B, H, W, 3] in [0, 1], ids [B, L] int32, key) -> (state, metrics)``.
+
+    The model has no randomness; ``key`` (with the step folded in) is taken for the uniform step signature.
+    """
+    model = CLIPModel(config)
+
+    def loss_fn(params, images, ids):
+        image_embeds, text_embeds, logit_scale = model.apply({"params": params}, ids, images)
+        loss = contrastive_loss(image_embeds, text_embeds, logit_scale)
+        sims = image_embeds @ text_embeds.T
+        accuracy = jnp.mean(jnp.argmax(sims, axis=1) == jnp.arange(sims.shape[0]))
+        return loss, {"i2t_accuracy": accuracy, "temperature_inv": clipped_scale(logit_scale)}
+
+    def step(state: TrainState, images, ids, key):
+        del key
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, images, ids)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return jax.jit(step)
+
+
+def epoch_captions(scenes: list, indices: np.ndarray, seed: int, epoch: int) -> list[str]:
+    """Captions of ``scenes[i]`` for ``i`` in ``indices``, drawn afresh for each (seed, epoch, index)."""
+    return [shapes.caption(scenes[i], np.random.default_rng([seed, epoch, int(i)])) for i in indices]
+
+
+def tokenize_checked(tokenizer: CLIPTokenizer, captions: list[str], length: int) -> np.ndarray:
+    """``[B, length]`` ids; raises if a caption (with BOS/EOS) does not fit in ``length`` positions."""
+    ids = tokenizer(captions)
+    if np.any(ids[:, length:] != tokenizer.pad_token_id) or np.any(
+            ~np.any(ids[:, :length] == tokenizer.eos_token_id, axis=1)):
+        raise ValueError(f"a caption does not fit in text_length={length} tokens; raise text_length in the config.")
+    return ids[:, :length]
+
+
+def evaluate(params, config: CLIPConfig, tokenizer: CLIPTokenizer, cfg: "CLIPTrainConfig") -> dict:
+    """Zero-shot accuracy (train / held-out one-object images), held-out retrieval, CLIP score and a Frechet
+    distance between held-out and training real images in the image-feature space (a reference value)."""
+    encode_images, encode_texts = clip_metrics.clip_encoders(params, config, tokenizer)
+    result = {f"zero_shot_{split}": clip_metrics.zero_shot_report(encode_images, encode_texts, split,
+                                                                  cfg.eval_examples, cfg.seed)
+              for split in ("train", "heldout")}
+    held = shapes.batch(cfg.seed + 3_000_017, 0, cfg.heldout_pairs, "heldout")
+    train = shapes.batch(cfg.seed + 3_000_017, 0, cfg.heldout_pairs, "train")
+    held_img, held_txt = encode_images(held["images"]), encode_texts(held["captions"])
+    result["heldout_retrieval"] = clip_metrics.retrieval_accuracy(held_img, held_txt)
+    result["clip_score_heldout_matching"] = clip_metrics.clip_score(held_img, held_txt)
+    result["clip_score_heldout_shuffled"] = clip_metrics.clip_score(held_img, np.roll(held_txt, 1, axis=0))
+    result["frechet_heldout_vs_train_real"] = frechet.frechet_distance_from_features(
+        clip_metrics.image_features(encode_images, held["images"]),
+        clip_metrics.image_features(encode_images, train["images"]))
+    return result
+
+
+def save(out_dir: str | os.PathLike, params, config: CLIPConfig, dtype: str) -> dict:
+    """Writes the whole CLIP to ``out_dir`` and the text tower to ``out_dir/text_encoder``; returns byte counts."""
+    full = save_model_folder(out_dir, params, dataclasses.asdict(config), dtype)
+    text = save_model_folder(Path(out_dir) / "text_encoder", params["text_model"],
+                             dataclasses.asdict(config.text), dtype)
+    return {"clip_bytes": full, "text_encoder_bytes": text}
+
+
+def load_clip(folder: str | os.PathLike) -> tuple[dict, CLIPConfig]:
+    """``(params float32, CLIPConfig)`` of a CLIP written by :func:`train`."""
+    params, config = load_model_folder(folder)
+    # jaxt2i.convert.io.write_safetensors stores 0-d arrays as shape [1] (np.ascontiguousarray promotes them).
+    params["logit_scale"] = params["logit_scale"].reshape(())
+    return params, CLIPConfig.from_dict(config)
+
+
+def load_text_encoder(folder: str | os.PathLike) -> tuple[dict, CLIPTextConfig]:
+    """``(params float32, CLIPTextConfig)`` from ``folder`` (a CLIP output folder or its ``text_encoder/``)."""
+    folder = Path(folder)
+    if (folder / "text_encoder").is_dir():
+        folder = folder / "text_encoder"
+    params, config = load_model_folder(folder)
+    return params, CLIPTextConfig(**config)
+
+
+def train(cfg: CLIPTrainConfig, out_dir: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> dict:
+    """Trains the CLIP described by ``cfg``; writes the output folder when ``out_dir`` is given. Returns metrics."""
+    config = cfg.clip_config
+    if config.vision.image_size != shapes.IMAGE_SIZE:
+        raise ValueError(f"vision.image_size must be {shapes.IMAGE_SIZE} for the shapes world; got "
+                         f"{config.vision.image_size}.")
+    t0 = time.time()
+    tokenizer = CLIPTokenizer.default()
+    pool = shapes.batch(cfg.seed, 0, cfg.train_examples, "train")
+    images, scenes = pool["images"], pool["scenes"]
+    log(f"data: {len(images)} training scenes in {time.time() - t0:.1f}s")
+    optimizer = make_optimizer(cfg.optim)
+    state = init_state(config, optimizer, jax.random.key(cfg.seed))
+    n_text = count_params(state.params["text_model"])
+    n_total = count_params(state.params)
+    log(f"model: {n_total:,} parameters (text {n_text:,}, of which token embedding "
+        f"{config.text.vocab_size * config.text.hidden_size:,}); {n_total * 4 / 2**20:.1f} MiB float32, "
+        f"{n_total * 2 / 2**20:.1f} MiB float16")
+    train_step = make_train_step(config, optimizer)
+    key = jax.random.key(cfg.seed + 1)
+    per_epoch = len(images) // cfg.batch_size
+    log_file = None
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=list))
+        log_file = open(Path(out_dir) / "log.jsonl", "w", encoding="utf-8")
+    history, t_train = [], time.time()
+    try:
+        for step in range(cfg.steps):
+            idx = epoch_batches(len(images), cfg.batch_size, cfg.seed, step)
+            ids = tokenize_checked(tokenizer, epoch_captions(scenes, idx, cfg.seed, step // per_epoch),
+                                   cfg.text_length)
+            state, metrics = train_step(state, jnp.asarray(images[idx]), jnp.asarray(ids), key)
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                row = {"step": step + 1, "time_s": round(time.time() - t_train, 2),
+                       **{k: round(float(v), 5) for k, v in metrics.items()}}
+                history.append(row)
+                log(json.dumps(row))
+                if log_file:
+                    log_file.write(json.dumps(row) + "\n")
+                    log_file.flush()
+    finally:
+        if log_file:
+            log_file.close()
+    result = {"train_time_s": round(time.time() - t_train, 1), "steps": cfg.steps, "parameters": n_total,
+              "text_parameters": n_text, "final_train_loss": history[-1]["loss"]}
+    result.update(evaluate(state.params, config, tokenizer, cfg))
+    if out_dir is not None:
+        result.update(save(out_dir, state.params, config, cfg.save_dtype))
+        (Path(out_dir) / "metrics.json").write_text(json.dumps(result, indent=2))
+    log("eval: " + json.dumps(result))
+    result["params"] = state.params
+    result["history"] = history
+    return result

@@ -1,0 +1,115 @@
+"""Train-step speed of a small U-Net: jaxt2i's jitted step vs the equivalent diffusers/PyTorch step (issue 4).
+
+Same U-Net config, batch of cached latents + text context, epsilon loss, AdamW with clipping, float32, in one
+process. Prints medians over repeats and the ratio (jaxt2i time / PyTorch time; <= 1.0 is the target).
+
+    python scripts/bench_train.py [--batch 8] [--latent 32] [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from jaxt2i.convert.components import params_from_torch
+from jaxt2i.diffusion.losses import LossConfig
+from jaxt2i.diffusion.schedules import ScheduleConfig, alphas_cumprod
+from jaxt2i.models import unet as unet_lib
+from jaxt2i.train.optim import OptimConfig
+from jaxt2i.train.sharding import MeshConfig, make_mesh
+from jaxt2i.train.state import Models, TrainableConfig, init_train_state
+from jaxt2i.train.step import make_train_step
+
+SMALL = dataclasses.replace(unet_lib.PRESETS["tiny_sd1"], block_out_channels=(64, 128), attention_head_dim=(4, 8),
+                            cross_attention_dim=128, norm_num_groups=32, layers_per_block=2)
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def torch_step_fn(model, batch, lr):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2, eps=1e-8)
+    abar = torch.from_numpy(alphas_cumprod(ScheduleConfig()).astype(np.float32))
+    latents, context = batch
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        t = torch.randint(0, 1000, (latents.shape[0],), generator=gen)
+        noise = torch.randn(latents.shape, generator=gen)
+        a = abar[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        pred = model(noisy, t, encoder_hidden_states=context).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--latent", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    torch_unet = UNet2DConditionModel(**SMALL.to_diffusers()).train()
+    sd = {k: v.detach().numpy() for k, v in torch_unet.state_dict().items()}
+    params = params_from_torch("unet", sd, SMALL, source="bench")
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((args.batch, args.latent, args.latent, 4)).astype(np.float32)
+    context = rng.standard_normal((args.batch, 77, SMALL.cross_attention_dim)).astype(np.float32)
+
+    optim = OptimConfig(lr=1e-4, warmup_steps=0, total_steps=1000, weight_decay=1e-2, grad_clip_norm=1.0,
+                        ema_decay=None)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1))
+    models = Models(unet=unet_lib.UNet(SMALL))
+    trainable = TrainableConfig(mode="full")
+    state, shardings = init_train_state(models, {"unet": params}, optim, trainable, mesh, seed=0)
+    step = make_train_step(models, ScheduleConfig(), LossConfig(cond_dropout=0.0), optim, trainable, mesh=mesh,
+                           state_shardings=shardings)
+    batch = {"latents": jnp.asarray(latents), "context": jnp.asarray(context)}
+    box = {"state": state}
+
+    def jax_step():
+        box["state"], metrics = step(box["state"], batch)
+        jax.block_until_ready(metrics["loss"])
+
+    t0 = time.perf_counter()
+    jax_step()
+    compile_s = time.perf_counter() - t0
+    torch_step = torch_step_fn(torch_unet, (torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()),
+                                            torch.from_numpy(context)), 1e-4)
+    torch_step()  # warm-up
+    jax_s = _median_time(jax_step, args.repeats)
+    torch_s = _median_time(torch_step, args.repeats)
+    params_m = sum(v.size for v in jax.tree.leaves(params)) / 1e6
+    print(f"| train step, U-Net {params_m:.1f}M params, batch {args.batch}, {args.latent}x{args.latent} latents, fp32 "
+          f"| jaxt2i {jax_s * 1000:.0f} ms ({args.batch / jax_s:.1f} img/s; compile {compile_s:.1f} s) "
+          f"| PyTorch {torch_s * 1000:.0f} ms | ratio {jax_s / torch_s:.2f} |")
+    print(f"loadavg: {open('/proc/loadavg').read().strip()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The shapes-world CLIP trainer and the CLIP metrics."""
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxt2i.data import shapes
+from jaxt2i.eval import clip_metrics as cm
+from jaxt2i.models import clip_vision as cv
+from jaxt2i.tokenizer import CLIPTokenizer
+from jaxt2i.train import clip_trainer as ct
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = cv.preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return CLIPTokenizer.default()
+
+
+@pytest.fixture(scope="module")
+def pairs(tokenizer):
+    data = shapes.batch(0, 0, 16, "train")
+    return jnp.asarray(data["images"]), jnp.asarray(ct.tokenize_checked(tokenizer, data["captions"], 24))
+
+
+@functools.lru_cache(maxsize=None)
+def _optimizer_and_step():
+    """Built once per test session: every test reuses the one compiled step."""
+    cfg = ct.CLIPTrainConfig(model="tiny", steps=20, lr=3e-3, warmup_steps=0, weight_decay=0.0)
+    optimizer = ct.make_optimizer(cfg.optim)
+    return optimizer, ct.make_train_step(TINY, optimizer)
+
+
+def _setup():
+    optimizer, step = _optimizer_and_step()
+    return ct.init_state(TINY, optimizer, jax.random.key(0)), step
+
+
+def test_a_few_steps_reduce_the_loss(pairs):
+    state, step = _setup()
+    images, ids = pairs
+    losses = []
+    for _ in range(12):
+        state, metrics = step(state, images, ids, jax.random.key(0))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_one_step_is_deterministic_from_the_seed(pairs):
+    (s1, step), (s2, _) = _setup(), _setup()
+    a, ma = step(s1, *pairs, jax.random.key(0))
+    b, mb = step(s2, *pairs, jax.random.key(0))
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
+    assert float(ma["loss"]) == float(mb["loss"])
+    assert not np.array_equal(a.params["logit_scale"], s1.params["logit_scale"])  # the temperature is learned
+
+
+def test_zero_shot_accuracy_hand_made():
+    # 3 classes along the axes; images 0, 1 point at classes 0, 1; image 2 is nearest class 0 but is class 2.
+    labels = [("red", "circle"), ("red", "square"), ("blue", "circle")]
+    classes = np.eye(3)
+    images = np.array([[1.0, 0.1, 0.0], [0.0, 1.0, 0.2], [0.9, 0.0, 0.5]])
+    targets = [("red", "circle"), ("red", "square"), ("blue", "circle")]
+    np.testing.assert_array_equal(cm.zero_shot_predict(images, classes), [0, 1, 0])
+    got = cm.zero_shot_accuracy(images, classes, labels, targets)
+    assert got == {"color": pytest.approx(2 / 3), "shape": pytest.approx(1.0), "pair": pytest.approx(2 / 3), "n": 3}
+    with pytest.raises(ValueError, match="must match"):
+        cm.zero_shot_accuracy(images, classes, labels, targets[:2])
+
+
+def test_clip_score_and_retrieval_hand_made():
+    img = np.array([[1.0, 0.0], [0.0, 1.0]])
+    txt = np.array([[0.6, 0.8], [-1.0, 0.0]])  # cos 0.6 and 0 (clipped from 0)
+    assert cm.clip_score(img, txt) == pytest.approx(30.0)
+    assert cm.retrieval_accuracy(img, txt) == {"image_to_text": 0.5, "text_to_image": 0.5}
+
+
+def test_pair_prompts_and_eval_sets():
+    prompts, labels = cm.pair_prompts()
+    assert len(prompts) == 21 and prompts[0] == "a red circle" and labels[0] == ("red", "circle")
+    images, targets = cm.one_object_eval_set("heldout", 12)
+    assert images.shape == (12, 64, 64, 3)
+    assert all(t in shapes.HELDOUT_COLOR_SHAPES for t in targets)
+    _, train_targets = cm.one_object_eval_set("train", 30)
+    assert not any(t in shapes.HELDOUT_COLOR_SHAPES for t in train_targets)
+
+
+def test_tokenize_checked_refuses_truncation(tokenizer):
+    ids = ct.tokenize_checked(tokenizer, ["a red circle"], 8)
+    assert ids.shape == (1, 8) and ids[0, 0] == tokenizer.bos_token_id
+    with pytest.raises(ValueError, match="text_length"):
+        ct.tokenize_checked(tokenizer, ["there is a small white triangle to the left of a large orange square"], 8)
+
+
+def test_training_length_cut_does_not_change_the_text_embedding(tokenizer):
+    """Positions after EOS are invisible to the EOS-pooled embedding of the causal text tower."""
+    params = cv.init_params(TINY, jax.random.key(0))
+    model = cv.CLIPModel(TINY)
+    full = tokenizer(["a red circle above a blue square"])
+    embed = lambda ids: model.apply({"params": params}, jnp.asarray(ids), method=cv.CLIPModel.get_text_features)
+    np.testing.assert_allclose(embed(full), embed(full[:, :16]), atol=1e-6)
+
+
+def test_save_load_round_trip_float16(tmp_path):
+    params = cv.init_params(TINY, jax.random.key(0))
+    sizes = ct.save(tmp_path, params, TINY, "float16")
+    loaded, config = ct.load_clip(tmp_path)
+    assert config == TINY
+    assert jax.tree.map(jnp.shape, loaded) == jax.tree.map(jnp.shape, params)
+    np.testing.assert_allclose(loaded["logit_scale"], params["logit_scale"], rtol=1e-3)
+    text_params, text_config = ct.load_text_encoder(tmp_path)
+    assert text_config == TINY.text
+    emb = params["text_model"]["token_embedding"]["embedding"]
+    np.testing.assert_allclose(text_params["token_embedding"]["embedding"], emb, atol=1e-3)
+    assert sizes["text_encoder_bytes"] < sizes["clip_bytes"]
+    assert sizes["text_encoder_bytes"] >= 2 * emb.size  # float16 storage
+
+
+def test_shipped_config_loads():
+    cfg = ct.load_yaml_config(CONFIGS / "shapes_clip.yaml", ct.CLIPTrainConfig)
+    config = cfg.clip_config
+    assert config == cv.preset("shapes") and cfg.save_dtype == "float16"
+    assert config.text.vocab_size == 49408
+    override = ct.CLIPTrainConfig(model={"vision": {"num_layers": 2}}).clip_config
+    assert override.vision.num_layers == 2 and override.text == config.text
