@@ -209,9 +209,9 @@ class LayerNorm(nn.Module):
 
 
 class CLIPMLP(nn.Module):
-    """``fc2(act(fc1(x)))``: ``[B, L, D] -> [B, L, D]``."""
+    """``fc2(act(fc1(x)))``: ``[B, L, D] -> [B, L, D]``. ``config``: any CLIP tower config (text or vision)."""
 
-    config: CLIPTextConfig
+    config: Any
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -224,9 +224,14 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    """Pre-LN causal self-attention block: ``[B, L, D] -> [B, L, D]``."""
+    """Pre-LN self-attention block: ``[B, L, D] -> [B, L, D]``; causal for the text tower, bidirectional for ViT.
 
-    config: CLIPTextConfig
+    ``config``: any CLIP tower config with hidden_size, intermediate_size, num_heads, head_dim, hidden_act and
+    layer_norm_eps.
+    """
+
+    config: Any
+    causal: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -237,13 +242,13 @@ class CLIPEncoderLayer(nn.Module):
         h = _layer_norm(cfg, "layer_norm1", **kw)(x)
         h = MultiHeadAttention(
             num_heads=cfg.num_heads, head_dim=cfg.head_dim, qkv_bias=True, out_bias=True, name="self_attn", **kw
-        )(h, causal=True)
+        )(h, causal=self.causal)
         x = x + h
         h = _layer_norm(cfg, "layer_norm2", **kw)(x)
         return x + CLIPMLP(cfg, name="mlp", **kw)(h)
 
 
-def _layer_norm(cfg: CLIPTextConfig, name: str, **kw) -> LayerNorm:
+def _layer_norm(cfg: Any, name: str, **kw) -> LayerNorm:
     return LayerNorm(epsilon=cfg.layer_norm_eps, name=name, **kw)
 
 

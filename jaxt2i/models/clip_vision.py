@@ -32,8 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxt2i.models.clip import ACTIVATIONS, CLIPTextConfig, CLIPTextModel, LayerNorm, quick_gelu
-from jaxt2i.nn.attention import MultiHeadAttention
+from jaxt2i.models.clip import ACTIVATIONS, CLIPEncoderLayer, CLIPTextConfig, CLIPTextModel, LayerNorm
 
 LOGIT_SCALE_INIT = math.log(1.0 / 0.07)  # CLIP's initial temperature 0.07
 LOGIT_SCALE_MAX = math.log(100.0)  # CLIP clips the inverse temperature at 100
@@ -86,38 +85,6 @@ def vision_preset(name: str) -> CLIPVisionConfig:
     return VISION_PRESETS[name]
 
 
-class ViTMLP(nn.Module):
-    """``fc2(act(fc1(x)))``: ``[B, L, D] -> [B, L, D]``."""
-
-    config: CLIPVisionConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = nn.Dense(cfg.intermediate_size, name="fc1", **kw)(x)
-        x = quick_gelu(x) if cfg.hidden_act == "quick_gelu" else jax.nn.gelu(x, approximate=False)
-        return nn.Dense(cfg.hidden_size, name="fc2", **kw)(x)
-
-
-class ViTEncoderLayer(nn.Module):
-    """Pre-LN bidirectional self-attention block: ``[B, L, D] -> [B, L, D]``."""
-
-    config: CLIPVisionConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = LayerNorm(cfg.layer_norm_eps, name="layer_norm1", **kw)(x)
-        x = x + MultiHeadAttention(num_heads=cfg.num_heads, head_dim=cfg.head_dim, qkv_bias=True, out_bias=True,
-                                   name="self_attn", **kw)(h)
-        h = LayerNorm(cfg.layer_norm_eps, name="layer_norm2", **kw)(x)
-        return x + ViTMLP(cfg, name="mlp", **kw)(h)
-
-
 class CLIPVisionModel(nn.Module):
     """ViT image tower: ``images [B, H, W, 3]`` in [0, 1] -> ``(image_embeds [B, P], pooled [B, D])``."""
 
@@ -144,7 +111,7 @@ class CLIPVisionModel(nn.Module):
                          name="position_embedding", **kw)(positions)
         x = LayerNorm(cfg.layer_norm_eps, name="pre_layernorm", **kw)(x)
         for i in range(cfg.num_layers):
-            x = ViTEncoderLayer(cfg, name=f"layers_{i}", **kw)(x)
+            x = CLIPEncoderLayer(cfg, causal=False, name=f"layers_{i}", **kw)(x)
         pooled = LayerNorm(cfg.layer_norm_eps, name="post_layernorm", **kw)(x[:, 0])
         embeds = nn.Dense(cfg.projection_dim, use_bias=False, name="visual_projection", **kw)(pooled)
         return embeds, pooled
