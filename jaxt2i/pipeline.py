@@ -1,9 +1,11 @@
 """The Stable Diffusion pipeline: jitted programs from token ids to pixels, over pure functional models.
 
-Each public method runs one compiled program. Everything that may change between calls without changing shapes
-(prompt text, seed, guidance scale, the image given to img2img/inpaint) is a traced argument, so it never
-recompiles; what changes shapes or control flow (batch size, resolution, sampler, steps, strength, whether
-guidance is on) is static and selects another cached program.
+Each public method runs one compiled program (tokens -> text encoder -> sampler scan -> VAE decode). Everything
+that may change between calls without changing shapes (prompt text, seed, guidance scale, the image given to
+img2img/inpaint) is a traced argument, so it never recompiles; what changes shapes or control flow (batch size,
+resolution, sampler, steps, strength, whether guidance is on) is static and selects another cached program.
+With ``progress=`` the same computation runs in stages (setup, one dispatch per model call, decode) so the caller
+can report progress; every stage stays cacheable by the persistent compilation cache.
 """
 
 from __future__ import annotations
