@@ -76,6 +76,15 @@ def test_auto_resolution_and_default_override():
         attention(*small, backend="flash")
 
 
+@pytest.mark.parametrize("lq, lk", [(4096, 77), (300, 300)])
+def test_auto_picks_chunked_for_sd_shapes_and_default_chunks_match_reference(lq, lk):
+    """SD's 64x64-latent cross-attention (4096 queries, 77 keys) and mid-size self-attention run the chunked backend
+    under "auto" on CPU, with the default block sizes (including ragged, padded last blocks)."""
+    q, k, v = _inputs(1, lq, lk, 1, 8, seed=4)
+    assert resolve_backend("auto", q, k, None) == "chunked"
+    np.testing.assert_allclose(np.asarray(attention(q, k, v)), _numpy_attention(q, k, v), atol=2e-6, rtol=1e-5)
+
+
 def test_multihead_module_shapes_and_cross_attention():
     x = jnp.ones((2, 10, 24))
     ctx = jnp.ones((2, 7, 12))

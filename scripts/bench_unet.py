@@ -1,0 +1,204 @@
+"""Benchmark: one U-Net forward at SD1.5 size (fp32, 64x64 latents), jaxt2i vs diffusers in the same process.
+
+Both models carry the same random weights (the diffusers model is built from our ``sd15`` preset and its state dict
+converted with jaxt2i's key table) and get the same inputs. Timed calls alternate between the two libraries so that
+load from other processes falls on both alike; the ratio of medians is the number to trust on a shared machine.
+
+    python scripts/bench_unet.py --batch 1 2 --repeats 5
+
+Prints one markdown table row per batch size (see docs/benchmarks.md). Also imported by the other bench scripts for
+the shared helpers below (machine description, alternating timer, random-weight SD1.5 models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+
+
+# --------------------------------------------------------------------------------------------- shared helpers
+def machine() -> str:
+    """One line: CPU model, cores, RAM, library versions."""
+    import jax
+    import torch
+
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{cpu}, {os.cpu_count()} cores, {mem_gb:.0f} GB RAM; jax {jax.__version__} "
+            f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads)")
+
+
+def loadavg() -> str:
+    """The 1-minute load average (other processes on the machine), as text."""
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "?"
+
+
+def command_line() -> str:
+    return "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+
+
+def pin_threads(threads: int | None) -> None:
+    """Restricts this process (jax's and torch's thread pools) to ``threads`` cores; call before importing jax.
+
+    With 1 thread each library runs sequentially on one core, so CPU time taken by other processes slows both alike
+    instead of stalling a multi-threaded kernel that waits for its slowest thread.
+    """
+    if not threads:
+        return
+    cpus = sorted(os.sched_getaffinity(0))[-threads:]
+    os.sched_setaffinity(0, cpus)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def time_once(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def alternate(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Times each function ``repeats`` times, interleaved (a, b, a, b, ...), returning seconds per call."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats):
+        order = list(fns) if r % 2 == 0 else list(reversed(fns))  # neither library always goes first
+        for name in order:
+            times[name].append(time_once(fns[name]))
+    return times
+
+
+def summary(times: dict[str, list[float]], a: str = "jaxt2i", b: str = "diffusers") -> dict[str, float]:
+    """Medians, ratio of medians and the median of the per-repeat ratios (a/b)."""
+    med = {name: statistics.median(t) for name, t in times.items()}
+    pair_ratios = [x / y for x, y in zip(times[a], times[b])]
+    return {"a": med[a], "b": med[b], "ratio": med[a] / med[b], "pair_ratio": statistics.median(pair_ratios),
+            "spread_a": (min(times[a]), max(times[a])), "spread_b": (min(times[b]), max(times[b]))}
+
+
+def torch_sd15_unet(seed: int = 0):
+    """diffusers UNet2DConditionModel with random weights and jaxt2i's sd15 architecture."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from jaxt2i import presets
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**presets.get("sd15").configs()["unet"].to_diffusers()).eval()
+
+
+def torch_sd15_components(seed: int = 0):
+    """(unet, vae, text_encoder) torch modules with random weights and jaxt2i's sd15 architectures."""
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from jaxt2i import presets
+
+    configs = presets.get("sd15").configs()
+    unet = torch_sd15_unet(seed)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**configs["vae"].to_diffusers()).eval()
+    text = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"].to_diffusers())).eval()
+    return unet, vae, text
+
+
+def flax_params_from(module, name: str, config, device: bool = True) -> dict:
+    """The Flax parameters of a torch module's weights (jaxt2i's key table), as jax arrays (numpy if not device)."""
+    import jax
+
+    from jaxt2i.convert.components import params_from_torch
+
+    state_dict = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+    params = params_from_torch(name, state_dict, config, source=f"random torch {name}")
+    return jax.tree.map(jax.device_put, params) if device else params
+
+
+# ------------------------------------------------------------------------------------------------- benchmark
+def bench_unet(batch: int, repeats: int, backend: str, torch_unet, params, config) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from jaxt2i.models import unet
+    from jaxt2i.nn.attention import default_backend
+
+    rng = np.random.default_rng(batch)
+    latents = rng.standard_normal((batch, 64, 64, 4)).astype(np.float32)
+    context = rng.standard_normal((batch, 77, 768)).astype(np.float32)
+    timesteps = np.full((batch,), 500.0, np.float32)
+
+    model = unet.UNet(config)
+    with default_backend(backend):
+        forward = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
+        x, t, c = jnp.asarray(latents), jnp.asarray(timesteps), jnp.asarray(context)
+        compile_s = time_once(lambda: forward.lower(params, x, t, c).compile())
+        first_s = time_once(lambda: forward(params, x, t, c).block_until_ready())
+
+    tx = torch.from_numpy(latents.transpose(0, 3, 1, 2).copy())
+    tt, tc = torch.from_numpy(timesteps), torch.from_numpy(context)
+
+    def run_torch():
+        with torch.inference_mode():
+            return torch_unet(tx, tt, encoder_hidden_states=tc).sample
+
+    torch_first_s = time_once(run_torch)
+    diff = float(np.max(np.abs(np.asarray(forward(params, x, t, c)) - run_torch().numpy().transpose(0, 2, 3, 1))))
+    load_before = loadavg()
+    times = alternate({"jaxt2i": lambda: forward(params, x, t, c).block_until_ready(), "diffusers": run_torch},
+                      repeats)
+    return {"batch": batch, "compile_s": compile_s, "first_s": first_s, "torch_first_s": torch_first_s,
+            "max_abs_diff": diff, "load": f"{load_before}->{loadavg()}", "times": times, **summary(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--backend", default="auto", help="attention backend for jaxt2i (auto/xla/chunked)")
+    parser.add_argument("--threads", type=int, default=None, help="pin both libraries to this many cores")
+    args = parser.parse_args()
+    pin_threads(args.threads)
+
+    from jaxt2i import presets
+
+    config = presets.get("sd15").configs()["unet"]
+    torch_unet = torch_sd15_unet()
+    params = flax_params_from(torch_unet, "unet", config)
+    print(f"machine: {machine()}")
+    print(f"command: {command_line()}")
+    rows = []
+    for batch in args.batch:
+        r = bench_unet(batch, args.repeats, args.backend, torch_unet, params, config)
+        print(f"batch {batch}: jaxt2i {[round(v, 2) for v in r['times']['jaxt2i']]} s, "
+              f"diffusers {[round(v, 2) for v in r['times']['diffusers']]} s, max|diff| {r['max_abs_diff']:.2e}, "
+              f"compile {r['compile_s']:.1f} s, first call {r['first_s']:.1f} s (torch first {r['torch_first_s']:.1f} s)",
+              flush=True)
+        rows.append(f"| U-Net fwd SD1.5 fp32, B={batch}, 64x64 latents, attention={args.backend}, "
+                    f"threads={args.threads or 'all'} | "
+                    f"{r['a']:.2f} | {r['b']:.2f} | {r['ratio']:.2f}x (per-pair {r['pair_ratio']:.2f}x) | "
+                    f"compile {r['compile_s']:.1f} s | {args.repeats} | {r['load']} |")
+    print("\n| benchmark | jaxt2i median s | diffusers median s | ratio | warm-up | repeats | loadavg |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
