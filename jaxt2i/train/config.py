@@ -40,6 +40,11 @@ class ModelConfig:
     pretrained: a model ``jaxt2i.convert`` reads (jaxt2i folder, diffusers folder, single-file checkpoint);
         its architectures, weights and tokenizer replace the presets.
     text_layer: which text-encoder hidden state conditions the U-Net (-1: last, SD1; -2: penultimate).
+    unet_config: the U-Net architecture as a mapping of ``UNetConfig`` fields (replaces the preset's or the
+        pretrained model's U-Net; always a fresh init).
+    vae_from / text_encoder_from: folders holding ``params.safetensors`` + ``config.json`` of a VAE / text encoder
+        trained on their own (``scripts/train_shapes_vae.py``, ``scripts/train_shapes_clip.py`` write
+        OUT/ and OUT/text_encoder/); they replace the preset's component, weights included, and stay frozen.
     remat: rematerialise U-Net blocks in the backward pass (less memory, ~30% more compute).
     export_ema: write the EMA weights (when optim.ema_decay is set) to WORKDIR/final/, else the raw ones.
     """
@@ -49,6 +54,9 @@ class ModelConfig:
     vae: str | None = None
     text_encoder: str | None = None
     pretrained: str | None = None
+    unet_config: Any = None
+    vae_from: str | None = None
+    text_encoder_from: str | None = None
     text_layer: int = -1
     remat: bool = False
     export_ema: bool = True

@@ -90,6 +90,7 @@ def build_models(cfg: TrainConfig) -> ModelBundle:
         if m.text_encoder:
             configs["text_encoder"] = clip.PRESETS[m.text_encoder]
         tok_settings = {"pad": spec.tokenizer_pad, "folder": None}
+    params = _replace_components(m, configs, params)
     folder = tok_settings.get("folder")
     tokenizer = CLIPTokenizer.from_folder(folder) if folder else CLIPTokenizer.default(pad=tok_settings.get("pad") or "eos")
     models = Models(
@@ -100,6 +101,52 @@ def build_models(cfg: TrainConfig) -> ModelBundle:
         text_layer=m.text_layer,
     )
     return ModelBundle(models, params, configs, tokenizer, tok_settings)
+
+
+def read_component_folder(folder: str, name: str):
+    """``(config, params)`` of component ``name`` ("vae" / "text_encoder") from a folder with ``params.safetensors``
+    (a ``/``-flattened Flax tree) and ``config.json`` (the config dataclass' fields), checked against the
+    architecture's abstract tree; weights as float32 numpy arrays."""
+    from jaxt2i import presets
+    from jaxt2i.convert import native
+    from jaxt2i.convert.components import COMPONENTS
+    from jaxt2i.convert.io import read_safetensors
+
+    path = Path(folder)
+    for f in ("params.safetensors", "config.json"):
+        if not (path / f).is_file():
+            raise FileNotFoundError(f"model.{name}_from: {path / f} is missing; point at a folder written by the "
+                                    f"shapes trainers (scripts/train_shapes_vae.py OUT/, train_shapes_clip.py OUT/text_encoder/).")
+    config = native.config_from_dict(COMPONENTS[name].config_cls, json.loads((path / "config.json").read_text()),
+                                     source=str(path / "config.json"))
+    flat = {k: np.asarray(v, np.float32) for k, v in read_safetensors(str(path / "params.safetensors")).items()}
+    expected = {"/".join(str(getattr(p, "key", p)) for p in kp): leaf.shape for kp, leaf in
+                jax.tree_util.tree_flatten_with_path(presets.abstract_params(name, config))[0]}
+    missing, unexpected = sorted(set(expected) - set(flat)), sorted(set(flat) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path / 'params.safetensors'} does not fit its config.json: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}.")
+    for k, shape in expected.items():
+        if tuple(flat[k].shape) != tuple(shape):
+            raise ValueError(f"{path / 'params.safetensors'}: {k} has shape {flat[k].shape}, config.json says {shape}.")
+    return config, native.unflatten_params(flat)
+
+
+def _replace_components(m, configs: dict, params: dict | None) -> dict | None:
+    """Applies ``model.unet_config`` / ``vae_from`` / ``text_encoder_from`` to ``configs`` (in place) and returns
+    the initial weights (None entries: fresh init)."""
+    from jaxt2i.models import unet
+
+    params = dict(params) if params else {}
+    if m.unet_config is not None:
+        if not isinstance(m.unet_config, dict):
+            raise ValueError(f"model.unet_config must be a mapping of UNetConfig fields, got {m.unet_config!r}")
+        configs["unet"] = unet.UNetConfig(**m.unet_config)
+        params.pop("unet", None)
+    for name, folder in (("vae", m.vae_from), ("text_encoder", m.text_encoder_from)):
+        if folder:
+            configs[name], params[name] = read_component_folder(folder, name)
+    return params or None
 
 
 # ----------------------------------------------------------------------------- data

@@ -1,0 +1,92 @@
+"""Assembles the shipped shapes-world model: jaxt2i/assets/shapes_model/ (what `jaxt2i generate` uses by default).
+
+    python scripts/build_shapes_model.py \
+        --unet /work/runs/shapes_unet/final \
+        --vae /work/runs/shapes_vae \
+        --clip /work/runs/shapes_clip \
+        --out jaxt2i/assets/shapes_model
+
+Takes the U-Net (and the schedule) from the training run's final folder (`jaxt2i train configs/shapes_unet.yaml`),
+the KL-VAE from `scripts/train_shapes_vae.py`'s output and the text encoder from `scripts/train_shapes_clip.py`'s
+output (OUT/text_encoder/), checks that the run's frozen copies are exactly those, and writes a jaxt2i folder with
+every weight stored in float16 (the loader casts to the pipeline's dtype). The small CLIP's image tower (for
+`jaxt2i eval`'s CLIP score and Frechet distance) goes beside it in clip_vision/; its text tower is the text encoder.
+Prints the sizes; fails when the folder would exceed --max-mb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from jaxt2i.convert import native
+from jaxt2i.convert.io import read_safetensors
+from jaxt2i.convert.load import LoadedModel, read_any, write_native
+from jaxt2i.eval.report import CLIP_VISION_DIR, write_clip_vision
+from jaxt2i.train.loop import read_component_folder
+
+
+def _cast(tree, dtype):
+    return {k: _cast(v, dtype) if isinstance(v, dict) else np.asarray(v).astype(dtype) for k, v in tree.items()}
+
+
+def _check_same(name: str, a: dict, b: dict, where: str) -> None:
+    fa, fb = native.flatten_params(a), native.flatten_params(b)
+    if set(fa) != set(fb):
+        raise SystemExit(f"{name}: {where} has different parameters than the run's frozen copy.")
+    worst = max(float(np.max(np.abs(np.asarray(fa[k], np.float32) - np.asarray(fb[k], np.float32)))) for k in fa)
+    if worst > 1e-3:
+        raise SystemExit(f"{name}: {where} differs from the copy the U-Net was trained with (max |diff| {worst:.3g}); "
+                         "pass the folders the run was trained with.")
+
+
+def folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--unet", required=True, help="the U-Net run's final/ folder (a jaxt2i model folder)")
+    p.add_argument("--vae", help="the VAE folder (params.safetensors + config.json); default: the run's copy")
+    p.add_argument("--clip", help="the small CLIP folder (params.safetensors + config.json + text_encoder/)")
+    p.add_argument("--out", default=os.path.join("jaxt2i", "assets", "shapes_model"))
+    p.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    p.add_argument("--max-mb", type=float, default=20.0)
+    args = p.parse_args(argv)
+
+    run = read_any(args.unet)
+    configs, params = dict(run.configs), {k: dict(v) for k, v in run.params.items()}
+    if args.vae:
+        _, vae_params = read_component_folder(args.vae, "vae")
+        _check_same("vae", vae_params, params["vae"], args.vae)
+    if args.clip:
+        _, te_params = read_component_folder(os.path.join(args.clip, "text_encoder"), "text_encoder")
+        _check_same("text_encoder", te_params, params["text_encoder"], os.path.join(args.clip, "text_encoder"))
+    dtype = np.dtype(args.dtype)
+    model = LoadedModel(configs=configs, params={k: _cast(v, dtype) for k, v in params.items()},
+                        schedule=run.schedule, tokenizer={"pad": run.tokenizer.get("pad") or "eos", "folder": None},
+                        source=args.unet)
+    write_native(args.out, model, overwrite=True)
+    if args.clip:
+        flat = read_safetensors(os.path.join(args.clip, "params.safetensors"))
+        with open(os.path.join(args.clip, "config.json")) as f:
+            clip_config = json.load(f)
+        write_clip_vision(os.path.join(args.out, CLIP_VISION_DIR), flat, clip_config, dtype=args.dtype)
+    sizes = {name: os.path.getsize(os.path.join(args.out, f"{name}.safetensors")) for name in params}
+    total = folder_bytes(args.out)
+    for name, size in sizes.items():
+        n = sum(int(np.prod(np.shape(x))) for x in native.flatten_params(params[name]).values())
+        print(f"{name:13s} {n / 1e6:6.2f}M parameters  {size / 1e6:6.2f} MB")
+    print(f"total folder  {total / 1e6:.2f} MB  -> {args.out}")
+    if total > args.max_mb * 1e6:
+        print(f"error: {args.out} is {total / 1e6:.2f} MB, over --max-mb {args.max_mb}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

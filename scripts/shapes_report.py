@@ -1,0 +1,209 @@
+"""Pictures and timings for docs/shapes_model.md: the loss curves, a grid of generated images, time to first image.
+
+    python scripts/shapes_report.py losses --vae /work/runs/shapes_vae --clip /work/runs/shapes_clip \
+        --unet /work/runs/shapes_unet --out docs/images/shapes_losses.png
+    python scripts/shapes_report.py grid --out docs/images/shapes_grid.png        # the shipped model, defaults
+    python scripts/shapes_report.py timing                                         # fresh-process + warm timings
+
+Drawn with PIL only (no matplotlib). `grid` uses the shipped model (or --model) at its default steps (25) and
+guidance (3.0); its prompts mix training combinations and held-out ones (marked "held-out").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+GRID_PROMPTS = [
+    ("a red circle", False),
+    ("a large green square", False),
+    ("a small white triangle", False),
+    ("an orange circle", False),
+    ("a blue triangle", True),
+    ("a yellow square", True),
+    ("a purple circle", True),
+    ("a large purple square", False),
+    ("a red circle to the left of a blue square", False),
+    ("a green triangle above a yellow circle", False),
+    ("a white square below an orange triangle", False),
+    ("a blue circle on the right of a red square", False),
+    ("a red circle to the left of a white triangle", True),
+    ("a yellow square above a red circle", True),
+    ("a green circle below a purple triangle", True),
+    ("a blue triangle to the right of an orange square", True),
+]
+
+
+def _font(size: int = 12):
+    for path in ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+                 "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf"):
+        if os.path.isfile(path):
+            return ImageFont.truetype(path, size)
+    return ImageFont.load_default()
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, acc = [], []
+    for v in values:
+        acc.append(v)
+        acc = acc[-window:]
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def draw_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], series: list[tuple[list, list, tuple]],
+               title: str, xlabel: str, log_y: bool = True) -> None:
+    """One line chart in ``box`` (x0, y0, x1, y1): axes, ticks, title and each (xs, ys, rgb) series."""
+    font, small = _font(13), _font(10)
+    x0, y0, x1, y1 = box
+    left, bottom, top, right = x0 + 52, y1 - 30, y0 + 24, x1 - 10
+    draw.text((x0 + 52, y0 + 4), title, fill=(0, 0, 0), font=font)
+    xs_all = [x for xs, _, _ in series for x in xs]
+    ys_all = [y for _, ys, _ in series for y in ys if y > 0 or not log_y]
+    if not xs_all or not ys_all:
+        return
+    f = (lambda v: math.log10(v)) if log_y else (lambda v: v)
+    xmin, xmax = min(xs_all), max(xs_all)
+    ymin, ymax = f(min(ys_all)), f(max(ys_all))
+    if ymax - ymin < 1e-9:
+        ymax = ymin + 1.0
+    px = lambda x: left + (x - xmin) / max(xmax - xmin, 1e-9) * (right - left)  # noqa: E731
+    py = lambda y: bottom - (f(y) - ymin) / (ymax - ymin) * (bottom - top)  # noqa: E731
+    draw.rectangle((left, top, right, bottom), outline=(0, 0, 0))
+    for i in range(5):
+        t = ymin + (ymax - ymin) * i / 4
+        y = bottom - (t - ymin) / (ymax - ymin) * (bottom - top)
+        draw.line((left - 3, y, left, y), fill=(0, 0, 0))
+        label = f"{10 ** t:.3g}" if log_y else f"{t:.3g}"
+        draw.text((x0 + 2, y - 6), label, fill=(0, 0, 0), font=small)
+        xv = xmin + (xmax - xmin) * i / 4
+        xp = left + (right - left) * i / 4
+        draw.line((xp, bottom, xp, bottom + 3), fill=(0, 0, 0))
+        draw.text((xp - 10, bottom + 5), f"{xv:.0f}", fill=(0, 0, 0), font=small)
+    draw.text(((left + right) // 2 - 20, bottom + 16), xlabel, fill=(0, 0, 0), font=small)
+    for xs, ys, color in series:
+        pts = [(px(x), py(y)) for x, y in zip(xs, ys) if y > 0 or not log_y]
+        if len(pts) > 1:
+            draw.line(pts, fill=color, width=2)
+
+
+def losses(args) -> None:
+    vae = _read_jsonl(os.path.join(args.vae, "log.jsonl"))
+    clip = _read_jsonl(os.path.join(args.clip, "log.jsonl"))
+    unet = _read_jsonl(os.path.join(args.unet, "metrics.jsonl"))
+    image = Image.new("RGB", (1200, 330), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    draw_panel(draw, (0, 0, 400, 320), [([r["step"] for r in vae], [r["loss"] for r in vae], (200, 30, 30))],
+               "KL-VAE: L2 reconstruction + 1e-4 KL (log)", "step")
+    draw_panel(draw, (400, 0, 800, 320), [([r["step"] for r in clip], [r["loss"] for r in clip], (30, 30, 200))],
+               "CLIP: symmetric InfoNCE (log)", "step")
+    steps, loss = [r["step"] for r in unet], [r["loss"] for r in unet]
+    draw_panel(draw, (800, 0, 1200, 320), [(steps, loss, (190, 190, 190)), (steps, _smooth(loss, 10), (20, 130, 20))],
+               "U-Net: min-SNR eps MSE (log; green: mean)", "step")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    image.save(args.out)
+    print(f"wrote {args.out}")
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if len(line) + len(word) + 1 > width and line:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line]
+
+
+def grid(args) -> None:
+    from jaxt2i.cli import DEFAULT_MODEL
+    from jaxt2i.pipeline import load_pipeline
+
+    pipe = load_pipeline(args.model or DEFAULT_MODEL)
+    prompts = [p for p, _ in GRID_PROMPTS]
+    images = pipe.text_to_image(prompts, steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
+    cols, cell, scale, text_h = 4, 200, 2, 56
+    rows = math.ceil(len(prompts) / cols)
+    sheet = Image.new("RGB", (cols * cell, rows * (cell - 64 + text_h)), (255, 255, 255))
+    draw, font = ImageDraw.Draw(sheet), _font(12)
+    for i, ((prompt, held), img) in enumerate(zip(GRID_PROMPTS, images)):
+        r, c = divmod(i, cols)
+        x, y = c * cell, r * (cell - 64 + text_h)
+        tile = Image.fromarray(np.clip(np.round(np.asarray(img) * 255), 0, 255).astype(np.uint8))
+        tile = tile.resize((64 * scale, 64 * scale), Image.NEAREST)
+        sheet.paste(tile, (x + (cell - 64 * scale) // 2, y + 4))
+        label = _wrap(prompt + (" (held-out)" if held else ""), 30)
+        for k, line in enumerate(label[:3]):
+            draw.text((x + 6, y + 8 + 64 * scale + 13 * k), line, fill=(150, 0, 0) if held else (0, 0, 0), font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    sheet.save(args.out)
+    print(f"wrote {args.out} ({len(prompts)} prompts, {args.steps} steps, guidance {args.guidance}, seed {args.seed})")
+
+
+def timing(args) -> None:
+    """Time to first image from a fresh process (cold: no compilation cache; warm: the persistent cache filled),
+    and the warm per-image time in one process."""
+    from jaxt2i.cli import DEFAULT_MODEL
+    from jaxt2i.pipeline import load_pipeline
+
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, cache in (("fresh_process_no_cache_s", "off"), ("fresh_process_cold_cache_s", os.path.join(tmp, "xla")),
+                             ("fresh_process_warm_cache_s", os.path.join(tmp, "xla"))):
+            env = dict(os.environ, JAXT2I_CACHE_DIR=cache)
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "jaxt2i.cli", "generate", "a red circle above a blue square",
+                            "--out", os.path.join(tmp, "x.png")], env=env, check=True, capture_output=True)
+            result[label] = round(time.perf_counter() - t0, 1)
+            print(label, result[label], flush=True)
+    os.environ["JAXT2I_CACHE_DIR"] = "off"
+    pipe = load_pipeline(args.model or DEFAULT_MODEL)
+    pipe.text_to_image("a red circle", steps=25, guidance_scale=3.0)
+    for batch in (1, 8):
+        prompts = ["a red circle above a blue square"] * batch
+        pipe.text_to_image(prompts, steps=25, guidance_scale=3.0)  # compile this batch size
+        t0 = time.perf_counter()
+        pipe.text_to_image(prompts, steps=25, guidance_scale=3.0, seed=1)
+        result[f"warm_per_image_batch{batch}_s"] = round((time.perf_counter() - t0) / batch, 3)
+        print(f"warm_per_image_batch{batch}_s", result[f"warm_per_image_batch{batch}_s"], flush=True)
+    print(json.dumps(result))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    lo = sub.add_parser("losses")
+    lo.add_argument("--vae", default="/work/runs/shapes_vae")
+    lo.add_argument("--clip", default="/work/runs/shapes_clip")
+    lo.add_argument("--unet", default="/work/runs/shapes_unet")
+    lo.add_argument("--out", default="docs/images/shapes_losses.png")
+    gr = sub.add_parser("grid")
+    gr.add_argument("--model", default=None)
+    gr.add_argument("--steps", type=int, default=25)
+    gr.add_argument("--guidance", type=float, default=3.0)
+    gr.add_argument("--seed", type=int, default=0)
+    gr.add_argument("--out", default="docs/images/shapes_grid.png")
+    ti = sub.add_parser("timing")
+    ti.add_argument("--model", default=None)
+    args = p.parse_args(argv)
+    {"losses": losses, "grid": grid, "timing": timing}[args.what](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The shipped default model (jaxt2i/assets/shapes_model): size budget, loading, one generated image."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from jaxt2i.cli import DEFAULT_MODEL
+
+MAX_BYTES = 20 * 10**6
+
+
+def _folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_default_model_is_shipped_and_small():
+    assert os.path.isfile(os.path.join(DEFAULT_MODEL, "jaxt2i.json")), (
+        f"{DEFAULT_MODEL} is missing; build it with scripts/build_shapes_model.py")
+    assert _folder_bytes(DEFAULT_MODEL) <= MAX_BYTES
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from jaxt2i.pipeline import load_pipeline
+
+    return load_pipeline(DEFAULT_MODEL)
+
+
+def test_default_model_loads_in_float32_and_generates_a_64px_image(pipe):
+    import jax
+
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(pipe.params))  # stored float16, cast on load
+    assert pipe.default_size == (64, 64)
+    image = pipe.text_to_image("a red circle", steps=2, guidance_scale=3.0, seed=0)
+    assert image.shape == (1, 64, 64, 3) and image.dtype == np.float32
+    assert np.all(np.isfinite(image)) and image.min() >= 0.0 and image.max() <= 1.0
+    assert image.std() > 0.0  # not a blank canvas
