@@ -6,11 +6,14 @@ A truncated or corrupt file, or a pickle that carries code, is a :class:`Checkpo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
+import shutil
 import struct
-from typing import Mapping
+import tempfile
+from typing import Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -150,3 +153,26 @@ def _torch_to_numpy(tensor) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return tensor.numpy()
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[str]:
+    """Yields a staging folder next to ``path`` that replaces ``path`` only when the block succeeds.
+
+    An existing ``path`` is an error unless ``overwrite``; on any exception the staging folder is removed and
+    ``path`` is left as it was.
+    """
+    path = os.fspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose a new destination or pass overwrite=True.")
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".jaxt2i-", dir=parent)
+    try:
+        yield staging
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -14,7 +14,6 @@ import glob
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Mapping
 
 import numpy as np
@@ -23,7 +22,7 @@ from jaxt2i import presets
 from jaxt2i.convert import clip_keys, native, unet_keys, vae_keys
 from jaxt2i.convert.components import COMPONENTS, params_from_torch, params_to_torch
 from jaxt2i.convert.core import ConversionError
-from jaxt2i.convert.io import read_state_dict, write_safetensors
+from jaxt2i.convert.io import atomic_folder, read_state_dict, write_safetensors
 from jaxt2i.diffusion.schedules import ScheduleConfig
 from jaxt2i.models import clip, unet, vae
 
@@ -260,13 +259,7 @@ def write_diffusers_folder(path: str, model: LoadedModel, *, overwrite: bool = F
     """Writes a diffusers-format folder that ``StableDiffusionPipeline.from_pretrained`` (and jaxt2i) can load."""
     from jaxt2i.tokenizer import write_vocab_files
 
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; choose a new destination or pass overwrite=True.")
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".jaxt2i-", dir=parent)
-    try:
+    with atomic_folder(path, overwrite=overwrite) as staging:
         classes = {"text_encoder": "CLIPTextModel", "vae": "AutoencoderKL", "unet": "UNet2DConditionModel"}
         for name in COMPONENT_NAMES:
             folder = os.path.join(staging, name)
@@ -298,12 +291,6 @@ def write_diffusers_folder(path: str, model: LoadedModel, *, overwrite: bool = F
         }
         with open(os.path.join(staging, "model_index.json"), "w") as f:
             json.dump(index, f, indent=2)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _scheduler_config(schedule: ScheduleConfig) -> dict:

@@ -12,14 +12,13 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Mapping
 
 import numpy as np
 from flax import traverse_util
 
 from jaxt2i.convert.core import ConversionError
-from jaxt2i.convert.io import read_safetensors, write_safetensors
+from jaxt2i.convert.io import atomic_folder, read_safetensors, write_safetensors
 
 MANIFEST = "jaxt2i.json"
 FORMAT_VERSION = 1
@@ -80,13 +79,7 @@ def save_native(
       tokenizer: tokenizer settings (JSON-ready), e.g. ``{"pad": "eos"}``.
       tokenizer_files: optional folder with vocab.json/merges.txt to copy to ``tokenizer/``.
     """
-    folder = os.fspath(folder)
-    if os.path.exists(folder) and not overwrite:
-        raise FileExistsError(f"{folder} already exists; choose a new destination or pass overwrite=True.")
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".jaxt2i-", dir=parent)
-    try:
+    with atomic_folder(folder, overwrite=overwrite) as staging:
         for name, tree in params.items():
             write_safetensors(os.path.join(staging, f"{name}.safetensors"), flatten_params(tree),
                               metadata={"format": "jaxt2i"})
@@ -101,12 +94,6 @@ def save_native(
             json.dump(manifest, f, indent=2)
         if tokenizer_files is not None:
             shutil.copytree(tokenizer_files, os.path.join(staging, "tokenizer"))
-        if os.path.exists(folder):
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:
