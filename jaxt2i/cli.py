@@ -111,17 +111,20 @@ class _Progress:
     """A one-line progress display over the model calls of a sampling run (stderr), called as fn(done, total)."""
 
     def __init__(self):
-        self.start = time.perf_counter()
+        self.start, self.first = time.perf_counter(), 0.0
         print("preparing (the first run of a shape compiles; later runs reuse the cache)...", file=sys.stderr,
               flush=True)
 
     def __call__(self, done: int, total: int):
-        if done == 0:
-            self.start = time.perf_counter()
-        elapsed = time.perf_counter() - self.start
-        rate = f"{done / elapsed:.2f} calls/s" if done and elapsed > 0 else ""
+        now = time.perf_counter()
+        if done <= 1:  # the first model call includes compiling it (or loading it from the cache)
+            self.first = now - self.start
+            self.start = now
+        elapsed = now - self.start
+        rate = f"{(done - 1) / elapsed:.2f} calls/s" if done > 1 and elapsed > 0 else ""
         end = "\n" if done == total else ""
-        print(f"\rsampling {done}/{total}  {elapsed:.1f} s  {rate}", end=end, file=sys.stderr, flush=True)
+        print(f"\rsampling {done}/{total}  first call {self.first:.1f} s  {rate}   ", end=end, file=sys.stderr,
+              flush=True)
 
 
 def _run_sampling(args, kind: str) -> int:
