@@ -16,6 +16,18 @@ SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linea
                  set_alpha_to_one=False, skip_prk_steps=True)
 
 
+def sharpen_and_perturb(model: torch.nn.Module) -> torch.nn.Module:
+    """Norm affine parameters away from 1/0 and sharper attention logits (q/k x4), so that a wrong head split,
+    scale or a dropped norm parameter shows up in a parity test. Uses torch's global RNG."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(p))
+            if ".to_q." in name or ".to_k." in name:
+                p.mul_(4.0)
+    return model
+
+
 def _randomize_norms(module: torch.nn.Module, seed: int) -> None:
     """Norm weights/biases away from 1/0 so a swapped or dropped norm parameter cannot go unnoticed."""
     g = torch.Generator().manual_seed(seed)

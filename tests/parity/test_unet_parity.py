@@ -26,6 +26,7 @@ from jaxt2i.convert.unet_keys import (
     params_to_diffusers,
 )
 from jaxt2i.models.unet import PRESETS, UNet, UNetConfig, abstract_params
+from tests.parity.sd_reference import sharpen_and_perturb
 
 TOL = 1e-4
 
@@ -54,14 +55,7 @@ def torch_unet(config: UNetConfig, seed: int = 0) -> UNet2DConditionModel:
     """diffusers' model with random weights; norms get non-trivial affine parameters and attention logits are
     sharpened so that a wrong head split or scale shows up."""
     torch.manual_seed(seed)
-    model = UNet2DConditionModel(**_torch_kwargs(config)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(p))
-            if ".to_q." in name or ".to_k." in name:
-                p.mul_(4.0)
-    return model
+    return sharpen_and_perturb(UNet2DConditionModel(**_torch_kwargs(config)).eval())
 
 
 def torch_forward(model, sample: np.ndarray, timesteps, context: np.ndarray) -> np.ndarray:

@@ -30,6 +30,7 @@ from jaxt2i.models.vae import (
     decode_latents,
     encode_to_latents,
 )
+from tests.parity.sd_reference import sharpen_and_perturb
 
 TOL = 1e-4
 
@@ -53,14 +54,7 @@ def torch_vae(config: VAEConfig, seed: int = 0) -> TorchAutoencoderKL:
     """diffusers' model with random weights; norms get non-trivial affine parameters and the attention logits
     are sharpened so that the softmax is far from uniform."""
     torch.manual_seed(seed)
-    model = TorchAutoencoderKL(**_torch_kwargs(config)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(p))
-            if ".to_q." in name or ".to_k." in name:
-                p.mul_(4.0)
-    return model
+    return sharpen_and_perturb(TorchAutoencoderKL(**_torch_kwargs(config)).eval())
 
 
 def save_and_load(model: TorchAutoencoderKL, tmp_path) -> tuple[VAEConfig, dict, dict]:
