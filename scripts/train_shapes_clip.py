@@ -6,28 +6,9 @@ A thin entry point over :func:`jaxt2i.train.clip_trainer.train`; ``--set key=val
 
 from __future__ import annotations
 
-import argparse
-
-import yaml
-
 from jaxt2i.train import clip_trainer
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML file of CLIPTrainConfig fields")
-    parser.add_argument("--out", required=True, help="output folder (params.safetensors, config.json, text_encoder/, metrics)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
-    cfg = clip_trainer.load_yaml_config(args.config, clip_trainer.CLIPTrainConfig, overrides)
-    clip_trainer.train(cfg, args.out, log=lambda line: print(line, flush=True))
-
+from jaxt2i.train.small import script_main
 
 if __name__ == "__main__":
-    main()
+    script_main(None, __doc__.splitlines()[0], clip_trainer.CLIPTrainConfig, clip_trainer.train,
+                out_help="output folder (params.safetensors, config.json, text_encoder/, metrics)")

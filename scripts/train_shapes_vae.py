@@ -6,28 +6,9 @@ A thin entry point over :func:`jaxt2i.train.vae_trainer.train`; ``--set key=valu
 
 from __future__ import annotations
 
-import argparse
-
-import yaml
-
 from jaxt2i.train import vae_trainer
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML file of VAETrainConfig fields")
-    parser.add_argument("--out", required=True, help="output folder (params.safetensors, config.json, metrics)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
-    cfg = vae_trainer.load_yaml_config(args.config, vae_trainer.VAETrainConfig, overrides)
-    vae_trainer.train(cfg, args.out, log=lambda line: print(line, flush=True))
-
+from jaxt2i.train.small import script_main
 
 if __name__ == "__main__":
-    main()
+    script_main(None, __doc__.splitlines()[0], vae_trainer.VAETrainConfig, vae_trainer.train,
+                out_help="output folder (params.safetensors, config.json, metrics)")

@@ -13,6 +13,7 @@ from jaxt2i.eval import clip_metrics as cm
 from jaxt2i.models import clip_vision as cv
 from jaxt2i.tokenizer import CLIPTokenizer
 from jaxt2i.train import clip_trainer as ct
+from jaxt2i.train import small
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = cv.preset("tiny")
@@ -123,7 +124,7 @@ def test_save_load_round_trip_float16(tmp_path):
 
 
 def test_shipped_config_loads():
-    cfg = ct.load_yaml_config(CONFIGS / "shapes_clip.yaml", ct.CLIPTrainConfig)
+    cfg = small.load_yaml_config(CONFIGS / "shapes_clip.yaml", ct.CLIPTrainConfig)
     config = cfg.clip_config
     assert config == cv.preset("shapes") and cfg.save_dtype == "float16"
     assert config.text.vocab_size == 49408

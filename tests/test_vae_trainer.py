@@ -11,6 +11,7 @@ import pytest
 
 from jaxt2i.data import shapes
 from jaxt2i.models.vae import VAEConfig
+from jaxt2i.train import small
 from jaxt2i.train import vae_trainer as vt
 
 TINY = VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=2,
@@ -78,32 +79,48 @@ def test_psnr_hand_case():
 
 
 def test_epoch_batches_walk_a_permutation():
-    seen = np.concatenate([vt.epoch_batches(12, 4, 0, s) for s in range(3)])
+    seen = np.concatenate([small.epoch_batches(12, 4, 0, s) for s in range(3)])
     assert sorted(seen) == list(range(12))
-    assert not np.array_equal(vt.epoch_batches(12, 4, 0, 0), vt.epoch_batches(12, 4, 0, 3))  # new epoch order
+    assert not np.array_equal(small.epoch_batches(12, 4, 0, 0), small.epoch_batches(12, 4, 0, 3))  # new epoch order
 
 
 def test_save_and_load_round_trip(tmp_path):
     state, _ = _setup()
-    size = vt.save_model_folder(tmp_path, state.params, dataclasses.asdict(TINY))
+    size = small.save_model_folder(tmp_path, state.params, dataclasses.asdict(TINY))
     assert size == (tmp_path / "params.safetensors").stat().st_size
     params, config = vt.load_vae(tmp_path)
     assert config == TINY
-    flat_a, flat_b = vt.flatten_params(state.params), vt.flatten_params(params)
+    flat_a, flat_b = small.flatten_params(state.params), small.flatten_params(params)
     assert flat_a.keys() == flat_b.keys() and "encoder/conv_in/kernel" in flat_a
     assert all(np.array_equal(flat_a[k], flat_b[k]) for k in flat_a)
     with pytest.raises(FileNotFoundError, match="is missing"):
-        vt.load_model_folder(tmp_path / "nowhere")
+        small.load_model_folder(tmp_path / "nowhere")
 
 
 def test_shipped_config_loads_and_is_small(tmp_path):
-    cfg = vt.load_yaml_config(CONFIGS / "shapes_vae.yaml", vt.VAETrainConfig)
+    cfg = small.load_yaml_config(CONFIGS / "shapes_vae.yaml", vt.VAETrainConfig)
     vae = cfg.vae_config
     assert 64 // vae.downsample_factor == 16 and vae.latent_channels == 4
     abstract = jax.eval_shape(lambda k: vt.init_state(vae, vt.make_optimizer(cfg.optim), k).params,
                               jax.random.key(0))
-    assert vt.count_params(abstract) * 4 < 2_000_000  # well inside the 20 MB budget of the shipped models
+    assert small.count_params(abstract) * 4 < 2_000_000  # well inside the 20 MB budget of the shipped models
     bad = tmp_path / "bad.yaml"
     bad.write_text("stepz: 3\n")
     with pytest.raises(ValueError, match="unknown keys"):
-        vt.load_yaml_config(bad, vt.VAETrainConfig)
+        small.load_yaml_config(bad, vt.VAETrainConfig)
+
+
+def test_script_main_reads_overrides_and_rejects_bad_ones(tmp_path, capsys):
+    seen = {}
+
+    def fake_train(cfg, out_dir, log):
+        seen.update(cfg=cfg, out=out_dir)
+
+    argv = ["--config", str(CONFIGS / "shapes_vae.yaml"), "--out", str(tmp_path / "o"), "--set", "steps=7",
+            "--set", "recon=l1"]
+    small.script_main(argv, "test", vt.VAETrainConfig, fake_train, out_help="out")
+    assert seen["cfg"].steps == 7 and seen["cfg"].recon == "l1" and seen["out"] == str(tmp_path / "o")
+    for bad, message in ((["--set", "steps"], "expects KEY=VALUE"), (["--set", "stepz=3"], "unknown keys")):
+        with pytest.raises(SystemExit):
+            small.script_main(argv[:4] + bad, "test", vt.VAETrainConfig, fake_train, out_help="out")
+        assert message in capsys.readouterr().err

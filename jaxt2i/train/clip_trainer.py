@@ -23,7 +23,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,12 +34,12 @@ from flax import struct
 from jaxt2i.data import shapes
 from jaxt2i.eval import clip_metrics, frechet
 from jaxt2i.models.clip import CLIPTextConfig
-from jaxt2i.models.clip_vision import (CLIPConfig, CLIPModel, CLIPVisionConfig, clipped_scale, contrastive_loss,
+from jaxt2i.models.clip_vision import (CLIPConfig, CLIPModel, clipped_scale, contrastive_loss,
                                        init_params, preset)
 from jaxt2i.tokenizer import CLIPTokenizer
 from jaxt2i.train.optim import OptimConfig, make_optimizer
-from jaxt2i.train.vae_trainer import (count_params, epoch_batches, load_model_folder, load_yaml_config,
-                                      save_model_folder)
+from jaxt2i.train.small import (count_params, epoch_batches, load_model_folder, run_logged_steps,
+                                save_model_folder)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,30 +199,15 @@ def train(cfg: CLIPTrainConfig, out_dir: str | os.PathLike | None = None, log: C
     train_step = make_train_step(config, optimizer)
     key = jax.random.key(cfg.seed + 1)
     per_epoch = len(images) // cfg.batch_size
-    log_file = None
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=list))
-        log_file = open(Path(out_dir) / "log.jsonl", "w", encoding="utf-8")
-    history, t_train = [], time.time()
-    try:
-        for step in range(cfg.steps):
-            idx = epoch_batches(len(images), cfg.batch_size, cfg.seed, step)
-            ids = tokenize_checked(tokenizer, epoch_captions(scenes, idx, cfg.seed, step // per_epoch),
-                                   cfg.text_length)
-            state, metrics = train_step(state, jnp.asarray(images[idx]), jnp.asarray(ids), key)
-            if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                row = {"step": step + 1, "time_s": round(time.time() - t_train, 2),
-                       **{k: round(float(v), 5) for k, v in metrics.items()}}
-                history.append(row)
-                log(json.dumps(row))
-                if log_file:
-                    log_file.write(json.dumps(row) + "\n")
-                    log_file.flush()
-    finally:
-        if log_file:
-            log_file.close()
-    result = {"train_time_s": round(time.time() - t_train, 1), "steps": cfg.steps, "parameters": n_total,
+    def step_fn(step):
+        nonlocal state
+        idx = epoch_batches(len(images), cfg.batch_size, cfg.seed, step)
+        ids = tokenize_checked(tokenizer, epoch_captions(scenes, idx, cfg.seed, step // per_epoch), cfg.text_length)
+        state, metrics = train_step(state, jnp.asarray(images[idx]), jnp.asarray(ids), key)
+        return metrics
+
+    history, train_time = run_logged_steps(cfg.steps, cfg.log_every, step_fn, cfg, out_dir, log, digits=5)
+    result = {"train_time_s": round(train_time, 1), "steps": cfg.steps, "parameters": n_total,
               "text_parameters": n_text, "final_train_loss": history[-1]["loss"]}
     result.update(evaluate(state.params, config, tokenizer, cfg))
     if out_dir is not None:

@@ -26,18 +26,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
 from flax import struct
 
-from jaxt2i.convert.io import read_safetensors, write_safetensors
 from jaxt2i.data import shapes
 from jaxt2i.models.vae import AutoencoderKL, VAEConfig
 from jaxt2i.train.optim import OptimConfig, make_optimizer
+from jaxt2i.train.small import (count_params, epoch_batches, load_model_folder, run_logged_steps,
+                                save_model_folder)
 
 RECON_LOSSES = ("l1", "l2")
 
@@ -89,52 +88,7 @@ class VAETrainConfig:
                            final_lr_fraction=0.1)
 
 
-def load_yaml_config(path: str | os.PathLike, cls, overrides: Mapping[str, Any] | None = None):
-    """A frozen train-config dataclass from a YAML file of its fields (unknown keys are an error), plus overrides."""
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    data.update(overrides or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown} for {cls.__name__}; known keys: {sorted(known)}.")
-    return cls(**data)
-
-
 # ----------------------------------------------------------------------------- saving
-
-
-def flatten_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """A nested parameter tree -> ``{"a/b/kernel": array}``."""
-    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
-    return {k: np.asarray(v) for k, v in flat.items()}
-
-
-def unflatten_params(flat: Mapping[str, np.ndarray]) -> dict:
-    """Inverse of :func:`flatten_params`."""
-    return flax.traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")
-
-
-def save_model_folder(folder: str | os.PathLike, params: Mapping[str, Any], config_dict: Mapping[str, Any],
-                      dtype: str = "float32") -> int:
-    """Writes ``params.safetensors`` (floating leaves cast to ``dtype``) and ``config.json``; returns the bytes."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    flat = {k: v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v
-            for k, v in flatten_params(params).items()}
-    write_safetensors(folder / "params.safetensors", flat, metadata={"format": "jaxt2i-flax-flat", "sep": "/"})
-    (folder / "config.json").write_text(json.dumps(dict(config_dict), indent=2, default=list), encoding="utf-8")
-    return (folder / "params.safetensors").stat().st_size
-
-
-def load_model_folder(folder: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[dict, dict]:
-    """``(params, config_dict)`` from a folder written by :func:`save_model_folder`; params cast to ``dtype``."""
-    folder = Path(folder)
-    for name in ("params.safetensors", "config.json"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} is missing; expected a folder written by save_model_folder.")
-    flat = read_safetensors(str(folder / "params.safetensors"))
-    params = unflatten_params({k: v.astype(np.dtype(dtype)) for k, v in flat.items()})
-    return params, json.loads((folder / "config.json").read_text(encoding="utf-8"))
 
 
 def load_vae(folder: str | os.PathLike) -> tuple[dict, VAEConfig]:
@@ -232,18 +186,6 @@ def evaluate(params, config: VAEConfig, images: np.ndarray, batch_size: int = 64
 # ----------------------------------------------------------------------------- the loop
 
 
-def epoch_batches(pool_size: int, batch_size: int, seed: int, step: int) -> np.ndarray:
-    """Indices into the training pool for ``step``: a seeded permutation per epoch, dropping the remainder."""
-    per_epoch = pool_size // batch_size
-    epoch, offset = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(pool_size)
-    return order[offset * batch_size: (offset + 1) * batch_size]
-
-
-def count_params(params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
 def train(cfg: VAETrainConfig, out_dir: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> dict:
     """Trains the VAE described by ``cfg``; writes the output folder when ``out_dir`` is given. Returns metrics."""
     vae_cfg = cfg.vae_config
@@ -262,28 +204,13 @@ def train(cfg: VAETrainConfig, out_dir: str | os.PathLike | None = None, log: Ca
         f"latents {pool.shape[1] // vae_cfg.downsample_factor}x{pool.shape[2] // vae_cfg.downsample_factor}"
         f"x{vae_cfg.latent_channels}")
     train_step = make_train_step(vae_cfg, optimizer, cfg.beta, cfg.recon)
-    log_file = None
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=list))
-        log_file = open(Path(out_dir) / "log.jsonl", "w", encoding="utf-8")
-    history, t_train = [], time.time()
-    try:
-        for step in range(cfg.steps):
-            images = pool[epoch_batches(len(pool), cfg.batch_size, cfg.seed, step)]
-            state, metrics = train_step(state, jnp.asarray(images), step_key)
-            if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                row = {"step": step + 1, "time_s": round(time.time() - t_train, 2),
-                       **{k: round(float(v), 6) for k, v in metrics.items()}}
-                history.append(row)
-                log(json.dumps(row))
-                if log_file:
-                    log_file.write(json.dumps(row) + "\n")
-                    log_file.flush()
-    finally:
-        if log_file:
-            log_file.close()
-    train_time = time.time() - t_train
+    def step_fn(step):
+        nonlocal state
+        images = pool[epoch_batches(len(pool), cfg.batch_size, cfg.seed, step)]
+        state, metrics = train_step(state, jnp.asarray(images), step_key)
+        return metrics
+
+    history, train_time = run_logged_steps(cfg.steps, cfg.log_every, step_fn, cfg, out_dir, log)
     result = evaluate(state.params, vae_cfg, heldout, cfg.eval_batch_size)
     result.update(train_time_s=round(train_time, 1), steps=cfg.steps, parameters=n_params,
                   final_train_loss=history[-1]["loss"])
