@@ -62,15 +62,21 @@ class Checkpointer:
       directory: the checkpoints folder (created if missing).
       keep: how many of the newest checkpoints to keep.
       async_save: write arrays in the background (``wait()`` blocks until they are on disk).
+      read_only: only read (for exporting from a folder that a running job may be writing to): nothing is
+        created, cleaned up or deleted, and ``save`` is refused.
     """
 
-    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True, read_only: bool = False):
         self.directory = Path(directory).absolute()
+        if read_only and not self.directory.is_dir():
+            raise FileNotFoundError(f"no checkpoints folder at {self.directory}")
+        self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
-            create=True,
-            cleanup_tmp_directories=True,  # leftovers of a save killed half-way
+            create=not read_only,
+            cleanup_tmp_directories=not read_only,  # leftovers of a save killed half-way
+            read_only=read_only,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
@@ -83,6 +89,8 @@ class Checkpointer:
 
     def save(self, step: int, state, data: dict, *, force: bool = True) -> bool:
         """Starts saving ``state`` and the JSON-able ``data`` as step ``step``; returns whether a save began."""
+        if self.read_only:
+            raise PermissionError(f"{self.directory} was opened read-only; it cannot save.")
         if step in self.manager.all_steps():
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(keys_to_data(state)), data=ocp.args.JsonSave(data))
@@ -93,6 +101,9 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if step not in self.all_steps():
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; it has steps "
+                                    f"{self.all_steps()}.")
         target = abstract_like(keys_to_data(state_like))
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
         restored = self.manager.restore(int(step), args=args)

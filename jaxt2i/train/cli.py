@@ -17,6 +17,9 @@ overrides (dotted keys, YAML values), for example:
   mesh.data=-1 mesh.fsdp=4 optim.lr=1e-5 data.path=/data/flickr30k
   coordinator_address=10.0.0.1:1234 num_processes=2 process_id=0
 A run restarts from the newest checkpoint in WORKDIR/checkpoints by itself.
+
+--export-to DIR writes the newest checkpoint (or --step N) as a model folder for
+`jaxt2i generate --model DIR` and exits without training; safe while the run trains.
 """
 
 
@@ -30,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--export-to", metavar="DIR", help="write a checkpoint of WORKDIR as a jaxt2i model folder DIR "
+                   "(must not exist) and exit without training")
+    p.add_argument("--step", type=int, help="with --export-to: the checkpoint's step (default: the newest)")
     return p
 
 
@@ -39,7 +45,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
     from jaxt2i.train.config import ConfigError, load_config, to_dict
 
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    parser = _parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.step is not None and not args.export_to:
+        parser.error("--step goes with --export-to DIR")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -47,6 +56,17 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+
+    if args.export_to:
+        from jaxt2i.train.loop import export_checkpoint
+
+        try:
+            folder, step = export_checkpoint(cfg, args.export_to, args.step)
+        except (FileExistsError, FileNotFoundError) as e:
+            print(f"jaxt2i train: {e}", file=sys.stderr)
+            return 2
+        print(f"jaxt2i train: wrote step {step} of {cfg.workdir} to {folder}", file=sys.stderr)
         return 0
 
     from jaxt2i.train.loop import NonFiniteLossError, run

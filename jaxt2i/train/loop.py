@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -312,12 +313,15 @@ def sample_grid(state, cfg: TrainConfig, bundle: ModelBundle, step: int, out_dir
     return path
 
 
-def export_final(state, cfg: TrainConfig, bundle: ModelBundle, workdir: Path) -> Path:
-    """Writes the trained weights with the frozen encoders in jaxt2i's format to ``WORKDIR/final/``."""
+def export_final(state, cfg: TrainConfig, bundle: ModelBundle, workdir: Path, out: Path | None = None) -> Path:
+    """Writes the trained weights with the frozen encoders in jaxt2i's format to ``WORKDIR/final/``.
+
+    With ``out``, writes there instead and refuses to replace an existing folder (and skips ``final_diffusers``).
+    """
     from jaxt2i.convert.load import LoadedModel, write_diffusers_folder, write_native
     from jaxt2i.train import lora as lora_lib
 
-    final = workdir / "final"
+    final = workdir / "final" if out is None else Path(out)
     unet_params = _host_params(_trained_unet(state, cfg, cfg.model.export_ema))
     frozen = _host_params({k: v for k, v in state.frozen.items() if k in ("vae", "text_encoder")})
     lora = _host_params(state.params) if cfg.trainable.mode == "lora" else None
@@ -327,12 +331,41 @@ def export_final(state, cfg: TrainConfig, bundle: ModelBundle, workdir: Path) ->
     tok = {"pad": bundle.tokenizer_settings.get("pad") or "eos", "folder": bundle.tokenizer_settings.get("folder")}
     model = LoadedModel(configs=bundle.configs, params={"unet": unet_params, **frozen}, schedule=schedule,
                         tokenizer=tok, source=str(workdir))
-    write_native(str(final), model, overwrite=True)
+    write_native(str(final), model, overwrite=out is None)
     if lora is not None:
         lora_lib.save_lora(str(final / "lora.safetensors"), lora, cfg.trainable.lora_alpha)
-    if cfg.export_diffusers:
+    if cfg.export_diffusers and out is None:
         write_diffusers_folder(str(workdir / "final_diffusers"), model, overwrite=True)
     return final
+
+
+def export_checkpoint(cfg: TrainConfig, out: str | os.PathLike, step: int | None = None) -> tuple[Path, int]:
+    """Writes checkpoint ``step`` (default: the newest) of ``cfg.workdir`` as a jaxt2i model folder at ``out``.
+
+    The same weights ``export_final`` would write had the run stopped there (EMA U-Net when
+    ``model.export_ema``, plus the frozen VAE and text encoder). Opens the checkpoints read-only, so it is
+    safe while the run is still training. Returns ``(folder, step)``; ``out`` must not exist yet.
+    """
+    from jaxt2i.train.sharding import make_mesh
+    from jaxt2i.train.state import init_train_state
+
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose a new folder (nothing is overwritten).")
+    workdir = Path(cfg.workdir).absolute()
+    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
+    try:
+        step = checkpointer.latest_step() if step is None else int(step)
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {checkpointer.directory} yet; train first (or wait for "
+                                    f"checkpoint_every={cfg.checkpoint_every} steps).")
+        bundle = build_models(cfg)
+        state, _ = init_train_state(bundle.models, bundle.params, cfg.optim, cfg.trainable, make_mesh(cfg.mesh),
+                                    seed=cfg.seed)
+        state, _ = checkpointer.restore(state, step)
+    finally:
+        checkpointer.close()
+    return export_final(state, cfg, bundle, workdir, out=out), step
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -88,11 +88,16 @@ def losses(workdir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs}
 
 
-def final_params(workdir: Path) -> dict[str, np.ndarray]:
+def folder_params(folder: Path) -> dict[str, np.ndarray]:
+    """``{"component/key": array}`` of a jaxt2i model folder."""
     out = {}
     for name in ("unet", "vae", "text_encoder"):
-        out.update({f"{name}/{k}": v for k, v in load_file(str(workdir / "final" / f"{name}.safetensors")).items()})
+        out.update({f"{name}/{k}": v for k, v in load_file(str(folder / f"{name}.safetensors")).items()})
     return out
+
+
+def final_params(workdir: Path) -> dict[str, np.ndarray]:
+    return folder_params(workdir / "final")
 
 
 def checkpoint_steps(workdir: Path) -> list[int]:
@@ -118,6 +123,26 @@ def test_uninterrupted_run_writes_metrics_checkpoints_and_final(reference):
     manifest = json.loads((reference / "final" / "jaxt2i.json").read_text())
     assert set(manifest["components"]) == {"unet", "vae", "text_encoder"}
     assert json.loads((reference / "config.json").read_text())["steps"] == 8
+
+
+def test_export_a_checkpoint_as_a_model_folder(env, reference, tmp_path):
+    last = train(env, reference, "--export-to", str(tmp_path / "step8"))
+    assert last.returncode == 0, last.stderr[-4000:]
+    assert "wrote step 8" in last.stderr
+    got, want = folder_params(tmp_path / "step8"), final_params(reference)
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)  # same as final/
+
+    early = train(env, reference, "--export-to", str(tmp_path / "step4"), "--step", "4")
+    assert early.returncode == 0, early.stderr[-4000:]
+    got4 = folder_params(tmp_path / "step4")
+    assert any(not np.array_equal(got4[k], want[k]) for k in want if k.startswith("unet/"))
+    assert all(np.array_equal(got4[k], want[k]) for k in want if not k.startswith("unet/"))  # frozen encoders
+
+    again = train(env, reference, "--export-to", str(tmp_path / "step8"))  # never overwrites
+    assert again.returncode == 2 and "already exists" in again.stderr
+    missing = train(env, reference, "--export-to", str(tmp_path / "x"), "--step", "5")
+    assert missing.returncode == 2 and "no checkpoint of step 5" in missing.stderr and "[4, 8]" in missing.stderr
+    assert checkpoint_steps(reference) == [4, 8]  # the read-only export touched nothing
 
 
 def test_sigkill_then_sigterm_then_finish_equals_uninterrupted(env, reference, tmp_path):
