@@ -24,7 +24,6 @@ from jaxt2i.convert.components import COMPONENTS, params_from_torch, params_to_t
 from jaxt2i.convert.core import ConversionError
 from jaxt2i.convert.io import atomic_folder, read_state_dict, write_safetensors
 from jaxt2i.diffusion.schedules import ScheduleConfig
-from jaxt2i.models import clip, unet, vae
 
 COMPONENT_NAMES = ("text_encoder", "vae", "unet")
 

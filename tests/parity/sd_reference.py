@@ -7,9 +7,6 @@ import os
 import numpy as np
 import torch
 
-from jaxt2i.models import clip as jclip
-from jaxt2i.models import unet as junet
-from jaxt2i.models import vae as jvae
 from jaxt2i.tokenizer import write_vocab_files
 
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
@@ -39,8 +36,7 @@ def _randomize_norms(module: torch.nn.Module, seed: int) -> None:
 
 def build_torch_pipeline(preset: str, seed: int = 0, in_channels: int | None = None):
     """A diffusers StableDiffusionPipeline with random weights for a jaxt2i preset ("tiny_sd1"/"tiny_sd2")."""
-    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (AutoencoderKL, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from jaxt2i import presets

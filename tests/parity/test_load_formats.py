@@ -7,7 +7,6 @@ folder and as original single files (.safetensors and .ckpt), loaded with ``jaxt
 from __future__ import annotations
 
 import os
-import pickle
 
 import numpy as np
 import pytest
