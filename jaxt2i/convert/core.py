@@ -29,7 +29,14 @@ _TRANSFORMS = {
 
 
 class ConversionError(ValueError):
-    """A checkpoint does not match the model it is being loaded into."""
+    """A checkpoint does not match the model it is being loaded into.
+
+    ``torch_key`` names the offending tensor when there is exactly one (a shape mismatch), else None.
+    """
+
+    def __init__(self, message: str, torch_key: str | None = None):
+        super().__init__(message)
+        self.torch_key = torch_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +148,7 @@ def to_flax(
             raise ConversionError(
                 f"{source}: tensor {rule.torch_key} has shape {tuple(np.shape(state_dict[rule.torch_key]))}, "
                 f"which gives {tuple(value.shape)} for {'/'.join(rule.flax_path)}; the model expects "
-                f"{tuple(leaf.shape)}. The checkpoint and the config disagree.")
+                f"{tuple(leaf.shape)}. The checkpoint and the config disagree.", torch_key=rule.torch_key)
         flat[rule.flax_path] = np.ascontiguousarray(value).astype(dtype or leaf.dtype, copy=False)
     return traverse_util.unflatten_dict(flat)
 

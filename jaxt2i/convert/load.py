@@ -191,9 +191,28 @@ def read_single_file(path: str, *, config: str | None = None, ema: bool = False,
         "vae": vae_keys.original_to_diffusers(state_dict, configs["vae"], source=path),
         "text_encoder": clip_keys.original_to_diffusers(state_dict, configs["text_encoder"], text_prefix, source=path),
     }
-    params = {name: params_from_torch(name, torch_layout[name], configs[name], source=path, dtype=dtype)
-              for name in COMPONENT_NAMES}
+    params = {}
+    for name in COMPONENT_NAMES:
+        try:
+            params[name] = params_from_torch(name, torch_layout[name], configs[name], source=path, dtype=dtype)
+        except ConversionError as e:
+            raise _name_original_key(e, torch_layout[name], state_dict) from e
     return LoadedModel(configs, params, schedule, tokenizer, path)
+
+
+def _name_original_key(error: ConversionError, renamed: Mapping[str, Any], original: Mapping[str, Any]):
+    """``error`` (which names a diffusers key) extended with the single file's own key for that tensor.
+
+    Renaming to the diffusers layout keeps each tensor's memory (a rename, a reshape or a slice of a fused
+    ``in_proj``), so the file's key is the one original tensor sharing memory with the renamed one.
+    """
+    tensor = renamed.get(error.torch_key) if error.torch_key else None
+    if tensor is None:
+        return error
+    owners = [k for k, v in original.items() if np.may_share_memory(np.asarray(v), np.asarray(tensor))]
+    if len(owners) != 1:
+        return error
+    return ConversionError(f"{error} In the single file this tensor is {owners[0]}.", torch_key=error.torch_key)
 
 
 def write_single_file(path: str, model: LoadedModel, *, overwrite: bool = False) -> None:

@@ -244,9 +244,16 @@ def test_missing_unexpected_and_misshaped_keys_are_named(reference, tmp_path):
     wrong = dict(original)
     wrong[victim] = np.zeros((5,) + original[victim].shape[1:], original[victim].dtype)
     write_safetensors(path, wrong)
-    # Shapes are checked after renaming to the diffusers layout, so the error names the diffusers key.
-    with pytest.raises(ConversionError, match=r"conv_out\.weight has shape \(5, .*expects"):
+    # Shapes are checked after renaming to the diffusers layout; the error names both keys.
+    with pytest.raises(ConversionError, match=r"conv_out\.weight has shape \(5, .*expects.*In the single file "
+                                              r"this tensor is model\.diffusion_model\.out\.2\.weight\."):
         load.read_single_file(path, config=preset)
+    if preset == "tiny_sd2":  # OpenCLIP's fused q/k/v: the error names the fused tensor of the file
+        qkv = next(k for k in original if k.endswith("attn.in_proj_weight"))
+        write_safetensors(path, {**original, qkv: np.zeros((original[qkv].shape[0], 5), original[qkv].dtype)})
+        with pytest.raises(ConversionError, match=rf"q_proj.weight has shape \(32, 5\).*In the single file this "
+                                                  rf"tensor is {qkv}\."):
+            load.read_single_file(path, config=preset)
 
 
 def test_detect_single_file_from_shapes():
