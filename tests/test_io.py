@@ -26,6 +26,20 @@ def test_safetensors_round_trip_all_dtypes_and_scalars(tmp_path):
     np.testing.assert_array_equal(theirs["f32"].numpy(), tensors["f32"])
 
 
+def test_safetensors_views_are_read_only_and_outlive_the_file(tmp_path):
+    path = tmp_path / "w.safetensors"
+    write_safetensors(path, {"a": np.arange(4, dtype=np.float32), "b": np.full((2, 2), 7, np.int64)})
+    views, copies = read_safetensors(str(path)), read_safetensors(str(path), copy=True)
+    with pytest.raises(ValueError, match="read-only"):
+        views["a"][0] = 1.0
+    copies["a"][0] = 1.0  # ordinary arrays
+    write_safetensors(path, {"a": np.zeros(4, np.float32)})  # replaced on disk (temp file + rename)...
+    np.testing.assert_array_equal(views["a"], np.arange(4, dtype=np.float32))  # ...the views keep the old data
+    np.testing.assert_array_equal(views["b"], np.full((2, 2), 7))
+    path.unlink()
+    assert float(views["a"].sum()) == 6.0
+
+
 def test_unknown_extension_and_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_state_dict(str(tmp_path / "nope.safetensors"))

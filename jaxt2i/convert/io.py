@@ -46,8 +46,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         f"{path}: unknown checkpoint extension; expected .safetensors, {', '.join(_PICKLE_SUFFIXES)}.")
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Reads a safetensors file into numpy arrays (memory-mapped, copied out), validating the header."""
+def read_safetensors(path: str, *, copy: bool = False) -> dict[str, np.ndarray]:
+    """Reads a safetensors file into numpy arrays, validating the header.
+
+    By default the arrays are read-only views of a memory map of the file (no copy: pages are read when first
+    touched, and the map lives as long as any array does); ``copy=True`` returns ordinary writable arrays.
+    """
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         if size < 8:
@@ -62,11 +66,9 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
             raise CheckpointReadError(f"{path}: safetensors header is not valid JSON ({e}); the file is corrupt.")
         data_start = 8 + header_len
         buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        return {name: _safetensors_tensor(path, name, info, buffer, data_start, size)
-                for name, info in header.items() if name != "__metadata__"}
-    finally:
-        buffer.close()
+    tensors = {name: _safetensors_tensor(path, name, info, buffer, data_start, size)
+               for name, info in header.items() if name != "__metadata__"}
+    return {k: v.copy() for k, v in tensors.items()} if copy else tensors
 
 
 def _safetensors_tensor(path, name, info, buffer, data_start, size) -> np.ndarray:
@@ -82,7 +84,7 @@ def _safetensors_tensor(path, name, info, buffer, data_start, size) -> np.ndarra
             f"{path}: tensor {name!r} needs bytes {begin}..{end} of the data section but the file "
             f"{'is truncated' if data_start + end > size else 'header is inconsistent'}. Re-download or re-export it.")
     return np.frombuffer(buffer, dtype=dtype, count=expected // np.dtype(dtype).itemsize,
-                         offset=data_start + begin).reshape(shape).copy()
+                         offset=data_start + begin).reshape(shape)
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
