@@ -7,8 +7,10 @@ Used when a single-file checkpoint carries no configs (``load_pipeline(path, con
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from jaxt2i.diffusion.schedules import ScheduleConfig
@@ -54,6 +56,21 @@ def get(name: str) -> PipelinePreset:
 
 
 def abstract_params(name: str, config: Any, param_dtype: Any = jnp.float32) -> dict:
-    """Abstract (shape-only) parameter tree of component ``name`` — no real initialisation."""
+    """Abstract (shape-only) parameter tree of component ``name`` — no real initialisation.
+
+    Tracing a model's ``init`` takes about a second for SD-size models, so trees are cached per
+    ``(name, config, param_dtype)``; each call returns a fresh copy of the nested dicts.
+    """
+    try:
+        tree = _cached_abstract_params(name, config, jnp.dtype(param_dtype))
+    except TypeError:  # a config with an unhashable field: no caching
+        tree = _abstract_params(name, config, jnp.dtype(param_dtype))
+    return jax.tree.map(lambda leaf: leaf, tree)
+
+
+def _abstract_params(name: str, config: Any, param_dtype: Any) -> dict:
     module = {"unet": unet, "vae": vae, "text_encoder": clip}[name]
     return module.abstract_params(config, param_dtype)
+
+
+_cached_abstract_params = functools.lru_cache(maxsize=32)(_abstract_params)

@@ -290,3 +290,17 @@ def test_sd1_weights_do_not_load_into_sd2_architecture(tiny_state):
     linear = dataclasses.replace(config, use_linear_projection=True)
     with pytest.raises(ConversionError, match=r"proj_in\.weight"):
         params_from_diffusers(state, linear)
+
+
+def test_abstract_params_are_cached_but_returned_as_fresh_trees():
+    from jaxt2i import presets as pipeline_presets
+
+    config = dataclasses.replace(PRESETS["tiny_sd1"], cross_attention_dim=24)  # a config no other test traced
+    first = pipeline_presets.abstract_params("unet", config)
+    hits = pipeline_presets._cached_abstract_params.cache_info().hits
+    second = pipeline_presets.abstract_params("unet", config)
+    assert pipeline_presets._cached_abstract_params.cache_info().hits == hits + 1  # not traced again
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), first) == jax.tree.map(lambda a: (a.shape, a.dtype), second)
+    assert first is not second and first["conv_in"] is not second["conv_in"]
+    first.pop("conv_in")  # mutating a returned tree does not reach the cache
+    assert "conv_in" in pipeline_presets.abstract_params("unet", config)
