@@ -219,17 +219,12 @@ def markdown_report(result: dict) -> str:
              "| guidance | split | one object (color+shape) | two objects (both + relation) | two: both objects found "
              "| two: relation given objects |",
              "|---|---|---|---|---|---|"]
-    for g, entry in result["guidance"].items():
-        rep = entry["adherence"]
-        for split in shapes.SPLITS:
-            lines.append(f"| {g} | {split} | {_pct(_get(rep, split, 'one_object'))} | "
-                         f"{_pct(_get(rep, split, 'two_object'))} | "
-                         f"{_pct(_get(rep, split, 'two_object', 'objects_accuracy'))} | "
-                         f"{_pct(_get(rep, split, 'two_object', 'relation_accuracy_given_objects'))} |")
+    rows = [(g, entry["adherence"]) for g, entry in result["guidance"].items()]
     if result.get("vae_roundtrip"):
-        rep = result["vae_roundtrip"]
+        rows.append(("real images through the VAE", result["vae_roundtrip"]))
+    for label, rep in rows:
         for split in shapes.SPLITS:
-            lines.append(f"| real images through the VAE | {split} | {_pct(_get(rep, split, 'one_object'))} | "
+            lines.append(f"| {label} | {split} | {_pct(_get(rep, split, 'one_object'))} | "
                          f"{_pct(_get(rep, split, 'two_object'))} | "
                          f"{_pct(_get(rep, split, 'two_object', 'objects_accuracy'))} | "
                          f"{_pct(_get(rep, split, 'two_object', 'relation_accuracy_given_objects'))} |")

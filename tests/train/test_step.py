@@ -202,9 +202,10 @@ def _check_bf16_remat_step(kind: str, fp32_metrics: dict):
     # master weights and optimizer state stay float32
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves((state.params, state.ema_params)))
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.opt_state) if leaf.ndim)
-    # same init, batch and randomness: the bf16 loss and gradient norm are the fp32 ones up to rounding
-    np.testing.assert_allclose(float(m["loss"]), fp32_metrics["loss"], rtol=3e-2)
-    np.testing.assert_allclose(float(m["grad_norm"]), fp32_metrics["grad_norm"], rtol=5e-2)
+    # same init, batch and randomness: the bf16 loss and gradient norm are the fp32 ones up to rounding. bf16's unit
+    # roundoff is 3.9e-3; observed on the stand-in: loss 4e-4, grad norm 9.5e-4 relative.
+    np.testing.assert_allclose(float(m["loss"]), fp32_metrics["loss"], rtol=5e-3)
+    np.testing.assert_allclose(float(m["grad_norm"]), fp32_metrics["grad_norm"], rtol=5e-3)
 
 
 def test_bf16_remat_step_matches_fp32():
