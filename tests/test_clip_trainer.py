@@ -130,3 +130,39 @@ def test_shipped_config_loads():
     assert config.text.vocab_size == 49408
     override = ct.CLIPTrainConfig(model={"vision": {"num_layers": 2}}).clip_config
     assert override.vision.num_layers == 2 and override.text == config.text
+
+
+def test_hard_negative_step_learns_to_reject_contradictions(tokenizer):
+    data = shapes.batch(0, 0, 16, "train")
+    images = jnp.asarray(data["images"])
+    ids = jnp.asarray(ct.tokenize_checked(tokenizer, data["captions"], 24))
+    negatives = ct.epoch_negative_captions(data["scenes"], np.arange(16), 0, 0)
+    assert negatives == ct.epoch_negative_captions(data["scenes"], np.arange(16), 0, 0)
+    neg_ids = jnp.asarray(ct.tokenize_checked(tokenizer, negatives, 24))
+    state, step = _setup()
+    first = None
+    for _ in range(15):
+        state, metrics = step(state, images, ids, jax.random.key(0), neg_ids)
+        first = first or metrics
+    assert set(metrics) >= {"beats_hard_negative", "loss", "i2t_accuracy"}
+    assert float(metrics["loss"]) < 0.8 * float(first["loss"])
+    assert float(metrics["beats_hard_negative"]) > float(first["beats_hard_negative"])
+
+
+def test_hard_negative_report_hand_made():
+    scenes = [shapes.scene(0, i, "train", n_objects=2) for i in range(6)]
+    images = np.zeros((6, 1))
+
+    def perfect_texts(captions):  # +1 for any caption the image agrees with, -1 otherwise (image i is scene i)
+        return np.array([[1.0] if text in truths else [-1.0] for text in captions])
+
+    truths = set()
+    for sc in scenes:  # every caption that describes a scene exactly, with all sizes named
+        rng = np.random.default_rng(0)
+        for _ in range(200):
+            truths.add(shapes.caption(sc, rng, name_sizes=True))
+    report = cm.hard_negative_report(lambda x: np.ones((len(x), 1)), perfect_texts, images, scenes)
+    assert report["relation"] == 1.0 and 3 <= report["n_relation"] <= 6  # some reversals are held-out layouts
+    assert report["n_binding"] >= 3 and report["binding"] == 1.0 and report["color"] == 1.0
+    blind = cm.hard_negative_report(lambda x: np.ones((len(x), 1)), lambda c: np.ones((len(c), 1)), images, scenes)
+    assert blind["relation"] == 0.0  # ties are not wins

@@ -99,3 +99,25 @@ def test_config_checks_and_round_trip():
         cv.CLIPConfig(text=dataclasses.replace(cfg.text, projection_dim=32), vision=cfg.vision)
     with pytest.raises(ValueError, match="patch_size"):
         cv.CLIPVisionConfig(image_size=64, patch_size=7)
+
+
+def test_infonce_with_hard_negatives_matches_numpy():
+    """Hard negatives join every image's candidate texts (image->text only); text->image is unchanged."""
+    rng = np.random.default_rng(2)
+    img, txt, neg = (_unit(rng.normal(size=(5, 4))) for _ in range(3))
+    logit_scale = 2.5
+    scale = math.exp(logit_scale)
+    logits = scale * np.concatenate([img @ txt.T, img @ neg.T], axis=1)
+    logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(
+        1, keepdims=True)
+    i2t = -np.mean(np.diag(logp[:, :5]))
+    t_logits = scale * txt @ img.T
+    t_logp = t_logits - np.log(np.exp(t_logits).sum(1, keepdims=True))
+    want = 0.5 * (i2t - np.mean(np.diag(t_logp)))
+    got = cv.contrastive_loss(*(jnp.asarray(x, jnp.float32) for x in (img, txt)), logit_scale,
+                              jnp.asarray(neg, jnp.float32))
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    # negatives that duplicate every caption double each image->text candidate: that direction costs exactly ln 2 more
+    dup = cv.contrastive_loss(jnp.asarray(img), jnp.asarray(txt), 4.6, jnp.asarray(txt))
+    base = cv.contrastive_loss(jnp.asarray(img), jnp.asarray(txt), 4.6)
+    np.testing.assert_allclose(float(dup) - float(base), 0.5 * math.log(2), rtol=1e-4)

@@ -243,3 +243,84 @@ def test_eval_prompts_carry_their_targets(split, prompt_type):
         assert p.split == split and p.prompt_type == prompt_type == p.target.prompt_type
         assert S.is_heldout(p.target) == (split == "heldout")
         _caption_agrees(p.target, p.prompt)
+
+
+# ----------------------------------------------------------------------------- hard negatives
+
+
+def _description(text):
+    """A caption's meaning, phrasing aside: {(color, shape, size or None), ...} placed by relation."""
+    objects, relation = S.parse_caption(text)
+    if relation is None:
+        return objects, None
+    if relation in ("right of", "below"):  # normalise to "left of" / "above" with the objects swapped
+        return objects[::-1], S.INVERSE_RELATION[relation]
+    return objects, relation
+
+
+def _contradicts(scene, text):
+    """True when the scene's image cannot be described by ``text`` (an independent reading of the caption)."""
+    objects, relation = _description(text)
+    if len(objects) != len(scene.objects):
+        return True
+    truth = {(o.color, o.shape): o for o in scene.objects}
+    for color, shape, size in objects:
+        if (color, shape) not in truth or size not in (None, truth[(color, shape)].size):
+            return True
+    if relation is None:
+        return False
+    first, second = (truth[o[:2]] for o in objects)
+    (x1, y1), (x2, y2) = first.center, second.center
+    holds = x1 < x2 if relation == "left of" else y1 < y2
+    # the scene's relation axis: a relation on the other axis is not stated by the image either
+    axis = "h" if scene.relation in ("left of", "right of") else "v"
+    return not holds or axis != ("h" if relation == "left of" else "v")
+
+
+@pytest.mark.parametrize("split", S.SPLITS)
+def test_hard_negatives_contradict_the_image_in_one_respect(split):
+    rng = np.random.default_rng(0)
+    scenes = _scenes(8, 400, split)
+    for sc in scenes:
+        true = S.caption(sc, rng, name_sizes=True)
+        assert not _contradicts(sc, true), true
+        assert all(o.size in true.split() for o in sc.objects), true
+        negative = S.hard_negative_caption(sc, rng)
+        assert _contradicts(sc, negative), (sc, negative)
+        words = lambda t: Counter(w for w in t.split() if w in S.COLORS + S.SHAPES + S.SIZES)
+        truth_words = Counter([o.color for o in sc.objects] + [o.shape for o in sc.objects])
+        extra = words(negative) - truth_words - Counter(o.size for o in sc.objects)
+        assert sum(extra.values()) <= 1, (sc, negative)  # at most one attribute word that the scene lacks
+
+
+def test_hard_negative_kinds_and_split():
+    rng = np.random.default_rng(1)
+    train = _scenes(9, 600, "train")
+    two = [sc for sc in train if len(sc.objects) == 2]
+    for sc in train:
+        # a train scene's negatives never name a held-out combination
+        parsed = S.parse_caption(S.hard_negative_caption(sc, rng))
+        described = S.Scene(tuple(S.Obj(c, s, z or "small", (0.0, 0.0), 0) for c, s, z in parsed[0]), parsed[1])
+        assert not S.is_heldout(described), described
+    for sc in two:
+        flip = S.hard_negative_caption(sc, rng, "relation")
+        if flip is None:  # only when the reversed relation would be a held-out layout
+            assert S.is_heldout(S.Scene(sc.objects, S.INVERSE_RELATION[sc.relation])), sc
+            continue
+        flipped, truth = _description(flip), _description(S.caption(sc, rng))
+        assert [o[:2] for o in flipped[0]] == [o[:2] for o in truth[0]][::-1] and flipped[1] == truth[1]
+    one = next(sc for sc in train if len(sc.objects) == 1)
+    assert S.hard_negative_caption(one, rng, "relation") is None
+    assert S.hard_negative_caption(one, rng, "binding") is None
+    size_neg = S.hard_negative_caption(one, rng, "size")
+    assert S.parse_caption(size_neg)[0][0][2] not in (None, one.objects[0].size)
+    kinds = Counter()
+    for sc in two[:100]:
+        for kind in S.NEGATIVE_KINDS:
+            kinds[kind] += S.hard_negative_caption(sc, rng, kind) is not None
+    # reversing the relation is refused where it would make a held-out layout (about a fifth of the scenes)
+    assert kinds["relation"] >= 60 and kinds["binding"] >= 80 and kinds["color"] == 100
+    with pytest.raises(ValueError, match="kind must be one of"):
+        S.hard_negative_caption(one, rng, "texture")
+    a = S.hard_negative_caption(two[0], np.random.default_rng(5))
+    assert a == S.hard_negative_caption(two[0], np.random.default_rng(5))

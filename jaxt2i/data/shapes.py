@@ -351,20 +351,84 @@ def object_phrase(obj: Obj, with_size: bool) -> str:
     return f"{_article(words[0])} {' '.join(words)}"
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A caption of ``scene``; ``rng`` picks the template, paraphrase and whether sizes are named."""
+def caption(scene: Scene, rng: np.random.Generator, name_sizes: bool = False) -> str:
+    """A caption of ``scene``; ``rng`` picks the template, paraphrase and whether sizes are named.
+
+    ``name_sizes=True`` names every object's size (the caption then says everything the scene
+    holds); otherwise each size word appears with probability 0.4.
+    """
+    def phrase(obj: Obj) -> str:
+        return object_phrase(obj, rng.random() < _SIZE_WORD_PROBABILITY or name_sizes)
+
     if len(scene.objects) == 1:
-        phrase = object_phrase(scene.objects[0], rng.random() < _SIZE_WORD_PROBABILITY)
-        return _choice(rng, _ONE_OBJECT_TEMPLATES).format(a=phrase)
+        return _choice(rng, _ONE_OBJECT_TEMPLATES).format(a=phrase(scene.objects[0]))
     a, b = scene.objects
     relation = scene.relation
     if rng.random() < _SWAP_PROBABILITY:  # state it from the other object: same scene
         a, b, relation = b, a, INVERSE_RELATION[relation]
     return _choice(rng, _TWO_OBJECT_TEMPLATES).format(
-        a=object_phrase(a, rng.random() < _SIZE_WORD_PROBABILITY),
-        rel=_choice(rng, _RELATION_PHRASES[relation]),
-        b=object_phrase(b, rng.random() < _SIZE_WORD_PROBABILITY),
+        a=phrase(a), rel=_choice(rng, _RELATION_PHRASES[relation]), b=phrase(b)
     )
+
+
+def _replace_object(scene: Scene, i: int, **changes) -> Scene:
+    objects = list(scene.objects)
+    objects[i] = dataclasses.replace(objects[i], **changes)
+    return Scene(tuple(objects), scene.relation)
+
+
+def _contradictions(scene: Scene) -> dict[str, list[tuple[Scene, bool]]]:
+    """The one-step edits of ``scene``'s description that its image contradicts, by kind, as
+    (edited scene, whether the caption must name sizes); kinds without an edit are left out."""
+    kinds: dict[str, list[tuple[Scene, bool]]] = {"color": [], "shape": [], "size": []}
+    for i, obj in enumerate(scene.objects):
+        kinds["color"] += [(_replace_object(scene, i, color=c), False) for c in COLORS if c != obj.color]
+        kinds["shape"] += [(_replace_object(scene, i, shape=s), False) for s in SHAPES if s != obj.shape]
+        other = SIZES[1 - SIZES.index(obj.size)]
+        kinds["size"].append((_replace_object(scene, i, size=other), True))  # only a named size contradicts
+    if len(scene.objects) == 2:
+        a, b = scene.objects
+        kinds["relation"] = [(Scene(scene.objects, INVERSE_RELATION[scene.relation]), False)]
+        kinds["binding"] = []
+        for field, names_sizes in (("color", False), ("shape", False), ("size", True)):
+            if getattr(a, field) != getattr(b, field):
+                swapped = (dataclasses.replace(a, **{field: getattr(b, field)}),
+                           dataclasses.replace(b, **{field: getattr(a, field)}))
+                kinds["binding"].append((Scene(swapped, scene.relation), names_sizes))
+
+    train_scene = not is_heldout(scene)
+
+    def allowed(edited: Scene) -> bool:
+        keys = [(o.color, o.shape) for o in edited.objects]
+        return len(set(keys)) == len(keys) and not (train_scene and is_heldout(edited))
+
+    kinds = {k: [e for e in edits if allowed(e[0])] for k, edits in kinds.items()}
+    return {k: edits for k, edits in kinds.items() if edits}
+
+
+NEGATIVE_KINDS: tuple[str, ...] = ("color", "shape", "size", "relation", "binding")
+
+
+def hard_negative_caption(scene: Scene, rng: np.random.Generator, kind: str | None = None) -> str | None:
+    """A caption that the image of ``scene`` contradicts in exactly one respect (contrastive training).
+
+    The kind of edit is drawn uniformly among those that apply, then one edit of that kind: one
+    object's "color", "shape" or "size" changed; for two objects also the "relation" reversed or
+    the two objects' colors, shapes or sizes swapped ("binding"). Edited sizes are always named.
+    The edited description of a train scene never holds a held-out combination (see
+    ``heldout_reasons``), so negatives of train scenes stay in the train split. It is a description only: the edited
+    scene keeps the original centers. ``kind`` (one of ``NEGATIVE_KINDS``) forces the kind of edit; None is
+    returned when no edit of that kind applies (e.g. "relation" for one object).
+    """
+    kinds = _contradictions(scene)
+    if kind is not None:
+        if kind not in NEGATIVE_KINDS:
+            raise ValueError(f"kind must be one of {NEGATIVE_KINDS} or None, got {kind!r}")
+        if kind not in kinds:
+            return None
+        kinds = {kind: kinds[kind]}
+    edited, names_sizes = _choice(rng, kinds[_choice(rng, sorted(kinds))])
+    return caption(edited, rng, name_sizes=names_sizes)
 
 
 def example_caption(seed: int, index: int, split: str = "train") -> str:

@@ -72,6 +72,34 @@ def retrieval_accuracy(image_features: np.ndarray, text_features: np.ndarray) ->
             "text_to_image": float(np.mean(np.argmax(sims, 0) == target))}
 
 
+def hard_negative_report(encode_images: ImageEncoder, encode_texts: TextEncoder, images: np.ndarray,
+                         scenes: Sequence[shapes.Scene], seed: int = 0) -> dict:
+    """How often an image is closer to a true caption than to one it contradicts, per kind of contradiction.
+
+    For each kind in ``shapes.NEGATIVE_KINDS`` (color / shape / size / relation / binding) and each scene where it
+    applies: is ``cos(image, caption) > cos(image, hard negative of that kind)``? True captions name every size
+    (size negatives always do). ``{kind: accuracy, ..., "n_<kind>": count}``; 0.5 is chance.
+    """
+    rng = np.random.default_rng(seed)
+    image_feats = encode_images(images)
+    report = {}
+    for kind in shapes.NEGATIVE_KINDS:
+        rows, true_caps, neg_caps = [], [], []
+        for i, scene in enumerate(scenes):
+            negative = shapes.hard_negative_caption(scene, rng, kind)
+            if negative is not None:
+                rows.append(i)
+                true_caps.append(shapes.caption(scene, rng, name_sizes=True))
+                neg_caps.append(negative)
+        if rows:
+            feats = image_feats[rows]
+            true_sim = np.sum(feats * encode_texts(true_caps), axis=1)
+            neg_sim = np.sum(feats * encode_texts(neg_caps), axis=1)
+            report[kind] = float(np.mean(true_sim > neg_sim))
+        report[f"n_{kind}"] = len(rows)
+    return report
+
+
 def one_object_eval_set(split: str, n: int, seed: int = 0) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """``n`` one-object images of ``split`` ([n, 64, 64, 3] in [0, 1]) and their (color, shape).
 

@@ -209,14 +209,18 @@ def contrastive_logits(image_embeds: jax.Array, text_embeds: jax.Array, logit_sc
                                                    text_embeds.astype(jnp.float32))
 
 
-def contrastive_loss(image_embeds: jax.Array, text_embeds: jax.Array, logit_scale: jax.Array) -> jax.Array:
+def contrastive_loss(image_embeds: jax.Array, text_embeds: jax.Array, logit_scale: jax.Array,
+                     negative_text_embeds: jax.Array | None = None) -> jax.Array:
     """Symmetric InfoNCE: the mean of the image->text and text->image cross-entropies, pair i matching i.
 
     Args: unit-norm ``[B, P]`` image and text embeddings; ``logit_scale`` the log inverse temperature (clipped at
-    ln 100). Returns a float32 scalar.
+    ln 100); optional unit-norm ``[N, P]`` ``negative_text_embeds`` (hard negatives, e.g. captions each image
+    contradicts) that join the candidates of every image->text row only. Returns a float32 scalar.
     """
     logits = contrastive_logits(image_embeds, text_embeds, logit_scale)
     labels = jnp.arange(logits.shape[0])
-    image_to_text = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     text_to_image = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels)
+    if negative_text_embeds is not None:
+        logits = jnp.concatenate([logits, contrastive_logits(image_embeds, negative_text_embeds, logit_scale)], 1)
+    image_to_text = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return 0.5 * (jnp.mean(image_to_text) + jnp.mean(text_to_image))

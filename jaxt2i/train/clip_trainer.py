@@ -49,6 +49,9 @@ class CLIPTrainConfig:
     model: a preset name of :data:`jaxt2i.models.clip_vision.PRESETS`, or ``{"text": {...}, "vision": {...}}``
       with the fields of CLIPTextConfig / CLIPVisionConfig (missing fields take the ``shapes`` preset's values).
     train_examples: size of the pool of training scenes; eval_examples: one-object images per split for zero-shot.
+    hard_negatives: give every image one more candidate caption that contradicts it in one respect
+      (``shapes.hard_negative_caption``: an attribute changed, the relation reversed or two objects' attributes
+      swapped), so matching needs more than the bag of words: the text tower must encode binding and relations.
     """
 
     seed: int = 0
@@ -63,6 +66,7 @@ class CLIPTrainConfig:
     train_examples: int = 8192
     eval_examples: int = 300
     heldout_pairs: int = 256
+    hard_negatives: bool = False
     log_every: int = 25
     save_dtype: str = "float16"
 
@@ -95,29 +99,43 @@ def init_state(config: CLIPConfig, optimizer: optax.GradientTransformation, key:
 
 
 def make_train_step(config: CLIPConfig, optimizer: optax.GradientTransformation
-                    ) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, dict]]:
-    """Jitted ``(state, images [B, H, W, 3] in [0, 1], ids [B, L] int32, key) -> (state, metrics)``.
+                    ) -> Callable[..., tuple[TrainState, dict]]:
+    """Jitted ``(state, images [B, H, W, 3] in [0, 1], ids [B, L] int32, key, negative_ids [N, L] or None)
+    -> (state, metrics)``; ``negative_ids`` are hard-negative captions (see ``contrastive_loss``).
 
     The model has no randomness; ``key`` (with the step folded in) is taken for the uniform step signature.
     """
     model = CLIPModel(config)
 
-    def loss_fn(params, images, ids):
-        image_embeds, text_embeds, logit_scale = model.apply({"params": params}, ids, images)
-        loss = contrastive_loss(image_embeds, text_embeds, logit_scale)
+    def loss_fn(params, images, ids, negative_ids):
+        n = ids.shape[0]
+        all_ids = ids if negative_ids is None else jnp.concatenate([ids, negative_ids])
+        image_embeds, text_embeds, logit_scale = model.apply({"params": params}, all_ids, images)
+        text_embeds, negative_embeds = text_embeds[:n], (None if negative_ids is None else text_embeds[n:])
+        loss = contrastive_loss(image_embeds, text_embeds, logit_scale, negative_embeds)
         sims = image_embeds @ text_embeds.T
-        accuracy = jnp.mean(jnp.argmax(sims, axis=1) == jnp.arange(sims.shape[0]))
-        return loss, {"i2t_accuracy": accuracy, "temperature_inv": clipped_scale(logit_scale)}
+        metrics = {"i2t_accuracy": jnp.mean(jnp.argmax(sims, axis=1) == jnp.arange(n)),
+                   "temperature_inv": clipped_scale(logit_scale)}
+        if negative_embeds is not None:  # image i's own hard negative is negative_ids[i] when N == B
+            own = jnp.sum(image_embeds * negative_embeds[:n], axis=1)
+            metrics["beats_hard_negative"] = jnp.mean(jnp.diagonal(sims) > own)
+        return loss, metrics
 
-    def step(state: TrainState, images, ids, key):
+    def step(state: TrainState, images, ids, key, negative_ids=None):
         del key
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, images, ids)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, images, ids, negative_ids)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return jax.jit(step)
+
+
+def epoch_negative_captions(scenes: list, indices: np.ndarray, seed: int, epoch: int) -> list[str]:
+    """One hard-negative caption per ``scenes[i]`` (``shapes.hard_negative_caption``), drawn per (seed, epoch, i)."""
+    return [shapes.hard_negative_caption(scenes[i], np.random.default_rng([seed, epoch, int(i), 1]))
+            for i in indices]
 
 
 def epoch_captions(scenes: list, indices: np.ndarray, seed: int, epoch: int) -> list[str]:
@@ -145,6 +163,8 @@ def evaluate(params, config: CLIPConfig, tokenizer: CLIPTokenizer, cfg: "CLIPTra
     train = shapes.batch(cfg.seed + 3_000_017, 0, cfg.heldout_pairs, "train")
     held_img, held_txt = encode_images(held["images"]), encode_texts(held["captions"])
     result["heldout_retrieval"] = clip_metrics.retrieval_accuracy(held_img, held_txt)
+    result["hard_negatives_heldout"] = clip_metrics.hard_negative_report(
+        encode_images, encode_texts, held["images"], held["scenes"], cfg.seed)
     result["clip_score_heldout_matching"] = clip_metrics.clip_score(held_img, held_txt)
     result["clip_score_heldout_shuffled"] = clip_metrics.clip_score(held_img, np.roll(held_txt, 1, axis=0))
     result["frechet_heldout_vs_train_real"] = frechet.frechet_distance_from_features(
@@ -202,8 +222,13 @@ def train(cfg: CLIPTrainConfig, out_dir: str | os.PathLike | None = None, log: C
     def step_fn(step):
         nonlocal state
         idx = epoch_batches(len(images), cfg.batch_size, cfg.seed, step)
-        ids = tokenize_checked(tokenizer, epoch_captions(scenes, idx, cfg.seed, step // per_epoch), cfg.text_length)
-        state, metrics = train_step(state, jnp.asarray(images[idx]), jnp.asarray(ids), key)
+        epoch = step // per_epoch
+        ids = tokenize_checked(tokenizer, epoch_captions(scenes, idx, cfg.seed, epoch), cfg.text_length)
+        negative_ids = None
+        if cfg.hard_negatives:
+            negative_ids = jnp.asarray(tokenize_checked(
+                tokenizer, epoch_negative_captions(scenes, idx, cfg.seed, epoch), cfg.text_length))
+        state, metrics = train_step(state, jnp.asarray(images[idx]), jnp.asarray(ids), key, negative_ids)
         return metrics
 
     history, train_time = run_logged_steps(cfg.steps, cfg.log_every, step_fn, cfg, out_dir, log, digits=5)
