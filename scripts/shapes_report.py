@@ -1,9 +1,10 @@
 """Pictures and timings for docs/shapes_model.md: the loss curves, a grid of generated images, time to first image.
 
     python scripts/shapes_report.py losses --vae /work/runs/shapes_vae --clip /work/runs/shapes_clip \
-        --unet /work/runs/shapes_unet7k --out docs/images/shapes_losses.png
+        --unet /work/runs/shapes_unet_hn --out docs/images/shapes_losses.png
     python scripts/shapes_report.py grid --out docs/images/shapes_grid.png        # the shipped model, defaults
     python scripts/shapes_report.py timing                                         # fresh-process + warm timings
+    python scripts/shapes_report.py clip --clip /work/runs/shapes_clip             # what the CLIP text tower encodes
 
 Drawn with PIL only (no matplotlib). `grid` uses the shipped model (or --model) at its default steps (25) and
 guidance (3.0); its prompts mix training combinations and held-out ones (marked "held-out").
@@ -184,13 +185,40 @@ def timing(args) -> None:
     print(json.dumps(result))
 
 
+RELATION_PROBE = ("a red circle above a blue square", "a red circle below a blue square",
+                  "a blue square below a red circle", "a blue square above a red circle")
+
+
+def clip(args) -> None:
+    """Per kind of contradiction (color, shape, size, relation, binding), how often an image is closer to its
+    caption than to the contradicting one, on train and held-out scenes; and the cosines between the text
+    embeddings of one scene's caption with the relation reversed (1.0 = the relation word is ignored)."""
+    from jaxt2i.data import shapes
+    from jaxt2i.eval import clip_metrics
+    from jaxt2i.tokenizer import CLIPTokenizer
+    from jaxt2i.train.clip_trainer import load_clip
+
+    params, config = load_clip(args.clip)
+    encode_images, encode_texts = clip_metrics.clip_encoders(params, config, CLIPTokenizer.default())
+    result = {}
+    for split in shapes.SPLITS:
+        data = shapes.batch(args.seed + 3_000_017, 0, args.n, split)  # the CLIP trainer's evaluation stream
+        result[split] = clip_metrics.hard_negative_report(encode_images, encode_texts, data["images"],
+                                                          data["scenes"], args.seed)
+        print(split, json.dumps(result[split]), flush=True)
+    text = encode_texts(list(RELATION_PROBE))
+    result["relation_probe_cosines"] = {f"{RELATION_PROBE[0]!r} vs {t!r}": round(float(text[0] @ text[i]), 4)
+                                        for i, t in enumerate(RELATION_PROBE) if i}
+    print(json.dumps(result["relation_probe_cosines"], indent=1))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     lo = sub.add_parser("losses")
     lo.add_argument("--vae", default="/work/runs/shapes_vae")
     lo.add_argument("--clip", default="/work/runs/shapes_clip")
-    lo.add_argument("--unet", default="/work/runs/shapes_unet7k")
+    lo.add_argument("--unet", default="/work/runs/shapes_unet_hn")
     lo.add_argument("--out", default="docs/images/shapes_losses.png")
     gr = sub.add_parser("grid")
     gr.add_argument("--model", default=None)
@@ -200,8 +228,13 @@ def main(argv=None) -> int:
     gr.add_argument("--out", default="docs/images/shapes_grid.png")
     ti = sub.add_parser("timing")
     ti.add_argument("--model", default=None)
+    cl = sub.add_parser("clip")
+    cl.add_argument("--clip", default="/work/runs/shapes_clip", help="a scripts/train_shapes_clip.py output folder")
+    cl.add_argument("--n", type=int, default=256, help="scenes per split")
+    cl.add_argument("--seed", type=int, default=0, help="the CLIP config's seed (held-out numbers then equal "
+                                                        "metrics.json's hard_negatives_heldout)")
     args = p.parse_args(argv)
-    {"losses": losses, "grid": grid, "timing": timing}[args.what](args)
+    {"losses": losses, "grid": grid, "timing": timing, "clip": clip}[args.what](args)
     return 0
 
 
