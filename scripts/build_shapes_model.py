@@ -1,7 +1,7 @@
 """Assembles the shipped shapes-world model: jaxt2i/assets/shapes_model/ (what `jaxt2i generate` uses by default).
 
     python scripts/build_shapes_model.py \
-        --unet /work/runs/shapes_unet_hn/final \
+        --unet /work/runs/shapes_unet7k/final \
         --vae /work/runs/shapes_vae \
         --clip /work/runs/shapes_clip \
         --out jaxt2i/assets/shapes_model
