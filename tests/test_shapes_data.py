@@ -324,3 +324,13 @@ def test_hard_negative_kinds_and_split():
         S.hard_negative_caption(one, rng, "texture")
     a = S.hard_negative_caption(two[0], np.random.default_rng(5))
     assert a == S.hard_negative_caption(two[0], np.random.default_rng(5))
+
+
+def test_caption_stream_is_pinned():
+    """The captions of the shipped model's training data: any change to the draw order shows up here."""
+    assert [S.example_caption(0, i, "train") for i in range(6)] == [
+        "there is a small yellow circle", "there is a red square below a small purple square", "a blue square",
+        "a picture of a small white square", "there is an orange square", "a red circle"]
+    assert [S.example_caption(1, i, "heldout") for i in range(4)] == [
+        "there is a blue square beneath a yellow square", "a picture of a purple circle",
+        "a yellow square to the right of a small yellow circle", "a small blue triangle is above a red triangle"]

@@ -361,7 +361,8 @@ def caption(scene: Scene, rng: np.random.Generator, name_sizes: bool = False) ->
         return object_phrase(obj, rng.random() < _SIZE_WORD_PROBABILITY or name_sizes)
 
     if len(scene.objects) == 1:
-        return _choice(rng, _ONE_OBJECT_TEMPLATES).format(a=phrase(scene.objects[0]))
+        a = phrase(scene.objects[0])  # drawn before the template: the caption stream of every seed is unchanged
+        return _choice(rng, _ONE_OBJECT_TEMPLATES).format(a=a)
     a, b = scene.objects
     relation = scene.relation
     if rng.random() < _SWAP_PROBABILITY:  # state it from the other object: same scene
@@ -416,9 +417,10 @@ def hard_negative_caption(scene: Scene, rng: np.random.Generator, kind: str | No
     object's "color", "shape" or "size" changed; for two objects also the "relation" reversed or
     the two objects' colors, shapes or sizes swapped ("binding"). Edited sizes are always named.
     The edited description of a train scene never holds a held-out combination (see
-    ``heldout_reasons``), so negatives of train scenes stay in the train split. It is a description only: the edited
-    scene keeps the original centers. ``kind`` (one of ``NEGATIVE_KINDS``) forces the kind of edit; None is
-    returned when no edit of that kind applies (e.g. "relation" for one object).
+    ``heldout_reasons``), so negatives of train scenes stay in the train split. It is a description
+    only: the edited scene keeps the original centers. ``kind`` (one of ``NEGATIVE_KINDS``) forces
+    the kind of edit; None is returned when no edit of that kind applies (e.g. "relation" for one
+    object).
     """
     kinds = _contradictions(scene)
     if kind is not None:

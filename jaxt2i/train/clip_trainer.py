@@ -51,7 +51,8 @@ class CLIPTrainConfig:
     train_examples: size of the pool of training scenes; eval_examples: one-object images per split for zero-shot.
     hard_negatives: give every image one more candidate caption that contradicts it in one respect
       (``shapes.hard_negative_caption``: an attribute changed, the relation reversed or two objects' attributes
-      swapped), so matching needs more than the bag of words: the text tower must encode binding and relations.
+      swapped), so matching needs more than the bag of words. Measured on the shapes CLIP: binding, shape and size
+      improve, the relation does not (docs/shapes_model.md).
     """
 
     seed: int = 0
