@@ -4,6 +4,13 @@ Same U-Net config, batch of cached latents + text context, epsilon loss, AdamW w
 process. Prints medians over repeats and the ratio (jaxt2i time / PyTorch time; <= 1.0 is the target).
 
     python scripts/bench_train.py [--batch 8] [--latent 32] [--repeats 10]
+    python scripts/bench_train.py --config configs/shapes_unet.yaml --batch 32 [--set model.unet_config.KEY=VALUE]
+
+With ``--config`` the U-Net is the one a training YAML's ``model.unet_config`` describes (after ``--set``
+overrides, YAML syntax), at its own ``sample_size``, e.g. the shapes model's U-Net with its transformer blocks
+moved back to 16x16 and 8x8:
+``--set "model.unet_config.down_block_types=[CrossAttnDownBlock2D,CrossAttnDownBlock2D,DownBlock2D]"
+--set "model.unet_config.up_block_types=[UpBlock2D,CrossAttnUpBlock2D,CrossAttnUpBlock2D]"``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from jaxt2i.convert.components import params_from_torch
 from jaxt2i.diffusion.losses import LossConfig
 from jaxt2i.diffusion.schedules import ScheduleConfig, alphas_cumprod
 from jaxt2i.models import unet as unet_lib
+from jaxt2i.train.config import load_config
 from jaxt2i.train.optim import OptimConfig
 from jaxt2i.train.sharding import MeshConfig, make_mesh
 from jaxt2i.train.state import Models, TrainableConfig, init_train_state
@@ -70,21 +78,33 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--latent", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--config", help="a jaxt2i train YAML: benchmark its model.unet_config at its sample_size")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override in that YAML (repeatable), e.g. model.unet_config.layers_per_block=2")
     args = parser.parse_args()
     from diffusers import UNet2DConditionModel
 
+    unet_config, latent = SMALL, args.latent
+    if args.config:
+        model_section = load_config(args.config, args.set).model
+        if model_section.unet_config is None:
+            parser.error(f"{args.config} has no model.unet_config to benchmark")
+        unet_config = unet_lib.UNetConfig(**model_section.unet_config)
+        latent = unet_config.sample_size
+    elif args.set:
+        parser.error("--set needs --config")
     torch.manual_seed(0)
-    torch_unet = UNet2DConditionModel(**SMALL.to_diffusers()).train()
+    torch_unet = UNet2DConditionModel(**unet_config.to_diffusers()).train()
     sd = {k: v.detach().numpy() for k, v in torch_unet.state_dict().items()}
-    params = params_from_torch("unet", sd, SMALL, source="bench")
+    params = params_from_torch("unet", sd, unet_config, source="bench")
     rng = np.random.default_rng(0)
-    latents = rng.standard_normal((args.batch, args.latent, args.latent, 4)).astype(np.float32)
-    context = rng.standard_normal((args.batch, 77, SMALL.cross_attention_dim)).astype(np.float32)
+    latents = rng.standard_normal((args.batch, latent, latent, unet_config.in_channels)).astype(np.float32)
+    context = rng.standard_normal((args.batch, 77, unet_config.cross_attention_dim)).astype(np.float32)
 
     optim = OptimConfig(lr=1e-4, warmup_steps=0, total_steps=1000, weight_decay=1e-2, grad_clip_norm=1.0,
                         ema_decay=None)
     mesh = make_mesh(MeshConfig(data=1, fsdp=1))
-    models = Models(unet=unet_lib.UNet(SMALL))
+    models = Models(unet=unet_lib.UNet(unet_config))
     trainable = TrainableConfig(mode="full")
     state, shardings = init_train_state(models, {"unet": params}, optim, trainable, mesh, seed=0)
     step = make_train_step(models, ScheduleConfig(), LossConfig(cond_dropout=0.0), optim, trainable, mesh=mesh,
@@ -105,7 +125,7 @@ def main() -> None:
     jax_s = _median_time(jax_step, args.repeats)
     torch_s = _median_time(torch_step, args.repeats)
     params_m = sum(v.size for v in jax.tree.leaves(params)) / 1e6
-    print(f"| train step, U-Net {params_m:.1f}M params, batch {args.batch}, {args.latent}x{args.latent} latents, fp32 "
+    print(f"| train step, U-Net {params_m:.1f}M params, batch {args.batch}, {latent}x{latent} latents, fp32 "
           f"| jaxt2i {jax_s * 1000:.0f} ms ({args.batch / jax_s:.1f} img/s; compile {compile_s:.1f} s) "
           f"| PyTorch {torch_s * 1000:.0f} ms | ratio {jax_s / torch_s:.2f} |")
     print(f"loadavg: {open('/proc/loadavg').read().strip()}")

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Trains the whole shapes-world chain -- KL-VAE, small CLIP, latent U-Net -- and assembles the model folder, timing
+# each stage:
+#
+#     bash scripts/train_shapes_chain.sh RUNS_DIR [MODEL_OUT]
+#
+# RUNS_DIR receives shapes_vae/, shapes_clip/, shapes_unet/ (the U-Net's checkpoints, metrics and final/) and
+# chain_times.tsv (stage, seconds); MODEL_OUT (default RUNS_DIR/shapes_model) receives the float16 model folder
+# that scripts/build_shapes_model.py writes -- pass jaxt2i/assets/shapes_model to replace the shipped default.
+# A stage whose output already exists is not run again (the U-Net stage resumes from its newest checkpoint), so
+# the same command continues an interrupted chain; delete a stage's folder to retrain it. The build always runs (a
+# few seconds) and overwrites MODEL_OUT.
+set -euo pipefail
+
+if [[ $# -lt 1 || $# -gt 2 ]]; then
+    echo "usage: bash scripts/train_shapes_chain.sh RUNS_DIR [MODEL_OUT]" >&2
+    exit 2
+fi
+runs=$1
+model_out=${2:-$runs/shapes_model}
+here=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$runs"
+times=$runs/chain_times.tsv
+
+stage() {  # stage NAME DONE_MARKER COMMAND...: runs COMMAND unless DONE_MARKER exists, appends its wall time
+    local name=$1 marker=$2
+    shift 2
+    if [[ -n $marker && -e $marker ]]; then
+        echo "== $name: $marker exists, skipped"
+        return
+    fi
+    echo "== $name: $*"
+    local t0
+    t0=$(date +%s)
+    "$@"
+    printf '%s\t%s\n' "$name" "$(($(date +%s) - t0))" | tee -a "$times"
+}
+
+stage vae "$runs/shapes_vae/metrics.json" \
+    python "$here/scripts/train_shapes_vae.py" --config "$here/configs/shapes_vae.yaml" --out "$runs/shapes_vae"
+stage clip "$runs/shapes_clip/metrics.json" \
+    python "$here/scripts/train_shapes_clip.py" --config "$here/configs/shapes_clip.yaml" --out "$runs/shapes_clip"
+stage unet "$runs/shapes_unet/final" \
+    jaxt2i train "$here/configs/shapes_unet.yaml" "workdir=$runs/shapes_unet" \
+    "model.vae_from=$runs/shapes_vae" "model.text_encoder_from=$runs/shapes_clip/text_encoder"
+stage build "" \
+    python "$here/scripts/build_shapes_model.py" --unet "$runs/shapes_unet/final" --vae "$runs/shapes_vae" \
+    --clip "$runs/shapes_clip" --out "$model_out"
+echo "== stage times (s):"
+cat "$times"
