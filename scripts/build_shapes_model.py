@@ -1,7 +1,7 @@
 """Assembles the shipped shapes-world model: jaxt2i/assets/shapes_model/ (what `jaxt2i generate` uses by default).
 
     python scripts/build_shapes_model.py \
-        --unet /work/runs/shapes_unet7k/final \
+        --unet /work/runs/shapes_unet/final \
         --vae /work/runs/shapes_vae \
         --clip /work/runs/shapes_clip \
         --out jaxt2i/assets/shapes_model
@@ -11,7 +11,8 @@ the KL-VAE from `scripts/train_shapes_vae.py`'s output and the text encoder from
 output (OUT/text_encoder/), checks that the run's frozen copies are exactly those, and writes a jaxt2i folder with
 every weight stored in float16 (the loader casts to the pipeline's dtype). The small CLIP's image tower (for
 `jaxt2i eval`'s CLIP score and Frechet distance) goes beside it in clip_vision/; its text tower is the text encoder.
-Prints the sizes; fails when the folder would exceed --max-mb.
+Prints the sizes; fails when the folder would exceed --max-mb. scripts/train_shapes_chain.sh runs the three trainings
+and then this script.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Pictures and timings for docs/shapes_model.md: the loss curves, a grid of generated images, time to first image.
 
     python scripts/shapes_report.py losses --vae /work/runs/shapes_vae --clip /work/runs/shapes_clip \
-        --unet /work/runs/shapes_unet7k --out docs/images/shapes_losses.png
+        --unet /work/runs/shapes_unet --out docs/images/shapes_losses.png     # scripts/train_shapes_chain.sh's runs
     python scripts/shapes_report.py grid --out docs/images/shapes_grid.png        # the shipped model, defaults
     python scripts/shapes_report.py timing                                         # fresh-process + warm timings
     python scripts/shapes_report.py clip --clip /work/runs/shapes_clip             # what the CLIP text tower encodes
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     lo = sub.add_parser("losses")
     lo.add_argument("--vae", default="/work/runs/shapes_vae")
     lo.add_argument("--clip", default="/work/runs/shapes_clip")
-    lo.add_argument("--unet", default="/work/runs/shapes_unet7k")
+    lo.add_argument("--unet", default="/work/runs/shapes_unet")
     lo.add_argument("--out", default="docs/images/shapes_losses.png")
     gr = sub.add_parser("grid")
     gr.add_argument("--model", default=None)

@@ -38,3 +38,16 @@ def test_default_model_loads_in_float32_and_generates_a_64px_image(pipe):
     assert image.shape == (1, 64, 64, 3) and image.dtype == np.float32
     assert np.all(np.isfinite(image)) and image.min() >= 0.0 and image.max() <= 1.0
     assert image.std() > 0.0  # not a blank canvas
+
+
+def test_shapes_unet_config_describes_the_shipped_unet():
+    """configs/shapes_unet.yaml retrains the U-Net that ships: same architecture as in the shipped manifest."""
+    from jaxt2i.convert.native import config_from_dict, read_manifest
+    from jaxt2i.models.unet import UNetConfig
+    from jaxt2i.train.config import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    model = load_config(os.path.join(root, "configs", "shapes_unet.yaml")).model
+    from_yaml = config_from_dict(UNetConfig, model.unet_config, source="configs/shapes_unet.yaml")
+    shipped = config_from_dict(UNetConfig, read_manifest(DEFAULT_MODEL)["components"]["unet"], source=DEFAULT_MODEL)
+    assert from_yaml == shipped
