@@ -8,8 +8,9 @@
 # chain_times.tsv (stage, seconds); MODEL_OUT (default RUNS_DIR/shapes_model) receives the float16 model folder
 # that scripts/build_shapes_model.py writes -- pass jaxt2i/assets/shapes_model to replace the shipped default.
 # A stage whose output already exists is not run again (the U-Net stage resumes from its newest checkpoint), so
-# the same command continues an interrupted chain; delete a stage's folder to retrain it. The build always runs (a
-# few seconds) and overwrites MODEL_OUT.
+# the same command continues an interrupted chain; every attempt at a stage appends its own line to chain_times.tsv
+# (a failed one, or one whose process was killed, with its exit status), so a stage's time is the sum of its lines. Delete a stage's
+# folder to retrain it. The build always runs (a few seconds) and overwrites MODEL_OUT.
 set -euo pipefail
 
 if [[ $# -lt 1 || $# -gt 2 ]]; then
@@ -30,10 +31,15 @@ stage() {  # stage NAME DONE_MARKER COMMAND...: runs COMMAND unless DONE_MARKER 
         return
     fi
     echo "== $name: $*"
-    local t0
+    local t0 status=0
     t0=$(date +%s)
-    "$@"
-    printf '%s\t%s\n' "$name" "$(($(date +%s) - t0))" | tee -a "$times"
+    "$@" || status=$?
+    if ((status == 0)); then
+        printf '%s\t%s\n' "$name" "$(($(date +%s) - t0))" | tee -a "$times"
+    else
+        printf '%s\t%s\t(exit %s)\n' "$name" "$(($(date +%s) - t0))" "$status" | tee -a "$times"
+        exit "$status"
+    fi
 }
 
 stage vae "$runs/shapes_vae/metrics.json" \
