@@ -304,3 +304,98 @@ def test_abstract_params_are_cached_but_returned_as_fresh_trees():
     assert first is not second and first["conv_in"] is not second["conv_in"]
     first.pop("conv_in")  # mutating a returned tree does not reach the cache
     assert "conv_in" in pipeline_presets.abstract_params("unet", config)
+
+
+# -- context encoder (jaxt2i extension) ------------------------------------------------------------------------------
+
+WITH_CONTEXT_ENCODER = dataclasses.replace(MICRO, context_encoder_layers=2, context_encoder_heads=4)
+
+
+def _np_layer_norm(x, p, eps=1e-5):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _np_self_attention(x, p, heads):
+    def project(name):
+        y = x @ p[name]["kernel"] + p[name]["bias"]  # [B, L, C]
+        return y.reshape(*y.shape[:2], heads, -1).transpose(0, 2, 1, 3)  # [B, h, L, d]
+
+    q, k, v = project("query"), project("key"), project("value")
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    out = (weights @ v).transpose(0, 2, 1, 3).reshape(x.shape)
+    return out @ p["out"]["kernel"] + p["out"]["bias"]
+
+
+def _np_geglu(x, p):
+    from scipy.special import erf
+
+    value, gate = np.split(x @ p["proj"]["kernel"] + p["proj"]["bias"], 2, axis=-1)
+    return (value * 0.5 * gate * (1 + erf(gate / np.sqrt(2)))) @ p["out"]["kernel"] + p["out"]["bias"]
+
+
+def _np_context_encoder(context, p, layers, heads):
+    x = context.astype(np.float64)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+    for k in range(layers):
+        x = x + _np_self_attention(_np_layer_norm(x, p[f"layers_{k}_norm1"]), p[f"layers_{k}_attn"], heads)
+        x = x + _np_geglu(_np_layer_norm(x, p[f"layers_{k}_norm2"]), p[f"layers_{k}_ff"])
+    return _np_layer_norm(x, p["norm_out"])
+
+
+def test_context_encoder_matches_a_numpy_transformer():
+    from jaxt2i.models.unet import ContextEncoder
+
+    cfg = WITH_CONTEXT_ENCODER
+    params = random_params(cfg)["context_encoder"]
+    context = np.random.default_rng(3).standard_normal((2, 7, cfg.cross_attention_dim)).astype(np.float32)
+    out = ContextEncoder(cfg.context_encoder_layers, cfg.context_encoder_heads).apply({"params": params}, context)
+    expected = _np_context_encoder(context, params, cfg.context_encoder_layers, cfg.context_encoder_heads)
+    np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_context_encoder_lets_early_tokens_see_later_ones_and_feeds_the_unet():
+    from jaxt2i.models.unet import ContextEncoder
+
+    cfg = WITH_CONTEXT_ENCODER
+    params = random_params(cfg)
+    sample, context = inputs(cfg, size=4)
+    edited = context.copy()
+    edited[:, -1] = np.random.default_rng(4).standard_normal(edited[:, -1].shape)  # only the last token changes
+    encoder = ContextEncoder(cfg.context_encoder_layers, cfg.context_encoder_heads)
+    enc = lambda c: np.asarray(encoder.apply({"params": params["context_encoder"]}, c))
+    assert np.abs(enc(context)[:, 0] - enc(edited)[:, 0]).max() > 1e-3  # a causal encoder's token 0 would not move
+
+    unet = UNet(cfg)
+    out = np.asarray(unet.apply({"params": params}, sample, 10, context))
+    scaled = dict(params, context_encoder=jax.tree.map(lambda a: 1.5 * a, params["context_encoder"]))
+    assert np.abs(out - np.asarray(unet.apply({"params": scaled}, sample, 10, context))).max() > 1e-4
+
+
+def test_context_encoder_is_absent_by_default_and_refused_by_diffusers_layouts(tmp_path):
+    from jaxt2i.convert import native
+
+    assert "context_encoder" not in abstract_params(MICRO)
+    assert "context_encoder_layers" not in MICRO.to_diffusers()  # diffusers' config.json keeps its own keys
+    tree = abstract_params(WITH_CONTEXT_ENCODER)["context_encoder"]
+    assert set(tree) == {"layers_0_norm1", "layers_0_attn", "layers_0_norm2", "layers_0_ff",
+                         "layers_1_norm1", "layers_1_attn", "layers_1_norm2", "layers_1_ff", "norm_out"}
+    assert tree["layers_1_ff"]["proj"]["kernel"].shape == (16, 128)
+    for call in (WITH_CONTEXT_ENCODER.to_diffusers, lambda: diffusers_table(WITH_CONTEXT_ENCODER)):
+        with pytest.raises(ValueError, match="context_encoder_layers=2.*--to jaxt2i"):
+            call()
+    stored = native.config_from_dict(UNetConfig, json.loads(json.dumps(native.config_to_dict(WITH_CONTEXT_ENCODER))),
+                                     source="test")
+    assert stored == WITH_CONTEXT_ENCODER
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"context_encoder_layers": -1}, "context_encoder_layers"),
+    ({"context_encoder_layers": 1, "context_encoder_heads": 3}, "context_encoder_heads"),
+])
+def test_context_encoder_config_validation(changes, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(MICRO, **changes)

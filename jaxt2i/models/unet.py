@@ -13,6 +13,8 @@ Parameter tree (module names mirror diffusers' keys, dots replaced by underscore
     mid_block/{resnets_0, attentions_0, resnets_1},
     up_blocks_{i}/{resnets_{j}, attentions_{j}, upsamplers_0/conv},
     conv_norm_out, conv_out
+    context_encoder/{layers_{k}_norm1, layers_{k}_attn, layers_{k}_norm2, layers_{k}_ff, norm_out}
+        (only with ``context_encoder_layers > 0``, a jaxt2i extension; see UNetConfig)
 
 A transformer (``attentions_{j}``) holds ``norm, proj_in, transformer_blocks_{k}/{norm1, attn1, norm2, attn2, norm3,
 ff/{proj, out}}, proj_out``; ``proj_in``/``proj_out`` are always Dense (a 1x1 convolution on NHWC is the same map;
@@ -77,6 +79,12 @@ class UNetConfig:
     only_cross_attention: bool = False
     dual_cross_attention: bool = False
     class_embed_type: str | None = None
+    # jaxt2i extension, not in diffusers' UNet2DConditionModel (0 = the diffusers architecture): bidirectional
+    # transformer layers, trained with the U-Net, that every token of the text context passes through before any
+    # cross-attention. A frozen causal text encoder never lets an early token see what follows it ("a red circle"
+    # in "a red circle above a blue square" never sees "above"); these layers do. Width cross_attention_dim.
+    context_encoder_layers: int = 0
+    context_encoder_heads: int = 4
 
     def __post_init__(self):
         for name in ("block_out_channels", "down_block_types", "up_block_types", "attention_head_dim",
@@ -119,6 +127,13 @@ class UNetConfig:
             heads = self.heads(i)
             if channels % heads:
                 raise ValueError(f"UNetConfig: block {i} has {channels} channels, not divisible by {heads} heads.")
+        if not isinstance(self.context_encoder_layers, int) or self.context_encoder_layers < 0:
+            raise ValueError(f"UNetConfig: context_encoder_layers must be an int >= 0, got "
+                             f"{self.context_encoder_layers!r}.")
+        heads = self.context_encoder_heads
+        if not isinstance(heads, int) or heads < 1 or self.cross_attention_dim % heads:
+            raise ValueError(f"UNetConfig: context_encoder_heads={heads!r} must be a positive int dividing "
+                             f"cross_attention_dim={self.cross_attention_dim}.")
         unsupported = {
             "only_cross_attention": (self.only_cross_attention, False),
             "dual_cross_attention": (self.dual_cross_attention, False),
@@ -186,15 +201,30 @@ class UNetConfig:
                 kwargs[key] = value[0]
         return cls(**kwargs)
 
+    def check_diffusers_layout(self) -> None:
+        """Raises unless diffusers' ``UNet2DConditionModel`` can hold this architecture (no jaxt2i extension)."""
+        if self.context_encoder_layers:
+            raise ValueError(
+                f"This U-Net has a context encoder (context_encoder_layers={self.context_encoder_layers}), a jaxt2i "
+                "extension that diffusers' UNet2DConditionModel does not have, so it cannot be written in (or read "
+                "from) the diffusers or original Stable Diffusion layout; keep it in jaxt2i's native format "
+                "(`jaxt2i convert SRC DST --to jaxt2i`).")
+
     def to_diffusers(self) -> dict[str, Any]:
-        """The diffusers ``UNet2DConditionModel`` config.json dict of this architecture."""
+        """The diffusers ``UNet2DConditionModel`` config.json dict of this architecture (no jaxt2i extension)."""
+        self.check_diffusers_layout()
         out: dict[str, Any] = {"_class_name": "UNet2DConditionModel"}
         for f in dataclasses.fields(self):
+            if f.name in _JAXT2I_ONLY:
+                continue
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
         out.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in _DIFFUSERS_FIXED.items()})
         return out
 
+
+# UNetConfig fields that diffusers' config.json does not have.
+_JAXT2I_ONLY = ("context_encoder_layers", "context_encoder_heads")
 
 # diffusers config entries whose value is fixed in the architectures we implement (value: the only one accepted).
 _DIFFUSERS_FIXED: dict[str, Any] = {
@@ -303,6 +333,33 @@ class BasicTransformerBlock(nn.Module):
         x = x + drop(attention(name="attn2")(layer_norm(name="norm2")(x), context))
         ff = GEGLUFeedForward(dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype, name="ff")
         return x + ff(layer_norm(name="norm3")(x), deterministic)
+
+
+class ContextEncoder(nn.Module):
+    """Bidirectional pre-LayerNorm transformer layers over the text context, then a LayerNorm.
+
+    ``context``: [B, L, D] -> [B, L, D]. Layer ``k`` is ``x + attn(norm1(x))``, then ``x + ff(norm2(x))`` (GEGLU);
+    no mask, like the U-Net's cross-attention (padding tokens are part of the prompt's encoding).
+    """
+
+    num_layers: int
+    num_heads: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, context: jax.Array) -> jax.Array:
+        layer_norm = functools.partial(nn.LayerNorm, epsilon=TRANSFORMER_LAYERNORM_EPS, dtype=self.dtype,
+                                       param_dtype=self.param_dtype)
+        width = context.shape[-1]
+        x = context
+        for k in range(self.num_layers):
+            attn = MultiHeadAttention(self.num_heads, width // self.num_heads, qkv_bias=True, out_bias=True,
+                                      dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{k}_attn")
+            x = x + attn(layer_norm(name=f"layers_{k}_norm1")(x))
+            ff = GEGLUFeedForward(dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{k}_ff")
+            x = x + ff(layer_norm(name=f"layers_{k}_norm2")(x))
+        return layer_norm(name="norm_out")(x)
 
 
 class Transformer2D(nn.Module):
@@ -454,6 +511,9 @@ class UNet(nn.Module):
         temb = TimestepMLP(cfg.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
                            name="time_embedding")(t_features.astype(self.dtype))  # [B, 4 * C0]
         context = context.astype(self.dtype)
+        if cfg.context_encoder_layers:
+            context = ContextEncoder(cfg.context_encoder_layers, cfg.context_encoder_heads, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, name="context_encoder")(context)
 
         h = conv3x3(cfg.block_out_channels[0], self.dtype, self.param_dtype, "conv_in")(sample.astype(self.dtype))
         skips = [h]
