@@ -42,7 +42,7 @@ SMALL = dataclasses.replace(unet_lib.PRESETS["tiny_sd1"], block_out_channels=(64
                             cross_attention_dim=128, norm_num_groups=32, layers_per_block=2)
 
 
-def _median_time(fn, repeats: int) -> float:
+def median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -122,8 +122,8 @@ def main() -> None:
     torch_step = torch_step_fn(torch_unet, (torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()),
                                             torch.from_numpy(context)), 1e-4)
     torch_step()  # warm-up
-    jax_s = _median_time(jax_step, args.repeats)
-    torch_s = _median_time(torch_step, args.repeats)
+    jax_s = median_time(jax_step, args.repeats)
+    torch_s = median_time(torch_step, args.repeats)
     params_m = sum(v.size for v in jax.tree.leaves(params)) / 1e6
     print(f"| train step, U-Net {params_m:.1f}M params, batch {args.batch}, {latent}x{latent} latents, fp32 "
           f"| jaxt2i {jax_s * 1000:.0f} ms ({args.batch / jax_s:.1f} img/s; compile {compile_s:.1f} s) "
