@@ -330,19 +330,20 @@ def _np_self_attention(x, p, heads):
     return out @ p["out"]["kernel"] + p["out"]["bias"]
 
 
-def _np_geglu(x, p):
+def _np_mlp(x, p):
     from scipy.special import erf
 
-    value, gate = np.split(x @ p["proj"]["kernel"] + p["proj"]["bias"], 2, axis=-1)
-    return (value * 0.5 * gate * (1 + erf(gate / np.sqrt(2)))) @ p["out"]["kernel"] + p["out"]["bias"]
+    h = x @ p["fc1"]["kernel"] + p["fc1"]["bias"]
+    return (0.5 * h * (1 + erf(h / np.sqrt(2)))) @ p["fc2"]["kernel"] + p["fc2"]["bias"]
 
 
 def _np_context_encoder(context, p, layers, heads):
     x = context.astype(np.float64)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
     for k in range(layers):
-        x = x + _np_self_attention(_np_layer_norm(x, p[f"layers_{k}_norm1"]), p[f"layers_{k}_attn"], heads)
-        x = x + _np_geglu(_np_layer_norm(x, p[f"layers_{k}_norm2"]), p[f"layers_{k}_ff"])
+        layer = p[f"layers_{k}"]
+        x = x + _np_self_attention(_np_layer_norm(x, layer["layer_norm1"]), layer["self_attn"], heads)
+        x = x + _np_mlp(_np_layer_norm(x, layer["layer_norm2"]), layer["mlp"])
     return _np_layer_norm(x, p["norm_out"])
 
 
@@ -381,9 +382,9 @@ def test_context_encoder_is_absent_by_default_and_refused_by_diffusers_layouts(t
     assert "context_encoder" not in abstract_params(MICRO)
     assert "context_encoder_layers" not in MICRO.to_diffusers()  # diffusers' config.json keeps its own keys
     tree = abstract_params(WITH_CONTEXT_ENCODER)["context_encoder"]
-    assert set(tree) == {"layers_0_norm1", "layers_0_attn", "layers_0_norm2", "layers_0_ff",
-                         "layers_1_norm1", "layers_1_attn", "layers_1_norm2", "layers_1_ff", "norm_out"}
-    assert tree["layers_1_ff"]["proj"]["kernel"].shape == (16, 128)
+    assert set(tree) == {"layers_0", "layers_1", "norm_out"}
+    assert set(tree["layers_1"]) == {"layer_norm1", "self_attn", "layer_norm2", "mlp"}
+    assert tree["layers_1"]["mlp"]["fc1"]["kernel"].shape == (16, 64)
     for call in (WITH_CONTEXT_ENCODER.to_diffusers, lambda: diffusers_table(WITH_CONTEXT_ENCODER)):
         with pytest.raises(ValueError, match="context_encoder_layers=2.*--to jaxt2i"):
             call()

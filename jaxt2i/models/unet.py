@@ -13,7 +13,7 @@ Parameter tree (module names mirror diffusers' keys, dots replaced by underscore
     mid_block/{resnets_0, attentions_0, resnets_1},
     up_blocks_{i}/{resnets_{j}, attentions_{j}, upsamplers_0/conv},
     conv_norm_out, conv_out
-    context_encoder/{layers_{k}_norm1, layers_{k}_attn, layers_{k}_norm2, layers_{k}_ff, norm_out}
+    context_encoder/{layers_{k}/{layer_norm1, self_attn, layer_norm2, mlp/{fc1, fc2}}, norm_out}
         (only with ``context_encoder_layers > 0``, a jaxt2i extension; see UNetConfig)
 
 A transformer (``attentions_{j}``) holds ``norm, proj_in, transformer_blocks_{k}/{norm1, attn1, norm2, attn2, norm3,
@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxt2i.models import clip
 from jaxt2i.nn.attention import MultiHeadAttention
 from jaxt2i.nn.embeddings import TimestepMLP, sinusoidal_embedding
 from jaxt2i.nn.resnet import Downsample, ResnetBlock, Upsample, conv3x3
@@ -80,7 +81,7 @@ class UNetConfig:
     dual_cross_attention: bool = False
     class_embed_type: str | None = None
     # jaxt2i extension, not in diffusers' UNet2DConditionModel (0 = the diffusers architecture): bidirectional
-    # transformer layers, trained with the U-Net, that every token of the text context passes through before any
+    # CLIP encoder layers, trained with the U-Net, that every token of the text context passes through before any
     # cross-attention. A frozen causal text encoder never lets an early token see what follows it ("a red circle"
     # in "a red circle above a blue square" never sees "above"); these layers do. Width cross_attention_dim.
     # Measured once (docs/shapes_model.md, session 6): 2 layers made the 6000-step shapes model worse, not better.
@@ -337,10 +338,10 @@ class BasicTransformerBlock(nn.Module):
 
 
 class ContextEncoder(nn.Module):
-    """Bidirectional pre-LayerNorm transformer layers over the text context, then a LayerNorm.
+    """Bidirectional CLIP encoder layers (pre-LayerNorm self-attention + GELU MLP of width 4D) over the text
+    context, then a LayerNorm: ``context`` [B, L, D] -> [B, L, D].
 
-    ``context``: [B, L, D] -> [B, L, D]. Layer ``k`` is ``x + attn(norm1(x))``, then ``x + ff(norm2(x))`` (GEGLU);
-    no mask, like the U-Net's cross-attention (padding tokens are part of the prompt's encoding).
+    No mask, like the U-Net's cross-attention (padding tokens are part of the prompt's encoding).
     """
 
     num_layers: int
@@ -350,17 +351,15 @@ class ContextEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, context: jax.Array) -> jax.Array:
-        layer_norm = functools.partial(nn.LayerNorm, epsilon=TRANSFORMER_LAYERNORM_EPS, dtype=self.dtype,
-                                       param_dtype=self.param_dtype)
         width = context.shape[-1]
+        layer_cfg = clip.CLIPTextConfig(hidden_size=width, intermediate_size=4 * width, num_layers=self.num_layers,
+                                        num_heads=self.num_heads, hidden_act="gelu",
+                                        layer_norm_eps=TRANSFORMER_LAYERNORM_EPS)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = context
         for k in range(self.num_layers):
-            attn = MultiHeadAttention(self.num_heads, width // self.num_heads, qkv_bias=True, out_bias=True,
-                                      dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{k}_attn")
-            x = x + attn(layer_norm(name=f"layers_{k}_norm1")(x))
-            ff = GEGLUFeedForward(dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{k}_ff")
-            x = x + ff(layer_norm(name=f"layers_{k}_norm2")(x))
-        return layer_norm(name="norm_out")(x)
+            x = clip.CLIPEncoderLayer(layer_cfg, causal=False, name=f"layers_{k}", **kw)(x)
+        return clip.LayerNorm(epsilon=TRANSFORMER_LAYERNORM_EPS, name="norm_out", **kw)(x)
 
 
 class Transformer2D(nn.Module):
