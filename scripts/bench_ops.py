@@ -24,7 +24,7 @@ import torch
 
 from jaxt2i.nn.resnet import ResnetBlock, conv3x3
 
-from bench_train import median_time  # noqa: E402 -- scripts/ is on sys.path when this script runs
+from bench_train import interleaved_medians  # noqa: E402 -- scripts/ is on sys.path when this script runs
 
 
 def jax_grad_fn(module: nn.Module, x: np.ndarray, *extra):
@@ -135,7 +135,8 @@ def main() -> None:
     print("| case | jaxt2i | PyTorch | ratio |\n|---|---|---|---|")
     for name, (jax_fn, torch_fn) in cases.items():
         jax_fn(), torch_fn()  # warm-up: compilation, allocations
-        tj, tt = median_time(jax_fn, args.repeats), median_time(torch_fn, args.repeats)
+        medians = interleaved_medians({"jaxt2i": jax_fn, "torch": torch_fn}, args.repeats)
+        tj, tt = medians["jaxt2i"], medians["torch"]
         print(f"| {name} | {tj * 1e3:.2f} ms | {tt * 1e3:.2f} ms | {tj / tt:.2f} |")
 
 

@@ -73,6 +73,26 @@ def test_bad_arguments_explain_themselves():
         S.scene(0, 0, "train", n_objects=3)
     with pytest.raises(ValueError, match="prompt_type"):
         S.eval_prompts("train", "three_object", 2)
+    with pytest.raises(ValueError, match="two_object_probability"):
+        S.scene(0, 0, "train", two_object_probability=1.5)
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_two_object_probability_sets_the_share_and_keeps_the_default_stream(split):
+    count = lambda p: [len(S.scene(5, i, split, two_object_probability=p).objects) for i in range(300)]
+    assert count(S.TWO_OBJECT_PROBABILITY) == [len(S.scene(5, i, split).objects) for i in range(300)]
+    assert set(count(0.0)) == {1} and set(count(1.0)) == {2}
+    # The split's filter redraws scenes (two-object draws hold a held-out combination more often), so the share
+    # kept is not the probability itself: train keeps ~41% at 0.5 and ~67% at 0.75, held-out ~71% and ~89%.
+    half, more = count(0.5).count(2) / 300, count(0.75).count(2) / 300
+    assert more > half + 0.1, (half, more)  # 300 draws: standard errors ~0.03
+    if split == "heldout":
+        return  # most held-out draws are redrawn, so the scenes below differ for that reason
+    # Same random numbers: a train scene with two objects at p = 0.5 is mostly the same scene at 0.75.
+    scenes_half = [S.scene(5, i, split) for i in range(300)]
+    scenes_more = [S.scene(5, i, split, two_object_probability=0.75) for i in range(300)]
+    kept = [a == b for a, b in zip(scenes_half, scenes_more) if len(a.objects) == 2]
+    assert sum(kept) / len(kept) > 0.8
 
 
 # ----------------------------------------------------------------------------- split

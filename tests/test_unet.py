@@ -344,7 +344,7 @@ def _np_context_encoder(context, p, layers, heads):
         layer = p[f"layers_{k}"]
         x = x + _np_self_attention(_np_layer_norm(x, layer["layer_norm1"]), layer["self_attn"], heads)
         x = x + _np_mlp(_np_layer_norm(x, layer["layer_norm2"]), layer["mlp"])
-    return _np_layer_norm(x, p["norm_out"])
+    return context + _np_layer_norm(x, p["norm_out"]) @ p["proj_out"]["kernel"] + p["proj_out"]["bias"]
 
 
 def test_context_encoder_matches_a_numpy_transformer():
@@ -376,13 +376,26 @@ def test_context_encoder_lets_early_tokens_see_later_ones_and_feeds_the_unet():
     assert np.abs(out - np.asarray(unet.apply({"params": scaled}, sample, 10, context))).max() > 1e-4
 
 
+def test_fresh_context_encoder_passes_the_context_through_unchanged():
+    """proj_out starts at zero: a freshly initialised encoder is the identity, and so the U-Net's output equals
+    that of the same U-Net without an encoder (the other parameters shared)."""
+    cfg = WITH_CONTEXT_ENCODER
+    sample, context = inputs(cfg, size=4)
+    params = UNet(cfg).init(jax.random.PRNGKey(0), sample, 10, context)["params"]
+    proj = params["context_encoder"]["proj_out"]
+    assert not np.any(np.asarray(proj["kernel"])) and not np.any(np.asarray(proj["bias"]))
+    plain = {k: v for k, v in params.items() if k != "context_encoder"}
+    np.testing.assert_array_equal(np.asarray(UNet(cfg).apply({"params": params}, sample, 10, context)),
+                                  np.asarray(UNet(MICRO).apply({"params": plain}, sample, 10, context)))
+
+
 def test_context_encoder_is_absent_by_default_and_refused_by_diffusers_layouts(tmp_path):
     from jaxt2i.convert import native
 
     assert "context_encoder" not in abstract_params(MICRO)
     assert "context_encoder_layers" not in MICRO.to_diffusers()  # diffusers' config.json keeps its own keys
     tree = abstract_params(WITH_CONTEXT_ENCODER)["context_encoder"]
-    assert set(tree) == {"layers_0", "layers_1", "norm_out"}
+    assert set(tree) == {"layers_0", "layers_1", "norm_out", "proj_out"}
     assert set(tree["layers_1"]) == {"layer_norm1", "self_attn", "layer_norm2", "mlp"}
     assert tree["layers_1"]["mlp"]["fc1"]["kernel"].shape == (16, 64)
     for call in (WITH_CONTEXT_ENCODER.to_diffusers, lambda: diffusers_table(WITH_CONTEXT_ENCODER)):

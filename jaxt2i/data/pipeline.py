@@ -215,7 +215,8 @@ def make_source(cfg, seed: int = 0):
     if cfg.source == "synthetic":
         from jaxt2i.data.synthetic import SyntheticSource
 
-        return SyntheticSource(seed=cfg.synthetic_seed, num_examples=cfg.num_examples, split=cfg.split or "train")
+        return SyntheticSource(seed=cfg.synthetic_seed, num_examples=cfg.num_examples, split=cfg.split or "train",
+                               two_object_probability=cfg.synthetic_two_object_probability)
     if cfg.source == "folder":
         from jaxt2i.data.folder import ImageCaptionFolder
 

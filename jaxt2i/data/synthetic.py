@@ -17,23 +17,28 @@ _PARAPHRASE_STREAM = 0xC2B2AE35
 
 
 class SyntheticSource:
-    """``num_examples`` shapes-world examples; ``example(i)`` -> uint8 ``[64, 64, 3]`` image + captions."""
+    """``num_examples`` shapes-world examples; ``example(i)`` -> uint8 ``[64, 64, 3]`` image + captions.
 
-    def __init__(self, seed: int = 0, num_examples: int = 1024, split: str = "train", captions_per_image: int = 3):
+    ``two_object_probability``: the odds of drawing a two-object scene (``shapes.scene``; 0.5 is the world's own).
+    """
+
+    def __init__(self, seed: int = 0, num_examples: int = 1024, split: str = "train", captions_per_image: int = 3,
+                 two_object_probability: float = shapes.TWO_OBJECT_PROBABILITY):
         if num_examples < 1:
             raise ValueError(f"num_examples must be >= 1, got {num_examples}")
         self.seed = int(seed)
         self.num_examples = int(num_examples)
         self.split = split
         self.captions_per_image = max(1, int(captions_per_image))
+        self.two_object_probability = float(two_object_probability)
 
     def __len__(self) -> int:
         return self.num_examples
 
     def captions(self, index: int) -> tuple[str, ...]:
         """All captions of example ``index`` (the first is ``shapes.example_caption``)."""
-        sc = shapes.scene(self.seed, index, self.split)
-        first = shapes.example_caption(self.seed, index, self.split)
+        sc = self._scene(index)
+        first = shapes.example_caption(self.seed, index, self.split, self.two_object_probability)
         extra = [
             shapes.caption(sc, np.random.default_rng([self.seed, index, k, _PARAPHRASE_STREAM]))
             for k in range(1, self.captions_per_image)
@@ -43,5 +48,8 @@ class SyntheticSource:
     def example(self, index: int) -> Example:
         if not 0 <= index < self.num_examples:
             raise IndexError(f"synthetic example {index} is outside 0..{self.num_examples - 1}")
-        image = shapes.render(shapes.scene(self.seed, index, self.split))  # [64, 64, 3] uint8
+        image = shapes.render(self._scene(index))  # [64, 64, 3] uint8
         return Example(image=image, captions=self.captions(index), index=index)
+
+    def _scene(self, index: int) -> shapes.Scene:
+        return shapes.scene(self.seed, index, self.split, two_object_probability=self.two_object_probability)

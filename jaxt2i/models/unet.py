@@ -13,7 +13,7 @@ Parameter tree (module names mirror diffusers' keys, dots replaced by underscore
     mid_block/{resnets_0, attentions_0, resnets_1},
     up_blocks_{i}/{resnets_{j}, attentions_{j}, upsamplers_0/conv},
     conv_norm_out, conv_out
-    context_encoder/{layers_{k}/{layer_norm1, self_attn, layer_norm2, mlp/{fc1, fc2}}, norm_out}
+    context_encoder/{layers_{k}/{layer_norm1, self_attn, layer_norm2, mlp/{fc1, fc2}}, norm_out, proj_out}
         (only with ``context_encoder_layers > 0``, a jaxt2i extension; see UNetConfig)
 
 A transformer (``attentions_{j}``) holds ``norm, proj_in, transformer_blocks_{k}/{norm1, attn1, norm2, attn2, norm3,
@@ -81,10 +81,11 @@ class UNetConfig:
     dual_cross_attention: bool = False
     class_embed_type: str | None = None
     # jaxt2i extension, not in diffusers' UNet2DConditionModel (0 = the diffusers architecture): bidirectional
-    # CLIP encoder layers, trained with the U-Net, that every token of the text context passes through before any
-    # cross-attention. A frozen causal text encoder never lets an early token see what follows it ("a red circle"
-    # in "a red circle above a blue square" never sees "above"); these layers do. Width cross_attention_dim.
-    # Measured once (docs/shapes_model.md, session 6): 2 layers made the 6000-step shapes model worse, not better.
+    # CLIP encoder layers, trained with the U-Net, whose output is added to the text context (through a
+    # zero-initialised projection: a fresh encoder changes nothing) before any cross-attention. A frozen causal
+    # text encoder never lets an early token see what follows it ("a red circle" in "a red circle above a blue
+    # square" never sees "above"); these layers do. Width cross_attention_dim. Measured results: docs/shapes_model.md
+    # (session 6: 2 layers in the earlier form without the residual made the 6000-step shapes model worse).
     context_encoder_layers: int = 0
     context_encoder_heads: int = 4
 
@@ -338,10 +339,13 @@ class BasicTransformerBlock(nn.Module):
 
 
 class ContextEncoder(nn.Module):
-    """Bidirectional CLIP encoder layers (pre-LayerNorm self-attention + GELU MLP of width 4D) over the text
-    context, then a LayerNorm: ``context`` [B, L, D] -> [B, L, D].
+    """Bidirectional CLIP encoder layers over the text context, added back to it through a zero-initialised
+    projection: ``context`` [B, L, D] -> ``context + proj_out(norm_out(layers(context)))`` [B, L, D].
 
-    No mask, like the U-Net's cross-attention (padding tokens are part of the prompt's encoding).
+    The layers are pre-LayerNorm self-attention + GELU MLP of width 4D (``clip.CLIPEncoderLayer``, no causal
+    mask); no padding mask either, like the U-Net's cross-attention (padding tokens are part of the prompt's
+    encoding). ``proj_out`` starts at zero (ControlNet's zero convolution), so a fresh encoder passes the text
+    encoder's states through unchanged and training decides how much every token's view of the whole prompt adds.
     """
 
     num_layers: int
@@ -359,7 +363,9 @@ class ContextEncoder(nn.Module):
         x = context
         for k in range(self.num_layers):
             x = clip.CLIPEncoderLayer(layer_cfg, causal=False, name=f"layers_{k}", **kw)(x)
-        return clip.LayerNorm(epsilon=TRANSFORMER_LAYERNORM_EPS, name="norm_out", **kw)(x)
+        x = clip.LayerNorm(epsilon=TRANSFORMER_LAYERNORM_EPS, name="norm_out", **kw)(x)
+        zeros = nn.initializers.zeros_init()
+        return context + nn.Dense(width, kernel_init=zeros, bias_init=zeros, name="proj_out", **kw)(x)
 
 
 class Transformer2D(nn.Module):

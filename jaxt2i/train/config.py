@@ -71,6 +71,9 @@ class DataConfig:
     image_size: square side images are resized (shorter side) and cropped to.
     crop: "center" or "random"; flip: random horizontal flips (off: captions mention left/right).
     num_examples, synthetic_seed: size and world seed of the synthetic set.
+    synthetic_two_object_probability: the synthetic set's odds of drawing a two-object scene (0.5: the shapes
+        world's own; ``shapes.scene``). The split's filter redraws some draws, so the train split keeps ~41%
+        two-object scenes at 0.5, ~61% at 0.7, ~67% at 0.75.
     captions_file, images_dir: override the folder's captions file and image location.
     cache_dir: folder of cached VAE latents + text embeddings (``jaxt2i.data.cache``); used when
         ``use_cache`` is true; ``write_cache`` first encodes the dataset into it.
@@ -90,6 +93,7 @@ class DataConfig:
     flip: bool = False
     num_examples: int = 1024
     synthetic_seed: int = 0
+    synthetic_two_object_probability: float = 0.5
     cache_dir: str | None = None
     use_cache: bool = False
     write_cache: bool = False
@@ -102,6 +106,9 @@ class DataConfig:
             raise ValueError(f"data.crop={self.crop!r}; use 'center' or 'random'")
         if (self.use_cache or self.write_cache) and not self.cache_dir:
             raise ValueError("data.use_cache / data.write_cache need data.cache_dir")
+        if not 0.0 <= self.synthetic_two_object_probability <= 1.0:
+            raise ValueError(f"data.synthetic_two_object_probability={self.synthetic_two_object_probability!r}; "
+                             "use a probability in [0, 1] (0.5: the shapes world's own)")
 
 
 @dataclass(frozen=True)

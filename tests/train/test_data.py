@@ -12,9 +12,11 @@ from PIL import Image
 from jaxt2i.data import order
 from jaxt2i.data.cache import CachedSource, write_cache
 from jaxt2i.data.folder import ImageCaptionFolder, read_captions_csv, read_metadata_jsonl
-from jaxt2i.data.pipeline import BatchIterator, Example, UnreadableExample
+from jaxt2i.data.pipeline import BatchIterator, Example, UnreadableExample, make_source
+from jaxt2i.data.shapes import parse_caption
 from jaxt2i.data.synthetic import SyntheticSource
 from jaxt2i.data.transforms import preprocess
+from jaxt2i.train.config import DataConfig
 
 
 class ListSource:
@@ -267,6 +269,16 @@ def test_synthetic_source_is_deterministic_with_several_captions():
     ea, eb = a.example(3), b.example(3)
     assert np.array_equal(ea.image, eb.image) and ea.captions == eb.captions
     assert ea.image.shape == (64, 64, 3) and len(ea.captions) == 3
+
+
+def test_training_config_sets_the_synthetic_two_object_share():
+    cfg = DataConfig(source="synthetic", num_examples=40, synthetic_two_object_probability=1.0)
+    source = make_source(cfg, seed=0)
+    for i in range(len(source)):
+        objects, relation = parse_caption(source.example(i).captions[0])
+        assert len(objects) == 2 and relation is not None
+    with pytest.raises(ValueError, match="synthetic_two_object_probability"):
+        DataConfig(synthetic_two_object_probability=-0.1)
 
 
 def test_latent_cache_roundtrip(tmp_path):
