@@ -24,7 +24,7 @@ import torch
 
 from jaxt2i.nn.resnet import ResnetBlock, conv3x3
 
-from bench_train import interleaved_medians  # noqa: E402 -- scripts/ is on sys.path when this script runs
+from bench_unet import alternate, summary  # noqa: E402 -- scripts/ is on sys.path when this script runs
 
 
 def jax_grad_fn(module: nn.Module, x: np.ndarray, *extra):
@@ -135,8 +135,8 @@ def main() -> None:
     print("| case | jaxt2i | PyTorch | ratio |\n|---|---|---|---|")
     for name, (jax_fn, torch_fn) in cases.items():
         jax_fn(), torch_fn()  # warm-up: compilation, allocations
-        medians = interleaved_medians({"jaxt2i": jax_fn, "torch": torch_fn}, args.repeats)
-        tj, tt = medians["jaxt2i"], medians["torch"]
+        medians = summary(alternate({"jaxt2i": jax_fn, "torch": torch_fn}, args.repeats), "jaxt2i", "torch")
+        tj, tt = medians["a"], medians["b"]
         print(f"| {name} | {tj * 1e3:.2f} ms | {tt * 1e3:.2f} ms | {tj / tt:.2f} |")
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from bench_unet import alternate  # noqa: E402 -- scripts/ is on sys.path when this script runs
+from bench_unet import alternate, summary  # noqa: E402 -- scripts/ is on sys.path when this script runs
 from jaxt2i.convert.components import params_from_torch
 from jaxt2i.diffusion.losses import LossConfig
 from jaxt2i.diffusion.schedules import ScheduleConfig, alphas_cumprod
@@ -41,13 +40,6 @@ from jaxt2i.train.step import make_train_step
 
 SMALL = dataclasses.replace(unet_lib.PRESETS["tiny_sd1"], block_out_channels=(64, 128), attention_head_dim=(4, 8),
                             cross_attention_dim=128, norm_num_groups=32, layers_per_block=2)
-
-
-def interleaved_medians(fns: dict, repeats: int) -> dict:
-    """Median seconds per call of each callable in ``fns``, timed in alternation (``bench_unet.alternate``), so
-    that drift in the machine's speed reaches every contestant alike. (Timing one after the other let the second
-    of two equal jaxt2i steps come out ~120 ms = 15% slower on session 7's 2-core machine.)"""
-    return {name: statistics.median(times) for name, times in alternate(fns, repeats).items()}
 
 
 def torch_step_fn(model, batch, lr):
@@ -121,8 +113,10 @@ def main() -> None:
     torch_step = torch_step_fn(torch_unet, (torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()),
                                             torch.from_numpy(context)), 1e-4)
     torch_step()  # warm-up
-    medians = interleaved_medians({"jaxt2i": jax_step, "torch": torch_step}, args.repeats)
-    jax_s, torch_s = medians["jaxt2i"], medians["torch"]
+    # Interleaved, so that drift in the machine's speed reaches both alike (timed one after the other, the second
+    # of two equal steps came out ~15% slower on session 7's 2-core machine).
+    medians = summary(alternate({"jaxt2i": jax_step, "torch": torch_step}, args.repeats), "jaxt2i", "torch")
+    jax_s, torch_s = medians["a"], medians["b"]
     params_m = sum(v.size for v in jax.tree.leaves(params)) / 1e6
     print(f"| train step, U-Net {params_m:.1f}M params, batch {args.batch}, {latent}x{latent} latents, fp32 "
           f"| jaxt2i {jax_s * 1000:.0f} ms ({args.batch / jax_s:.1f} img/s; compile {compile_s:.1f} s) "

@@ -443,8 +443,13 @@ def hard_negative_caption(scene: Scene, rng: np.random.Generator, kind: str | No
 def example_caption(seed: int, index: int, split: str = "train",
                     two_object_probability: float = TWO_OBJECT_PROBABILITY) -> str:
     """The caption of example ``index``: a pure function of the arguments (see :func:`scene`)."""
-    return caption(scene(seed, index, split, two_object_probability=two_object_probability),
-                   _rng(seed, index, split, _STREAM_CAPTION))
+    return caption_of_example(scene(seed, index, split, two_object_probability=two_object_probability),
+                              seed, index, split)
+
+
+def caption_of_example(sc: Scene, seed: int, index: int, split: str = "train") -> str:
+    """:func:`example_caption` given the example's scene ``sc`` already drawn (saves drawing it again)."""
+    return caption(sc, _rng(seed, index, split, _STREAM_CAPTION))
 
 
 _OBJECT_RE = re.compile(

@@ -37,19 +37,21 @@ class SyntheticSource:
 
     def captions(self, index: int) -> tuple[str, ...]:
         """All captions of example ``index`` (the first is ``shapes.example_caption``)."""
+        return self._captions(index, self._scene(index))
+
+    def example(self, index: int) -> Example:
+        if not 0 <= index < self.num_examples:
+            raise IndexError(f"synthetic example {index} is outside 0..{self.num_examples - 1}")
         sc = self._scene(index)
-        first = shapes.example_caption(self.seed, index, self.split, self.two_object_probability)
+        return Example(image=shapes.render(sc), captions=self._captions(index, sc), index=index)  # [64, 64, 3] uint8
+
+    def _scene(self, index: int) -> shapes.Scene:
+        return shapes.scene(self.seed, index, self.split, two_object_probability=self.two_object_probability)
+
+    def _captions(self, index: int, sc: shapes.Scene) -> tuple[str, ...]:
+        first = shapes.caption_of_example(sc, self.seed, index, self.split)
         extra = [
             shapes.caption(sc, np.random.default_rng([self.seed, index, k, _PARAPHRASE_STREAM]))
             for k in range(1, self.captions_per_image)
         ]
         return (first, *extra)
-
-    def example(self, index: int) -> Example:
-        if not 0 <= index < self.num_examples:
-            raise IndexError(f"synthetic example {index} is outside 0..{self.num_examples - 1}")
-        image = shapes.render(self._scene(index))  # [64, 64, 3] uint8
-        return Example(image=image, captions=self.captions(index), index=index)
-
-    def _scene(self, index: int) -> shapes.Scene:
-        return shapes.scene(self.seed, index, self.split, two_object_probability=self.two_object_probability)

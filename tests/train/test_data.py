@@ -13,6 +13,7 @@ from jaxt2i.data import order
 from jaxt2i.data.cache import CachedSource, write_cache
 from jaxt2i.data.folder import ImageCaptionFolder, read_captions_csv, read_metadata_jsonl
 from jaxt2i.data.pipeline import BatchIterator, Example, UnreadableExample, make_source
+from jaxt2i.data import shapes
 from jaxt2i.data.shapes import parse_caption
 from jaxt2i.data.synthetic import SyntheticSource
 from jaxt2i.data.transforms import preprocess
@@ -269,6 +270,13 @@ def test_synthetic_source_is_deterministic_with_several_captions():
     ea, eb = a.example(3), b.example(3)
     assert np.array_equal(ea.image, eb.image) and ea.captions == eb.captions
     assert ea.image.shape == (64, 64, 3) and len(ea.captions) == 3
+    for p in (0.5, 0.9):  # the first caption is the world's own caption of that example, the image its render
+        src = SyntheticSource(seed=1, num_examples=20, two_object_probability=p)
+        for i in range(20):
+            ex = src.example(i)
+            assert ex.captions == src.captions(i)
+            assert ex.captions[0] == shapes.example_caption(1, i, "train", two_object_probability=p)
+            assert np.array_equal(ex.image, shapes.render(shapes.scene(1, i, two_object_probability=p)))
 
 
 def test_training_config_sets_the_synthetic_two_object_share():
