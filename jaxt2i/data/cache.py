@@ -41,38 +41,56 @@ def _shard_name(i: int) -> str:
     return f"shard_{i:05d}.safetensors"
 
 
+def _encode_texts_padded(encode_texts, texts: list[str], batch_size: int, dtype) -> np.ndarray:
+    """``encode_texts`` over ``texts`` in batches of exactly ``batch_size`` (the last one padded by
+    repeating its final text, so a jitted encoder compiles once) -> [len(texts), 77, D]."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i : i + batch_size]
+        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        out.append(np.asarray(encode_texts(padded), dtype)[: len(chunk)])
+    return np.concatenate(out)
+
+
 def _encode_shard(source, indices, image_size, encode_images, encode_texts, batch_size, dtype):
+    """One shard's examples -> per-example latent mean/std, validity, caption contexts and offsets.
+
+    Each distinct caption of the shard is encoded once (the shapes world repeats about half of
+    its captions within a 1024-example shard); images are encoded ``batch_size`` at a time.
+    """
+    examples = []
+    for i in indices:
+        try:
+            examples.append(source.example(int(i)))
+        except UnreadableExample as e:
+            warnings.warn(f"cache: skipping unreadable example {i}: {e}")
+            examples.append(None)
+    readable = [ex for ex in examples if ex is not None]
+    if not readable:
+        return [None] * len(examples), [None] * len(examples), [False] * len(examples), [], [0] * (len(examples) + 1)
+    images = np.stack([preprocess(ex.image, image_size, crop="center") for ex in readable])
+    mean_std = [encode_images(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    mean = np.concatenate([np.asarray(m, dtype) for m, _ in mean_std])
+    std = np.concatenate([np.asarray(s, dtype) for _, s in mean_std])
+    captions = [c for ex in readable for c in ex.captions]
+    unique = list(dict.fromkeys(captions))
+    row = {c: k for k, c in enumerate(unique)}
+    ctx = _encode_texts_padded(encode_texts, unique, 4 * batch_size, dtype)[[row[c] for c in captions]]
     means, stds, valid, contexts, offsets = [], [], [], [], [0]
-    for start in range(0, len(indices), batch_size):
-        chunk, images, captions = [], [], []
-        for i in indices[start : start + batch_size]:
-            try:
-                ex = source.example(int(i))
-            except UnreadableExample as e:
-                warnings.warn(f"cache: skipping unreadable example {i}: {e}")
-                ex = None
-            chunk.append(ex)
-            if ex is not None:
-                images.append(preprocess(ex.image, image_size, crop="center"))
-                captions.extend(ex.captions)
-        mean = std = ctx = None
-        if images:
-            mean, std = (np.asarray(a, dtype) for a in encode_images(np.stack(images)))
-            ctx = np.asarray(encode_texts(captions), dtype)
-        j = c = 0
-        for ex in chunk:
-            valid.append(ex is not None)
-            if ex is None:
-                means.append(None)
-                stds.append(None)
-                offsets.append(offsets[-1])
-                continue
-            means.append(mean[j])
-            stds.append(std[j])
-            contexts.append(ctx[c : c + len(ex.captions)])
-            offsets.append(offsets[-1] + len(ex.captions))
-            j += 1
-            c += len(ex.captions)
+    j = c = 0
+    for ex in examples:
+        valid.append(ex is not None)
+        if ex is None:
+            means.append(None)
+            stds.append(None)
+            offsets.append(offsets[-1])
+            continue
+        means.append(mean[j])
+        stds.append(std[j])
+        contexts.append(ctx[c : c + len(ex.captions)])
+        offsets.append(offsets[-1] + len(ex.captions))
+        j += 1
+        c += len(ex.captions)
     return means, stds, valid, contexts, offsets
 
 

@@ -349,3 +349,28 @@ def test_tfds_source_with_mock_data():
         it = BatchIterator(src, 3, image_size=16, tokenize=lambda t: np.zeros((len(t), 77), np.int32))
         b = next(it)
     assert b["images"].shape == (3, 16, 16, 3)
+
+
+def test_latent_cache_encodes_each_distinct_caption_of_a_shard_once(tmp_path):
+    source = SyntheticSource(seed=0, num_examples=64)  # the shapes world repeats many one-object captions
+    calls = []
+
+    def encode_images(x):  # [B, 64, 64, 3] -> mean/std [B, 16, 16, 4]
+        m = x[:, ::4, ::4, :1].repeat(4, -1)
+        return m, np.full_like(m, 0.5)
+
+    def encode_texts(texts):  # a different [77, 3] block per text
+        calls.append(list(texts))
+        return np.stack([np.full((77, 3), sum(map(ord, t)) + 1000 * len(t), np.float32) for t in texts])
+
+    write_cache(source, tmp_path, encode_images, encode_texts, image_size=64, scaling_factor=0.5, shard_size=32,
+                batch_size=5)
+    shard_calls, uncond_call = calls[:-1], calls[-1]
+    captions = [[c for i in range(s, s + 32) for c in source.example(i).captions] for s in (0, 32)]
+    distinct = sum(len(set(c)) for c in captions)
+    assert distinct < sum(len(c) for c in captions)  # there is something to save
+    assert uncond_call == [""] and all(len(c) == 20 for c in shard_calls)  # batches of 4 x 5, the last padded
+    assert sum(len(set(c)) for c in shard_calls) == distinct  # each distinct caption of a shard encoded once
+    cached = CachedSource(tmp_path)
+    for i in (0, 17, 40, 63):
+        assert np.array_equal(cached.example(i).arrays["contexts"], encode_texts(source.example(i).captions))
