@@ -40,6 +40,11 @@ def _add_sampling_args(p: argparse.ArgumentParser, default_strength: float | Non
     p.add_argument("--karras", action="store_true", help="Karras sigmas (lms, euler, heun, dpmpp_2m)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num", type=int, default=1, help="images to generate (saved as a grid)")
+    p.add_argument("--candidates", type=int, default=1,
+                   help="draw N candidates per image and keep the one the model's small CLIP scores closest to the "
+                        "prompt (DALL-E's reranking; needs a CLIP: the shipped model has one; default 1)")
+    p.add_argument("--clip", default=None, help="CLIP folder for --candidates (default: the model folder's "
+                                                "clip_vision/)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--out", default="jaxt2i.png", help="PNG to write (never overwritten: a free name is chosen)")
     if default_strength is not None:
@@ -100,6 +105,18 @@ def _load(args):
     return pipe, model
 
 
+def _ranking_clip(args, model: str, pipe):
+    """The CLIP encoders that rank ``--candidates``: ``--clip``, else the model folder's ``clip_vision/``."""
+    from jaxt2i.eval.report import load_eval_clip
+
+    path = args.clip or (model if os.path.isdir(model) else None)
+    clip = load_eval_clip(path, pipe.params["text_encoder"]) if path else None
+    if clip is None:
+        raise CLIError(f"--candidates {args.candidates} needs a CLIP to rank the images and {path or model} has none "
+                       "(no clip_vision/); pass --clip FOLDER, or leave --candidates at 1.")
+    return clip
+
+
 def _model_defaults(model: str, args) -> tuple[int, float]:
     shipped = os.path.abspath(model) == os.path.abspath(DEFAULT_MODEL)
     steps = args.steps if args.steps is not None else (25 if shipped else 50)
@@ -134,15 +151,19 @@ def _run_sampling(args, kind: str) -> int:
         raise CLIError("--num must be >= 1.")
     if args.steps is not None and args.steps < 1:
         raise CLIError("--steps must be >= 1.")
+    if args.candidates < 1:
+        raise CLIError("--candidates must be >= 1.")
     pipe, model = _load(args)
+    clip = _ranking_clip(args, model, pipe) if args.candidates > 1 else None
     steps, guidance = _model_defaults(model, args)
     prompts = [args.prompt] * args.num
     common = dict(negative_prompt=args.negative, steps=steps, guidance_scale=guidance, sampler=args.sampler,
-                  seed=args.seed, use_karras_sigmas=args.karras, progress=_Progress())
-    t0 = time.perf_counter()
+                  use_karras_sigmas=args.karras, progress=_Progress())
     if kind == "generate":
         width, height = args.size or pipe.default_size[::-1]
-        out = pipe.text_to_image(prompts, height=height, width=width, **common)
+
+        def draw(seed):
+            return pipe.text_to_image(prompts, height=height, width=width, seed=seed, **common)
     else:
         image = imio.load_image(args.image)
         h, w = image.shape[:2]
@@ -150,16 +171,25 @@ def _run_sampling(args, kind: str) -> int:
         if h % f or w % f:
             raise CLIError(f"--image is {w}x{h}; its sides must be multiples of {f}. Resize or crop it.")
         if kind == "img2img":
-            out = pipe.image_to_image(prompts, image, strength=args.strength, **common)
+            def draw(seed):
+                return pipe.image_to_image(prompts, image, strength=args.strength, seed=seed, **common)
         else:
             mask = imio.load_mask(args.mask, (w, h))
-            out = pipe.inpaint(prompts, image, mask, strength=args.strength, **common)
+
+            def draw(seed):
+                return pipe.inpaint(prompts, image, mask, strength=args.strength, seed=seed, **common)
+    from jaxt2i.eval.rerank import best_of
+
+    t0 = time.perf_counter()
+    out, _ = best_of(draw, prompts, args.candidates, args.seed, clip)
     elapsed = time.perf_counter() - t0
     meta = {"prompt": args.prompt, "negative_prompt": args.negative or "", "steps": steps, "guidance": guidance,
             "sampler": args.sampler, "karras": args.karras, "seed": args.seed, "size": f"{out.shape[2]}x{out.shape[1]}",
             "model": model, "command": kind, "software": "jaxt2i"}
     if kind != "generate":
         meta["strength"] = args.strength
+    if args.candidates > 1:
+        meta["candidates"] = args.candidates
     path = imio.save_png(_free_path(args.out), out, meta)
     print(f"wrote {path} ({len(out)} image(s), {elapsed:.1f} s)", file=sys.stderr)
     return 0

@@ -4,7 +4,7 @@
 #
 #     bash scripts/train_shapes_chain.sh RUNS_DIR [MODEL_OUT]
 #
-# RUNS_DIR receives shapes_vae/, shapes_clip/, shapes_unet/ (the U-Net's latent cache, checkpoints, metrics and final/) and
+# RUNS_DIR receives shapes_vae/, shapes_clip/, shapes_unet/ (the U-Net's checkpoints, metrics and final/) and
 # chain_times.tsv (stage, seconds); MODEL_OUT (default RUNS_DIR/shapes_model) receives the float16 model folder
 # that scripts/build_shapes_model.py writes -- pass jaxt2i/assets/shapes_model to replace the shipped default.
 # A stage whose output already exists is not run again (the U-Net stage resumes from its newest checkpoint), so
@@ -48,8 +48,7 @@ stage clip "$runs/shapes_clip/metrics.json" \
     python "$here/scripts/train_shapes_clip.py" --config "$here/configs/shapes_clip.yaml" --out "$runs/shapes_clip"
 stage unet "$runs/shapes_unet/final" \
     jaxt2i train "$here/configs/shapes_unet.yaml" "workdir=$runs/shapes_unet" \
-    "model.vae_from=$runs/shapes_vae" "model.text_encoder_from=$runs/shapes_clip/text_encoder" \
-    "data.cache_dir=$runs/shapes_unet/latent_cache"
+    "model.vae_from=$runs/shapes_vae" "model.text_encoder_from=$runs/shapes_clip/text_encoder"
 stage build "" \
     python "$here/scripts/build_shapes_model.py" --unet "$runs/shapes_unet/final" --vae "$runs/shapes_vae" \
     --clip "$runs/shapes_clip" --out "$model_out"

@@ -10,6 +10,8 @@ Layout of a cache folder::
                                context [c, 77, D] (all captions of the shard's images),
                                caption_offsets int64 [m + 1] (image j's captions: offsets[j]..offsets[j+1])
     uncond.safetensors         uncond_context [77, D] (the empty prompt, for condition dropout)
+    fingerprint.json           {"fingerprint": ...}: what the cache was encoded from (``cache_fingerprint``), written
+                               before the first shard, so a cache is never resumed or read with other encoders or data
 
 Images are centre-cropped and never flipped when cached. The latent distribution's mean and
 standard deviation are stored, so each use of an image still draws a fresh latent sample
@@ -18,6 +20,7 @@ standard deviation are stored, so each use of an image still draws a fresh laten
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -32,6 +35,7 @@ from jaxt2i.data.pipeline import Example, UnreadableExample
 from jaxt2i.data.transforms import preprocess
 
 CACHE_META = "cache.json"
+FINGERPRINT_FILE = "fingerprint.json"
 # images [B, S, S, 3] in [-1, 1] -> (mean, std), each [B, h, w, 4] (unscaled)
 EncodeImages = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 EncodeTexts = Callable[[Sequence[str]], np.ndarray]  # B strings -> [B, 77, D]
@@ -94,6 +98,41 @@ def _encode_shard(source, indices, image_size, encode_images, encode_texts, batc
     return means, stds, valid, contexts, offsets
 
 
+class CacheMismatchError(ValueError):
+    """A cache folder holds a cache of other encoders or data (or of unknown origin) than the run asks for."""
+
+
+def cache_fingerprint(encoder_params, settings: dict) -> str:
+    """A sha256 hex digest of the frozen encoders' parameters (any pytree of arrays, hashed leaf by leaf in
+    flattening order with each leaf's path, dtype and shape) and of ``settings`` (a JSON-able dict: the data
+    source and everything else that changes what gets cached)."""
+    import jax
+
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(encoder_params)[0]:
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def read_fingerprint(cache_dir: str | os.PathLike) -> str | None:
+    """The fingerprint a cache folder was written with, or None (no cache there, or one written before
+    jaxt2i recorded fingerprints)."""
+    path = Path(cache_dir) / FINGERPRINT_FILE
+    return json.loads(path.read_text())["fingerprint"] if path.exists() else None
+
+
+def check_fingerprint(cache_dir: str | os.PathLike, fingerprint: str) -> None:
+    """Raises ``CacheMismatchError`` when the cache in ``cache_dir`` was encoded from other encoders or data."""
+    found = read_fingerprint(cache_dir)
+    if found is not None and found != fingerprint:
+        raise CacheMismatchError(
+            f"the latent cache in {cache_dir} was written from other encoder weights or data settings than this "
+            "run's (its fingerprint differs); set data.cache_dir to a new folder, or delete that one to re-encode"
+        )
+
+
 def write_cache(
     source,
     cache_dir: str | os.PathLike,
@@ -105,14 +144,27 @@ def write_cache(
     batch_size: int = 8,
     shard_size: int = 1024,
     dtype=np.float32,
+    fingerprint: str | None = None,
 ) -> Path:
     """Encodes every example of ``source`` and writes a cache folder; returns its path.
 
     Unreadable images are marked invalid (the cached source then skips them like the image
-    pipeline would). Shards already present are kept, so an interrupted cache run continues.
+    pipeline would). Shards already present are kept, so an interrupted cache run continues --
+    unless ``fingerprint`` (``cache_fingerprint`` of the encoders and data) differs from the one the
+    folder was started with, or the folder holds shards but no fingerprint: then ``CacheMismatchError``,
+    and nothing in the folder is touched.
     """
     cache_dir = Path(cache_dir)
+    if fingerprint is not None:
+        check_fingerprint(cache_dir, fingerprint)
+        if read_fingerprint(cache_dir) is None and any(cache_dir.glob("shard_*.safetensors")):
+            raise CacheMismatchError(
+                f"{cache_dir} holds cache shards of unknown origin (no {FINGERPRINT_FILE}: written by an older jaxt2i "
+                "or another tool); set data.cache_dir to a new folder, or delete that one to re-encode"
+            )
     cache_dir.mkdir(parents=True, exist_ok=True)
+    if fingerprint is not None:
+        (cache_dir / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fingerprint}))
     n = len(source)
     num_shards = -(-n // shard_size)
     d_model = None

@@ -1,6 +1,6 @@
 """``jaxt2i eval``: the shapes-world evaluation of a model (prompt adherence, CLIP score, Frechet distance).
 
-    jaxt2i eval [--model PATH] [--guidance 1,3,5] [--n N] [--steps S] [--seed SEED] [--out report.json]
+    jaxt2i eval [--model PATH] [--guidance 1,3,5] [--n N] [--steps S] [--seed SEED] [--candidates N] [--out F]
 
 Generates ``4 * N`` images (N prompts per split -- train / held-out -- and prompt type -- one / two objects) at each
 guidance scale and scores them (``jaxt2i.eval.report``). Writes the JSON report to ``--out`` and the same numbers
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "model folder's clip_vision/)")
     p.add_argument("--n-real", type=int, default=None, help="held-out real images for the Frechet distance "
                                                             "(default max(256, 4N))")
+    p.add_argument("--candidates", type=int, default=1,
+                   help="score the best of N images per prompt, ranked by the small CLIP (DALL-E's reranking; "
+                        "default 1: the plain draw)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--out", default="report.json", help="JSON report path; the markdown goes beside it (.md)")
     return p
@@ -68,6 +71,8 @@ def _run(args) -> int:
         raise EvalError("--steps must be >= 1")
     if args.batch_size < 1:
         raise EvalError("--batch-size must be >= 1")
+    if args.candidates < 1:
+        raise EvalError("--candidates must be >= 1")
     guidance = _parse_guidance(args.guidance)
     model = args.model or DEFAULT_MODEL
     if not os.path.exists(model):
@@ -85,10 +90,13 @@ def _run(args) -> int:
     clip_path = args.clip or (model if os.path.isdir(model) else None)
     clip = report.load_eval_clip(clip_path, pipe.params["text_encoder"])
     if clip is None:
+        if args.candidates > 1:
+            raise EvalError(f"--candidates {args.candidates} needs a small CLIP to rank the images, and none was found "
+                            f"in {clip_path}; pass --clip FOLDER (a CLIP folder or a model folder with clip_vision/)")
         log("no small CLIP found (pass --clip FOLDER): CLIP score and Frechet distance are reported as missing")
     result = report.evaluate_pipeline(pipe, guidance_scales=guidance, n=args.n, steps=args.steps, seed=args.seed,
                                       batch_size=args.batch_size, sampler=args.sampler, clip=clip,
-                                      n_real=args.n_real, log=log)
+                                      n_real=args.n_real, candidates=args.candidates, log=log)
     result["settings"]["model"] = os.path.abspath(model)
     result["settings"]["clip"] = os.path.abspath(clip_path) if clip is not None else None
     result["settings"]["seconds_total"] = time.perf_counter() - t0

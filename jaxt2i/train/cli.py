@@ -69,6 +69,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         print(f"jaxt2i train: wrote step {step} of {cfg.workdir} to {folder}", file=sys.stderr)
         return 0
 
+    from jaxt2i.data.cache import CacheMismatchError
     from jaxt2i.train.loop import NonFiniteLossError, run
 
     try:
@@ -76,6 +77,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"jaxt2i train: {e}", file=sys.stderr)
         return 1
+    except CacheMismatchError as e:
+        print(f"jaxt2i train: {e}", file=sys.stderr)
+        return 2
     if result.preempted:
         print(f"jaxt2i train: stopped at step {result.step} and saved a checkpoint; run the same command to "
               "continue.", file=sys.stderr)

@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -178,9 +179,30 @@ def _host_params(tree):
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
+_CACHED_DATA_FIELDS = ("source", "path", "name", "split", "image_key", "caption_key", "captions_file", "images_dir",
+                       "image_size", "num_examples", "synthetic_seed", "synthetic_two_object_probability")
+
+
+def latent_cache_fingerprint(cfg: TrainConfig, bundle: ModelBundle, frozen) -> str:
+    """What a latent cache for this run must have been encoded from: the frozen VAE and text encoder weights, the
+    text layer and tokenizer, and the data settings that decide the examples (``jaxt2i.data.cache``)."""
+    from jaxt2i.data.cache import cache_fingerprint
+
+    tok = bundle.tokenizer
+    settings = {f: getattr(cfg.data, f) for f in _CACHED_DATA_FIELDS}
+    settings.update(text_layer=bundle.models.text_layer, pad_token_id=tok.pad_token_id, max_length=tok.max_length,
+                    scaling_factor=bundle.configs["vae"].scaling_factor)
+    encoders = {k: frozen[k] for k in ("vae", "text_encoder")}
+    return cache_fingerprint(_host_params(encoders), settings)
+
+
 def write_latent_cache(cfg: TrainConfig, bundle: ModelBundle, frozen) -> None:
-    """Encodes the configured dataset into ``data.cache_dir`` with the frozen VAE and text encoder (host 0)."""
+    """Encodes the configured dataset into ``data.cache_dir`` with the frozen VAE and text encoder (host 0).
+
+    Raises ``CacheMismatchError`` if the folder already holds a cache of other encoders or data."""
     from jaxt2i.data.cache import write_cache
+
+    fingerprint = latent_cache_fingerprint(cfg, bundle, frozen)
     from jaxt2i.data.pipeline import make_source
 
     if jax.process_index() == 0:
@@ -197,11 +219,27 @@ def write_latent_cache(cfg: TrainConfig, bundle: ModelBundle, frozen) -> None:
 
         _log(f"writing latent cache of {len(source)} examples to {cfg.data.cache_dir}")
         write_cache(source, cfg.data.cache_dir, encode_images, encode_texts, image_size=cfg.data.image_size,
-                    scaling_factor=bundle.configs["vae"].scaling_factor, batch_size=max(1, cfg.batch_size))
+                    scaling_factor=bundle.configs["vae"].scaling_factor, batch_size=max(1, cfg.batch_size),
+                    fingerprint=fingerprint)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("jaxt2i-latent-cache")
+
+
+def check_latent_cache(cfg: TrainConfig, bundle: ModelBundle, frozen) -> None:
+    """Raises ``CacheMismatchError`` when ``data.cache_dir`` was encoded from other encoders or data than this run's; warns
+    when it records no fingerprint (a cache from before jaxt2i wrote them), since it cannot be checked."""
+    from jaxt2i.data.cache import CACHE_META, check_fingerprint, read_fingerprint
+
+    if not (Path(cfg.data.cache_dir) / CACHE_META).exists():
+        return  # no cache at all: the source says so when it opens the folder
+    if read_fingerprint(cfg.data.cache_dir) is None:
+        warnings.warn(f"the latent cache in {cfg.data.cache_dir} records no fingerprint (written by an older jaxt2i), "
+                      "so it cannot be checked against this run's VAE, text encoder and data; re-encode it "
+                      "(data.write_cache=true with a new data.cache_dir) to be sure")
+        return
+    check_fingerprint(cfg.data.cache_dir, latent_cache_fingerprint(cfg, bundle, frozen))
 
 
 def make_batches(cfg: TrainConfig, tokenizer, local_batch: int, position: dict | None):
@@ -453,6 +491,8 @@ def _run(cfg: TrainConfig, on_step_end, guard: ckpt_lib.PreemptionGuard) -> RunR
         _log(f"resumed from {checkpointer.directory}/{restored}")
     if cfg.data.write_cache:
         write_latent_cache(cfg, bundle, state.frozen)
+    elif cfg.data.use_cache:
+        check_latent_cache(cfg, bundle, state.frozen)
     position = _host_position(data_item, cfg, local_batch, start) if restored is not None else None
     batches = make_batches(cfg, bundle.tokenizer, local_batch, position)
 

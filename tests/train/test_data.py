@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from jaxt2i.data import order
-from jaxt2i.data.cache import CachedSource, write_cache
+from jaxt2i.data.cache import (CacheMismatchError, CachedSource, cache_fingerprint, check_fingerprint,
+                               read_fingerprint, write_cache)
 from jaxt2i.data.folder import ImageCaptionFolder, read_captions_csv, read_metadata_jsonl
 from jaxt2i.data.pipeline import BatchIterator, Example, UnreadableExample, make_source
 from jaxt2i.data import shapes
@@ -374,3 +375,37 @@ def test_latent_cache_encodes_each_distinct_caption_of_a_shard_once(tmp_path):
     cached = CachedSource(tmp_path)
     for i in (0, 17, 40, 63):
         assert np.array_equal(cached.example(i).arrays["contexts"], encode_texts(source.example(i).captions))
+
+
+def test_latent_cache_refuses_a_folder_of_other_encoders_or_unknown_origin(tmp_path):
+    src = ListSource(4)
+
+    def encode_images(x):
+        m = x[:, ::2, ::2, :1].repeat(4, -1)
+        return m, np.full_like(m, 0.5)
+
+    def encode_texts(texts):
+        return np.zeros((len(texts), 77, 6), np.float32)
+
+    def write(folder, fingerprint):
+        return write_cache(src, folder, encode_images, encode_texts, image_size=8, scaling_factor=0.5, shard_size=2,
+                           fingerprint=fingerprint)
+
+    a = cache_fingerprint({"w": np.ones(3, np.float32)}, {"num_examples": 4})
+    assert a == cache_fingerprint({"w": np.ones(3, np.float32)}, {"num_examples": 4})
+    b = cache_fingerprint({"w": np.ones(3, np.float32)}, {"num_examples": 5})
+    c = cache_fingerprint({"w": np.full(3, 2, np.float32)}, {"num_examples": 4})
+    assert len({a, b, c}) == 3
+    write(tmp_path / "cache", a)
+    assert read_fingerprint(tmp_path / "cache") == a
+    write(tmp_path / "cache", a)  # same encoders and data: resumes (nothing to do)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()}
+    with pytest.raises(CacheMismatchError, match="new folder"):
+        write(tmp_path / "cache", c)
+    check_fingerprint(tmp_path / "cache", a)
+    with pytest.raises(CacheMismatchError):
+        check_fingerprint(tmp_path / "cache", b)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "cache").iterdir()} == before  # nothing touched
+    write_cache(src, tmp_path / "legacy", encode_images, encode_texts, image_size=8, scaling_factor=0.5, shard_size=2)
+    with pytest.raises(CacheMismatchError, match="unknown origin"):
+        write(tmp_path / "legacy", a)

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from jaxt2i.data.cache import read_fingerprint
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "tiny.yaml"
 
@@ -166,6 +168,46 @@ def test_sigkill_then_sigterm_then_finish_equals_uninterrupted(env, reference, t
     assert got.keys() == want.keys()
     for k in want:
         assert np.array_equal(got[k], want[k]), k
+
+
+CACHED = ("data.write_cache=true", "data.use_cache=true")
+
+
+def shard_times(cache: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in cache.glob("shard_*")}
+
+
+def test_cached_run_refuses_a_cache_of_other_data_or_encoders(env, tmp_path):
+    cache = tmp_path / "cache"
+    first = train(env, tmp_path / "first", *CACHED, f"data.cache_dir={cache}", "steps=1")
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert "writing latent cache of 64 examples" in first.stderr and read_fingerprint(cache) is not None
+    written = shard_times(cache)
+    assert len(written) == 1
+
+    other = train(env, tmp_path / "other", *CACHED, f"data.cache_dir={cache}", "data.num_examples=32")
+    assert other.returncode == 2 and "other encoder weights or data settings" in other.stderr, other.stderr[-4000:]
+    reader = train(env, tmp_path / "reader", "data.use_cache=true", f"data.cache_dir={cache}", "seed=1")
+    assert reader.returncode == 2 and "new folder" in reader.stderr  # seed 1 draws other random encoders
+    assert shard_times(cache) == written  # nothing re-encoded or overwritten
+    assert not (tmp_path / "other" / "final").exists() and not (tmp_path / "reader" / "final").exists()
+
+
+@pytest.mark.slow  # ~2.5 min on 2 cores; the uncached path's exact resume is in the default run above
+def test_cached_run_resumes_exactly(env, tmp_path):
+    cache = tmp_path / "cache"
+    reference = train(env, tmp_path / "ref", *CACHED, f"data.cache_dir={cache}")
+    assert reference.returncode == 0, reference.stderr[-4000:]
+    written = shard_times(cache)
+    # the same data and encoders: the cache is reused; a SIGTERM after step 5 saves step 6, the rerun finishes
+    termed = train(env, tmp_path / "run", *CACHED, f"data.cache_dir={cache}", signal_at=5, signal="TERM")
+    assert termed.returncode == 0 and "SIGTERM received: saved step 6" in termed.stderr, termed.stderr[-4000:]
+    finished = train(env, tmp_path / "run", *CACHED, f"data.cache_dir={cache}")
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref")
+    got, want = final_params(tmp_path / "run"), final_params(tmp_path / "ref")
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    assert shard_times(cache) == written  # never re-encoded
 
 
 @pytest.mark.slow  # the policy itself is unit-tested in test_loop.py; this is the whole path through the CLI
