@@ -5,6 +5,7 @@
     python scripts/shapes_report.py grid --out docs/images/shapes_grid.png        # the shipped model, defaults
     python scripts/shapes_report.py timing                                         # fresh-process + warm timings
     python scripts/shapes_report.py clip --clip /work/runs/shapes_clip             # what the CLIP text tower encodes
+    python scripts/shapes_report.py pairs                                          # one-object errors per color-shape pair
 
 Drawn with PIL only (no matplotlib). `grid` uses the shipped model (or --model) at its default steps (25) and
 guidance (3.0); its prompts mix training combinations and held-out ones (marked "held-out").
@@ -212,6 +213,62 @@ def clip(args) -> None:
     print(json.dumps(result["relation_probe_cosines"], indent=1))
 
 
+def _token_state(pipe, prompt: str, position: int) -> np.ndarray:
+    return np.asarray(pipe.encode_prompt([prompt]))[0, position].astype(np.float64)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def pairs(args) -> None:
+    """One-object prompts of the evaluation set (``jaxt2i eval``'s prompts and noise at one guidance scale): per
+    color-shape pair, how often the detector finds it, and what it finds instead (right color with another shape,
+    right shape with another color, neither). Then, for each held-out pair, where the U-Net's conditioning puts it:
+    the cosine of the text state of "a COLOR SHAPE" at the shape word and at EOS (which every padding token repeats)
+    with the same state for the other colors' SHAPE, and for COLOR's other shapes."""
+    import collections
+
+    from jaxt2i.cli import DEFAULT_MODEL
+    from jaxt2i.data import shapes
+    from jaxt2i.eval import detector, report
+    from jaxt2i.pipeline import load_pipeline
+
+    pipe = load_pipeline(args.model or DEFAULT_MODEL)
+    prompts = report.eval_prompt_set(args.n, seed=args.seed)
+    images = report.generate(pipe, [p.prompt for p in prompts], args.guidance, args.steps, args.seed)
+    outcomes: dict = collections.defaultdict(collections.Counter)
+    for p, image in zip(prompts, images):
+        if p.prompt_type != "one_object":
+            continue
+        obj = p.target.objects[0]
+        found = [(d.color, d.shape) for d in detector.detect(np.clip(np.round(image * 255), 0, 255).astype(np.uint8))]
+        if (obj.color, obj.shape) in found:
+            kind = "right"
+        elif any(c == obj.color for c, _ in found):
+            kind = "right color, shape " + "/".join(sorted({sh for c, sh in found if c == obj.color}))
+        elif any(sh == obj.shape for _, sh in found):
+            kind = "right shape, other color"
+        else:
+            kind = "neither"
+        outcomes[(p.split, obj.color, obj.shape)][kind] += 1
+    print(f"one-object prompts, guidance {args.guidance:g}, {args.steps} steps, seed {args.seed}:")
+    for (split, color, shape), counts in sorted(outcomes.items()):
+        n = sum(counts.values())
+        others = ", ".join(f"{k} {v}" for k, v in counts.most_common() if k != "right")
+        print(f"  {split:8s} {color} {shape}: {counts['right']}/{n} right" + (f" ({others})" if others else ""))
+    # token positions: [BOS, a/an, COLOR, SHAPE, EOS, ...]: every color and shape word is one BPE token
+    print("text states of held-out pairs (cosine; shape word at position 3, EOS at 4):")
+    for color, shape in shapes.heldout_combos()["color_shapes"]:
+        for position, name in ((3, "shape word"), (4, "EOS")):
+            own = _token_state(pipe, f"a {color} {shape}", position)
+            same_shape = [_cos(own, _token_state(pipe, f"a {c} {shape}", position)) for c in shapes.COLORS if c != color]
+            same_color = {t: round(_cos(own, _token_state(pipe, f"a {color} {t}", position)), 3)
+                          for t in shapes.SHAPES if t != shape}
+            print(f"  {color} {shape}, {name}: other colors' {shape} {np.mean(same_shape):.3f} (mean); "
+                  f"{color} {same_color}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -233,8 +290,14 @@ def main(argv=None) -> int:
     cl.add_argument("--n", type=int, default=256, help="scenes per split")
     cl.add_argument("--seed", type=int, default=0, help="the CLIP config's seed (held-out numbers then equal "
                                                         "metrics.json's hard_negatives_heldout)")
+    pa = sub.add_parser("pairs")
+    pa.add_argument("--model", default=None)
+    pa.add_argument("--n", type=int, default=50, help="prompts per split and prompt type (as jaxt2i eval --n)")
+    pa.add_argument("--guidance", type=float, default=3.0)
+    pa.add_argument("--steps", type=int, default=25)
+    pa.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    {"losses": losses, "grid": grid, "timing": timing, "clip": clip}[args.what](args)
+    {"losses": losses, "grid": grid, "timing": timing, "clip": clip, "pairs": pairs}[args.what](args)
     return 0
 
 
