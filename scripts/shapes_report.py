@@ -225,7 +225,7 @@ def pairs(args) -> None:
     """One-object prompts of the evaluation set (``jaxt2i eval``'s prompts and noise at one guidance scale): per
     color-shape pair, how often the detector finds it, and what it finds instead (right color with another shape,
     right shape with another color, neither). Then, for each held-out pair, where the U-Net's conditioning puts it:
-    the cosine of the text state of "a COLOR SHAPE" at the shape word and at EOS (which every padding token repeats)
+    the cosine of the text state of "a COLOR SHAPE" at the shape word and at EOS (which the padding tokens resemble)
     with the same state for the other colors' SHAPE, and for COLOR's other shapes."""
     import collections
 
