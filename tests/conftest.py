@@ -8,3 +8,24 @@ import tempfile
 
 # One persistent compilation cache per test session: programs of the same shapes compile once.
 os.environ.setdefault("JAXT2I_CACHE_DIR", tempfile.mkdtemp(prefix="jaxt2i-xla-cache-"))
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A jaxt2i model folder of the tiny_sd1 preset with random weights (std 0.05) and no CLIP image tower."""
+    import jax
+    import numpy as np
+
+    from jaxt2i import presets
+    from jaxt2i.convert.load import LoadedModel, write_native
+
+    spec = presets.get("tiny_sd1")
+    configs = spec.configs()
+    rng = np.random.default_rng(0)
+    params = {name: jax.tree.map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(np.float32),
+                                 presets.abstract_params(name, cfg)) for name, cfg in configs.items()}
+    path = str(tmp_path_factory.mktemp("tiny") / "tiny_model")
+    write_native(path, LoadedModel(configs, params, spec.schedule, {"pad": spec.tokenizer_pad, "folder": None}, "test"))
+    return path

@@ -4,30 +4,11 @@ from __future__ import annotations
 
 import json
 
-import jax
 import numpy as np
-import pytest
 
-from jaxt2i import presets
-from jaxt2i.convert.load import LoadedModel, write_native
 from jaxt2i.data import shapes
 from jaxt2i.eval import report
 from jaxt2i.eval.cli import eval_main
-
-
-def _random_tree(abstract, rng: np.random.Generator) -> dict:
-    return jax.tree.map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(np.float32), abstract)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    spec = presets.get("tiny_sd1")
-    configs = spec.configs()
-    rng = np.random.default_rng(0)
-    params = {name: _random_tree(presets.abstract_params(name, cfg), rng) for name, cfg in configs.items()}
-    path = str(tmp_path_factory.mktemp("eval") / "tiny_model")
-    write_native(path, LoadedModel(configs, params, spec.schedule, {"pad": spec.tokenizer_pad, "folder": None}, "test"))
-    return path
 
 
 def test_eval_command_writes_json_and_markdown(tiny_model, tmp_path, capsys):

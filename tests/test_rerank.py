@@ -124,19 +124,8 @@ def test_generate_with_candidates_writes_the_draw_the_clip_scores_best(tmp_path,
     assert np.abs(written - other).mean() > 5  # the two candidates differ: the check can tell them apart
 
 
-def test_candidates_without_a_clip_is_a_clear_error(tmp_path, capsys):
-    from jaxt2i import presets
-    from jaxt2i.convert.load import LoadedModel, write_native
-
-    import jax
-
-    spec = presets.get("tiny_sd1")
-    configs = spec.configs()
-    rng = np.random.default_rng(0)
-    params = {name: jax.tree.map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(np.float32),
-                                 presets.abstract_params(name, cfg)) for name, cfg in configs.items()}
-    model = str(tmp_path / "tiny")
-    write_native(model, LoadedModel(configs, params, spec.schedule, {"pad": spec.tokenizer_pad, "folder": None}, "t"))
+def test_candidates_without_a_clip_is_a_clear_error(tiny_model, tmp_path, capsys):
+    model = tiny_model  # random tiny_sd1 weights, no clip_vision/
     out = tmp_path / "x.png"
     assert main(["generate", "a cat", "--model", model, "--candidates", "2", "--out", str(out)]) == 2
     assert "needs a CLIP" in capsys.readouterr().err and not out.exists()
