@@ -31,11 +31,13 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 class Models(NamedTuple):
-    """The linen modules of a pipeline (pure: parameters live in ``Pipeline.params``)."""
+    """The linen modules of a pipeline (pure: parameters live in ``Pipeline.params``), and the text-encoder hidden
+    state that conditions the U-Net (``CLIPTextModel.encode``'s ``layer``: -1 the last, 0 the embeddings)."""
 
     text_encoder: clip.CLIPTextModel
     vae: vae.AutoencoderKL
     unet: unet.UNet
+    text_layer: int = -1
 
 
 # --------------------------------------------------------------------------------------- compilation cache
@@ -90,8 +92,9 @@ class _Spec:
 
 
 def _encode_text(models: Models, params, ids):
-    """[B, 77] ids -> [B, 77, D] conditioning (last hidden state after the final LayerNorm)."""
-    return models.text_encoder.apply({"params": params["text_encoder"]}, ids, method=clip.CLIPTextModel.encode)
+    """[B, 77] ids -> [B, 77, D] conditioning: hidden state ``models.text_layer`` after the final LayerNorm."""
+    return models.text_encoder.apply({"params": params["text_encoder"]}, ids, models.text_layer,
+                                     method=clip.CLIPTextModel.encode)
 
 
 def _unet(models: Models, params, x, t, context):
@@ -243,6 +246,7 @@ class Pipeline:
             text_encoder=clip.CLIPTextModel(self.configs["text_encoder"], dtype=self.dtype, param_dtype=self.dtype),
             vae=vae.AutoencoderKL(self.configs["vae"], dtype=vae_dtype, param_dtype=vae_dtype),
             unet=unet.UNet(self.configs["unet"], dtype=self.dtype, param_dtype=self.dtype),
+            text_layer=loaded.text_layer,
         )
         param_dtypes = {"text_encoder": self.dtype, "vae": vae_dtype, "unet": self.dtype}
         self.params = {name: jax.device_put(jax.tree.map(lambda a, d=param_dtypes[name]: np.asarray(a, d), tree))
@@ -267,7 +271,8 @@ class Pipeline:
     def to_loaded_model(self) -> LoadedModel:
         """The pipeline's configs and parameters (as numpy) in the format-independent form, for export."""
         params = {k: jax.tree.map(np.asarray, v) for k, v in self.params.items()}
-        return LoadedModel(self.configs, params, self.schedule, self._tokenizer_settings, self.source)
+        return LoadedModel(self.configs, params, self.schedule, self._tokenizer_settings, self.source,
+                           self.models.text_layer)
 
     # ------------------------------------------------------------------------------ functional pieces
     def tokenize(self, prompts: str | Sequence[str]) -> np.ndarray:

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     dtype = np.dtype(args.dtype)
     model = LoadedModel(configs=configs, params={k: _cast(v, dtype) for k, v in params.items()},
                         schedule=run.schedule, tokenizer={"pad": run.tokenizer.get("pad") or "eos", "folder": None},
-                        source=args.unet)
+                        source=args.unet, text_layer=run.text_layer)
     write_native(args.out, model, overwrite=True)
     if args.clip:
         flat = read_safetensors(os.path.join(args.clip, "params.safetensors"))

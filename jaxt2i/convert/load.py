@@ -33,7 +33,10 @@ class LoadedModel:
     """Everything a pipeline is made of, independent of the file format it came from.
 
     configs: component name -> config dataclass; params: component name -> Flax tree (numpy arrays);
-    tokenizer: {"pad": "eos"|"zero", "folder": path or None}; source: where it was read from.
+    tokenizer: {"pad": "eos"|"zero", "folder": path or None}; source: where it was read from;
+    text_layer: which hidden state of the text encoder conditions the U-Net (``CLIPTextModel.encode``'s
+    ``layer``: -1 the last, as in every diffusers and single-file checkpoint; 0 the token + position embeddings).
+    Only jaxt2i's own format can store another value.
     """
 
     configs: dict[str, Any]
@@ -41,6 +44,7 @@ class LoadedModel:
     schedule: ScheduleConfig
     tokenizer: dict
     source: str
+    text_layer: int = -1
 
 
 # ----------------------------------------------------------------------------------------------- diffusers folders
@@ -222,6 +226,7 @@ def write_single_file(path: str, model: LoadedModel, *, overwrite: bool = False)
         raise ValueError(f"{path}: single files are written as .safetensors only.")
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; choose a new name or pass overwrite=True.")
+    _check_last_text_layer(model, "an original single-file checkpoint")
     torch_layout = {name: params_to_torch(name, model.params[name], model.configs[name]) for name in COMPONENT_NAMES}
     text_prefix = (_PREFIXES["text_encoder_sd1"] if model.configs["text_encoder"].hidden_act == "quick_gelu"
                    else _PREFIXES["text_encoder_sd2"])
@@ -255,7 +260,8 @@ def read_native(path: str, *, dtype: Any = None) -> LoadedModel:
     tokenizer = dict(manifest.get("tokenizer", {}))
     tok_folder = os.path.join(path, "tokenizer")
     tokenizer["folder"] = tok_folder if os.path.isdir(tok_folder) else None
-    return LoadedModel(configs, params, schedule, tokenizer, path)
+    text_layer = native.text_layer_from_manifest(manifest, configs["text_encoder"].num_layers, source=path)
+    return LoadedModel(configs, params, schedule, tokenizer, path, text_layer)
 
 
 def _identity_rule(flat_key: str):
@@ -269,14 +275,25 @@ def write_native(path: str, model: LoadedModel, *, overwrite: bool = False) -> N
     native.save_native(
         path, configs=model.configs, params=model.params, schedule=model.schedule,
         tokenizer={"pad": model.tokenizer.get("pad")}, tokenizer_files=model.tokenizer.get("folder"),
-        overwrite=overwrite)
+        text_layer=model.text_layer, overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------------------------- diffusers export
+def _check_last_text_layer(model: LoadedModel, kind: str) -> None:
+    """Refuses to export a model conditioned on another text-encoder layer than the last to a format that cannot
+    say so (diffusers and the original checkpoints always condition on the last layer's output)."""
+    if model.text_layer != -1:
+        raise ConversionError(
+            f"{model.source}: this model's U-Net is conditioned on text-encoder hidden state {model.text_layer} "
+            f"(jaxt2i.json \"text_layer\"), which {kind} cannot express: it would be sampled with the last layer's "
+            f"output instead. Keep it in jaxt2i's format (--to jaxt2i).")
+
+
 def write_diffusers_folder(path: str, model: LoadedModel, *, overwrite: bool = False) -> None:
     """Writes a diffusers-format folder that ``StableDiffusionPipeline.from_pretrained`` (and jaxt2i) can load."""
     from jaxt2i.tokenizer import write_vocab_files
 
+    _check_last_text_layer(model, "a diffusers folder")
     with atomic_folder(path, overwrite=overwrite) as staging:
         classes = {"text_encoder": "CLIPTextModel", "vae": "AutoencoderKL", "unet": "UNet2DConditionModel"}
         for name in COMPONENT_NAMES:

@@ -1,7 +1,8 @@
 """jaxt2i's own checkpoint format: a folder with ``jaxt2i.json`` and one safetensors file per component.
 
-``jaxt2i.json`` holds the format version, each component's config (dataclass fields), the noise schedule and
-the tokenizer settings; ``<component>.safetensors`` holds the Flax parameter tree flattened with ``/``-joined
+``jaxt2i.json`` holds the format version, each component's config (dataclass fields), the noise schedule, the
+tokenizer settings and ``text_layer`` (the text-encoder hidden state that conditions the U-Net; -1, the last, when
+absent); ``<component>.safetensors`` holds the Flax parameter tree flattened with ``/``-joined
 paths. Loading needs no key table and no transposes, so it is fast; the tree is still checked against the
 model's abstract tree, like every other format.
 """
@@ -67,6 +68,7 @@ def save_native(
     schedule: Any,
     tokenizer: Mapping[str, Any],
     tokenizer_files: str | os.PathLike | None = None,
+    text_layer: int = -1,
     overwrite: bool = False,
 ) -> None:
     """Writes a jaxt2i folder.
@@ -78,6 +80,7 @@ def save_native(
       schedule: the noise-schedule config dataclass.
       tokenizer: tokenizer settings (JSON-ready), e.g. ``{"pad": "eos"}``.
       tokenizer_files: optional folder with vocab.json/merges.txt to copy to ``tokenizer/``.
+      text_layer: the text-encoder hidden state the U-Net is conditioned on (``CLIPTextModel.encode``'s ``layer``).
     """
     with atomic_folder(folder, overwrite=overwrite) as staging:
         for name, tree in params.items():
@@ -89,6 +92,7 @@ def save_native(
             "components": {name: config_to_dict(cfg) for name, cfg in configs.items()},
             "schedule": config_to_dict(schedule),
             "tokenizer": dict(tokenizer),
+            "text_layer": int(text_layer),
         }
         with open(os.path.join(staging, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
@@ -110,6 +114,16 @@ def read_manifest(folder: str | os.PathLike) -> dict:
         raise ConversionError(f"{path} has format version {manifest['version']}; this jaxt2i reads up to "
                               f"{FORMAT_VERSION}. Upgrade jaxt2i.")
     return manifest
+
+
+def text_layer_from_manifest(manifest: Mapping[str, Any], num_layers: int, *, source: str) -> int:
+    """The manifest's ``text_layer`` (-1 when absent: folders written before it existed), checked against a text
+    encoder of ``num_layers`` layers (valid: -num_layers-1 .. num_layers)."""
+    layer = manifest.get("text_layer", -1)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -num_layers - 1 <= layer <= num_layers:
+        raise ConversionError(f"{source}: jaxt2i.json has text_layer={layer!r}; it must be an integer in "
+                              f"[{-num_layers - 1}, {num_layers}] for its {num_layers}-layer text encoder.")
+    return layer
 
 
 def read_component(folder: str | os.PathLike, name: str) -> dict[str, np.ndarray]:

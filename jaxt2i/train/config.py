@@ -39,7 +39,10 @@ class ModelConfig:
     unet / vae / text_encoder: override one component's preset name (``jaxt2i.models.*.PRESETS``).
     pretrained: a model ``jaxt2i.convert`` reads (jaxt2i folder, diffusers folder, single-file checkpoint);
         its architectures, weights and tokenizer replace the presets.
-    text_layer: which text-encoder hidden state conditions the U-Net (-1: last, SD1; -2: penultimate).
+    text_layer: which text-encoder hidden state conditions the U-Net (-1: last, SD1; -2: penultimate; 0: the
+        token + position embeddings, no transformer layer). None: the pretrained model's (its jaxt2i.json
+        ``text_layer``; -1 for diffusers and single-file checkpoints), -1 when training from scratch. It is
+        written to the exported model folder, so sampling uses the same one.
     unet_config: the U-Net architecture as a mapping of ``UNetConfig`` fields (replaces the preset's or the
         pretrained model's U-Net; always a fresh init).
     vae_from / text_encoder_from: folders holding ``params.safetensors`` + ``config.json`` of a VAE / text encoder
@@ -57,9 +60,14 @@ class ModelConfig:
     unet_config: Any = None
     vae_from: str | None = None
     text_encoder_from: str | None = None
-    text_layer: int = -1
+    text_layer: int | None = None
     remat: bool = False
     export_ema: bool = True
+
+    def __post_init__(self):
+        if self.text_layer is not None and (isinstance(self.text_layer, bool) or not isinstance(self.text_layer, int)):
+            raise ValueError(f"model.text_layer={self.text_layer!r}; use an integer (-1: last layer, 0: embeddings) "
+                             f"or leave it unset")
 
 
 @dataclass(frozen=True)

@@ -73,12 +73,14 @@ def build_models(cfg: TrainConfig) -> ModelBundle:
     dtype = _DTYPES[cfg.compute_dtype]
     m = cfg.model
     params = None
+    text_layer = -1 if m.text_layer is None else m.text_layer
     if m.pretrained:
         from jaxt2i.convert.load import read_any
 
         loaded = read_any(m.pretrained)
         configs, params = dict(loaded.configs), dict(loaded.params)
         tok_settings = dict(loaded.tokenizer)
+        text_layer = loaded.text_layer if m.text_layer is None else m.text_layer
         if loaded.schedule.prediction_type != cfg.loss.prediction_target:
             _log(f"warning: {m.pretrained} was trained for prediction_type={loaded.schedule.prediction_type!r} "
                  f"but loss.prediction_target={cfg.loss.prediction_target!r}")
@@ -100,8 +102,16 @@ def build_models(cfg: TrainConfig) -> ModelBundle:
         vae=vae.AutoencoderKL(configs["vae"], dtype=dtype, param_dtype=jnp.float32),
         text_encoder=clip.CLIPTextModel(configs["text_encoder"], dtype=dtype, param_dtype=jnp.float32),
         uncond_ids=np.asarray(tokenizer([""]), np.int32),
-        text_layer=m.text_layer,
+        text_layer=text_layer,
     )
+    count = configs["text_encoder"].num_layers + 1
+    if not -count <= text_layer < count:
+        raise ValueError(f"model.text_layer={text_layer} does not exist in a {count - 1}-layer text encoder; "
+                         f"use -1 (last) .. {-count}, or 0 (embeddings) .. {count - 1}.")
+    if cfg.export_diffusers and text_layer != -1:
+        raise ValueError(f"export_diffusers=true needs model.text_layer=-1: a diffusers folder always conditions on "
+                         f"the last layer, this run on layer {text_layer}. Set export_diffusers=false (WORKDIR/final "
+                         f"is a jaxt2i folder that records the layer).")
     return ModelBundle(models, params, configs, tokenizer, tok_settings)
 
 
@@ -368,7 +378,7 @@ def export_final(state, cfg: TrainConfig, bundle: ModelBundle, workdir: Path, ou
     schedule = dataclasses.replace(cfg.schedule, prediction_type=cfg.loss.prediction_target)
     tok = {"pad": bundle.tokenizer_settings.get("pad") or "eos", "folder": bundle.tokenizer_settings.get("folder")}
     model = LoadedModel(configs=bundle.configs, params={"unet": unet_params, **frozen}, schedule=schedule,
-                        tokenizer=tok, source=str(workdir))
+                        tokenizer=tok, source=str(workdir), text_layer=bundle.models.text_layer)
     write_native(str(final), model, overwrite=out is None)
     if lora is not None:
         lora_lib.save_lora(str(final / "lora.safetensors"), lora, cfg.trainable.lora_alpha)

@@ -274,3 +274,49 @@ def test_missing_path_and_unknown_folder(tmp_path):
         load_pipeline(str(tmp_path / "nothing"))
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         load_pipeline(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------ text_layer
+@pytest.mark.parametrize("layer", [0, -2])
+def test_text_layer_is_stored_and_conditions_like_the_reference_hidden_state(reference, tmp_path, layer):
+    """A jaxt2i folder records which text-encoder hidden state conditions the U-Net; the pipeline encodes prompts
+    as transformers' ``hidden_states[layer]`` followed by the final LayerNorm; formats that cannot say so refuse."""
+    import dataclasses
+
+    preset, folder, tpipe = reference
+    model = dataclasses.replace(load.read_any(folder), text_layer=layer)
+    native = str(tmp_path / "native")
+    load.write_native(native, model)
+    assert load.read_any(native).text_layer == layer
+    jpipe = load_pipeline(native)
+    ids = tpipe.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = tpipe.text_encoder(ids, output_hidden_states=True).hidden_states[layer]
+        want = tpipe.text_encoder.final_layer_norm(hidden).numpy()  # transformers 5: no text_model level
+        last = tpipe.text_encoder(ids)[0].numpy()
+    got = np.asarray(jpipe.encode_prompt(PROMPTS))
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    assert np.abs(got - last).max() > 100 * ATOL  # the layer made a difference, so the check above can fail
+    assert jpipe.to_loaded_model().text_layer == layer
+    for writer, dst in ((load.write_diffusers_folder, tmp_path / "d"), (load.write_single_file, tmp_path / "s.safetensors")):
+        with pytest.raises(ConversionError, match=f"hidden state {layer}.*jaxt2i's format"):
+            writer(str(dst), model)
+        assert not dst.exists()
+
+
+def test_text_layer_missing_means_last_and_out_of_range_is_refused(tiny_model, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model, folder)
+    manifest = json.loads((folder / "jaxt2i.json").read_text())
+    assert manifest["text_layer"] == -1
+    del manifest["text_layer"]  # a folder written before the field existed
+    (folder / "jaxt2i.json").write_text(json.dumps(manifest))
+    assert load.read_any(str(folder)).text_layer == -1
+    layers = manifest["components"]["text_encoder"]["num_layers"]
+    for bad in (layers + 1, -layers - 2, "last", 1.0):
+        (folder / "jaxt2i.json").write_text(json.dumps({**manifest, "text_layer": bad}))
+        with pytest.raises(ConversionError, match=f"text_layer={bad!r}.*{layers}-layer text encoder"):
+            load.read_any(str(folder))

@@ -194,3 +194,25 @@ def test_mfu_and_peak_table():
     assert peak_flops_per_device("cpu", override_tflops=2.0) == pytest.approx(2e12)
     assert mfu(1e12, 2.0, 4, 1e12) == pytest.approx(0.5)
     assert mfu(None, 2.0, 4, 1e12) is None and mfu(1e12, 2.0, 4, None) is None
+
+
+# ----------------------------------------------------------------------------- text_layer
+
+
+def test_text_layer_comes_from_the_pretrained_model_unless_set(tiny_model, tmp_path):
+    import dataclasses
+
+    from jaxt2i.convert.load import read_any, write_native
+
+    layer0 = str(tmp_path / "layer0")
+    write_native(layer0, dataclasses.replace(read_any(tiny_model), text_layer=0))
+    assert loop.build_models(load_config(TINY)).models.text_layer == -1  # from scratch: the last layer
+    assert loop.build_models(load_config(TINY, [f"model.pretrained={layer0}"])).models.text_layer == 0
+    assert loop.build_models(load_config(TINY, [f"model.pretrained={layer0}", "model.text_layer=-2"])
+                             ).models.text_layer == -2
+    with pytest.raises(ValueError, match="model.text_layer=7 does not exist in a 2-layer text encoder"):
+        loop.build_models(load_config(TINY, ["model.text_layer=7"]))
+    with pytest.raises(ValueError, match="export_diffusers=true needs model.text_layer=-1"):
+        loop.build_models(load_config(TINY, ["model.text_layer=0", "export_diffusers=true"]))
+    with pytest.raises(ConfigError, match="text_layer"):
+        load_config(TINY, ["model.text_layer=last"])

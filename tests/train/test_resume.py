@@ -79,7 +79,10 @@ def train(env, workdir: Path, *overrides: str, **opts) -> subprocess.CompletedPr
     harness = workdir.parent / "harness.py"
     harness.write_text(HARNESS)
     e = dict(env, HARNESS_OPTS=json.dumps(opts))
-    cmd = [sys.executable, str(harness), str(CONFIG), f"workdir={workdir}", "progress=false", *overrides]
+    # text_layer=0 (the embeddings condition the U-Net): every run here also checks that a non-default layer trains,
+    # resumes and is recorded in the exported folder
+    cmd = [sys.executable, str(harness), str(CONFIG), f"workdir={workdir}", "progress=false", "model.text_layer=0",
+           *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=900)
 
 
@@ -123,7 +126,7 @@ def test_uninterrupted_run_writes_metrics_checkpoints_and_final(reference):
     assert all("steps_per_s" in r and "images_per_s" in r for r in recs[1:])
     assert checkpoint_steps(reference) == [4, 8]
     manifest = json.loads((reference / "final" / "jaxt2i.json").read_text())
-    assert set(manifest["components"]) == {"unet", "vae", "text_encoder"}
+    assert set(manifest["components"]) == {"unet", "vae", "text_encoder"} and manifest["text_layer"] == 0
     assert json.loads((reference / "config.json").read_text())["steps"] == 8
 
 
