@@ -282,7 +282,8 @@ def write_native(path: str, model: LoadedModel, *, overwrite: bool = False) -> N
 def _check_last_text_layer(model: LoadedModel, kind: str) -> None:
     """Refuses to export a model conditioned on another text-encoder layer than the last to a format that cannot
     say so (diffusers and the original checkpoints always condition on the last layer's output)."""
-    if model.text_layer != -1:
+    layers = model.configs["text_encoder"].num_layers
+    if model.text_layer % (layers + 1) != layers:  # -1 and num_layers both name the last layer
         raise ConversionError(
             f"{model.source}: this model's U-Net is conditioned on text-encoder hidden state {model.text_layer} "
             f"(jaxt2i.json \"text_layer\"), which {kind} cannot express: it would be sampled with the last layer's "

@@ -108,7 +108,7 @@ def build_models(cfg: TrainConfig) -> ModelBundle:
     if not -count <= text_layer < count:
         raise ValueError(f"model.text_layer={text_layer} does not exist in a {count - 1}-layer text encoder; "
                          f"use -1 (last) .. {-count}, or 0 (embeddings) .. {count - 1}.")
-    if cfg.export_diffusers and text_layer != -1:
+    if cfg.export_diffusers and text_layer % count != count - 1:
         raise ValueError(f"export_diffusers=true needs model.text_layer=-1: a diffusers folder always conditions on "
                          f"the last layer, this run on layer {text_layer}. Set export_diffusers=false (WORKDIR/final "
                          f"is a jaxt2i folder that records the layer).")

@@ -302,6 +302,8 @@ def test_text_layer_is_stored_and_conditions_like_the_reference_hidden_state(ref
         with pytest.raises(ConversionError, match=f"hidden state {layer}.*jaxt2i's format"):
             writer(str(dst), model)
         assert not dst.exists()
+    last = dataclasses.replace(model, text_layer=model.configs["text_encoder"].num_layers)  # the last layer, by index
+    load.write_single_file(str(tmp_path / "last.safetensors"), last)
 
 
 def test_text_layer_missing_means_last_and_out_of_range_is_refused(tiny_model, tmp_path):
