@@ -114,7 +114,7 @@ def test_encode_text_layers():
     for layer in (-2, 0, 1):
         np.testing.assert_allclose(encode(params, ids, config=cfg, layer=layer),
                                    final_ln(out.hidden_states[layer]), atol=1e-6)
-    with pytest.raises(ValueError, match="layer must be"):
+    with pytest.raises(ValueError, match=f"does not exist in a {cfg.num_layers}-layer text encoder"):
         encode_text(params, ids, cfg, layer=cfg.num_layers + 1)
 
 

@@ -24,6 +24,7 @@ from jaxt2i.convert.components import COMPONENTS, params_from_torch, params_to_t
 from jaxt2i.convert.core import ConversionError
 from jaxt2i.convert.io import atomic_folder, read_state_dict, write_safetensors
 from jaxt2i.diffusion.schedules import ScheduleConfig
+from jaxt2i.models import clip
 
 COMPONENT_NAMES = ("text_encoder", "vae", "unet")
 
@@ -260,7 +261,11 @@ def read_native(path: str, *, dtype: Any = None) -> LoadedModel:
     tokenizer = dict(manifest.get("tokenizer", {}))
     tok_folder = os.path.join(path, "tokenizer")
     tokenizer["folder"] = tok_folder if os.path.isdir(tok_folder) else None
-    text_layer = native.text_layer_from_manifest(manifest, configs["text_encoder"].num_layers, source=path)
+    text_layer = manifest.get("text_layer", -1)  # absent in folders written before it was recorded
+    try:
+        clip.hidden_state_index(configs["text_encoder"].num_layers, text_layer)
+    except ValueError as e:
+        raise ConversionError(f"{path}: jaxt2i.json \"text_layer\": {e}") from None
     return LoadedModel(configs, params, schedule, tokenizer, path, text_layer)
 
 
@@ -283,7 +288,7 @@ def _check_last_text_layer(model: LoadedModel, kind: str) -> None:
     """Refuses to export a model conditioned on another text-encoder layer than the last to a format that cannot
     say so (diffusers and the original checkpoints always condition on the last layer's output)."""
     layers = model.configs["text_encoder"].num_layers
-    if model.text_layer % (layers + 1) != layers:  # -1 and num_layers both name the last layer
+    if clip.hidden_state_index(layers, model.text_layer) != layers:  # -1 and num_layers both name the last layer
         raise ConversionError(
             f"{model.source}: this model's U-Net is conditioned on text-encoder hidden state {model.text_layer} "
             f"(jaxt2i.json \"text_layer\"), which {kind} cannot express: it would be sampled with the last layer's "

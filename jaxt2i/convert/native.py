@@ -116,16 +116,6 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     return manifest
 
 
-def text_layer_from_manifest(manifest: Mapping[str, Any], num_layers: int, *, source: str) -> int:
-    """The manifest's ``text_layer`` (-1 when absent: folders written before it existed), checked against a text
-    encoder of ``num_layers`` layers (valid: -num_layers-1 .. num_layers)."""
-    layer = manifest.get("text_layer", -1)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not -num_layers - 1 <= layer <= num_layers:
-        raise ConversionError(f"{source}: jaxt2i.json has text_layer={layer!r}; it must be an integer in "
-                              f"[{-num_layers - 1}, {num_layers}] for its {num_layers}-layer text encoder.")
-    return layer
-
-
 def read_component(folder: str | os.PathLike, name: str) -> dict[str, np.ndarray]:
     """The flat ``{"a/b/kernel": array}`` tensors of one component."""
     path = os.path.join(folder, f"{name}.safetensors")

@@ -303,15 +303,23 @@ class CLIPTextModel(nn.Module):
         ``layer`` indexes ``hidden_states`` (0 = embeddings, -1 = last layer, -2 = penultimate: SD 2's
         conditioning from a full 24-layer OpenCLIP tower, or "CLIP skip 2"). Layers after it are not run.
         """
-        count = self.config.num_layers + 1
-        if not -count <= layer < count:
-            raise ValueError(f"layer must be in [{-count}, {count - 1}] for a {count - 1}-layer text encoder; "
-                             f"got {layer}.")
-        stop = layer % count
+        stop = hidden_state_index(self.config.num_layers, layer)
         x = self.embed(jnp.asarray(input_ids, jnp.int32))
         for block in self.layers[:stop]:
             x = block(x)
         return self.final_layer_norm(x)
+
+
+def hidden_state_index(num_layers: int, layer: int) -> int:
+    """``layer`` as ``CLIPTextModel.encode`` takes it (-1 the last layer, 0 the embeddings) -> the number of
+    transformer layers it runs, in ``[0, num_layers]``; ``== num_layers`` is the last layer, the only one diffusers
+    and single-file checkpoints condition on. Raises ValueError for a non-integer or a layer that does not exist."""
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise ValueError(f"text layer {layer!r}: use an integer (-1: the last layer, 0: the embeddings).")
+    if not -num_layers - 1 <= layer <= num_layers:
+        raise ValueError(f"text layer {layer} does not exist in a {num_layers}-layer text encoder: use "
+                         f"{-num_layers - 1} .. -1 or 0 .. {num_layers} (-1: the last layer, 0: the embeddings).")
+    return layer % (num_layers + 1)
 
 
 def abstract_params(config: CLIPTextConfig, param_dtype: Any = jnp.float32) -> dict:

@@ -64,11 +64,6 @@ class ModelConfig:
     remat: bool = False
     export_ema: bool = True
 
-    def __post_init__(self):
-        if self.text_layer is not None and (isinstance(self.text_layer, bool) or not isinstance(self.text_layer, int)):
-            raise ValueError(f"model.text_layer={self.text_layer!r}; use an integer (-1: last layer, 0: embeddings) "
-                             f"or leave it unset")
-
 
 @dataclass(frozen=True)
 class DataConfig:

@@ -73,14 +73,14 @@ def build_models(cfg: TrainConfig) -> ModelBundle:
     dtype = _DTYPES[cfg.compute_dtype]
     m = cfg.model
     params = None
-    text_layer = -1 if m.text_layer is None else m.text_layer
+    default_layer = -1  # from scratch: the last layer, as Stable Diffusion
     if m.pretrained:
         from jaxt2i.convert.load import read_any
 
         loaded = read_any(m.pretrained)
         configs, params = dict(loaded.configs), dict(loaded.params)
         tok_settings = dict(loaded.tokenizer)
-        text_layer = loaded.text_layer if m.text_layer is None else m.text_layer
+        default_layer = loaded.text_layer
         if loaded.schedule.prediction_type != cfg.loss.prediction_target:
             _log(f"warning: {m.pretrained} was trained for prediction_type={loaded.schedule.prediction_type!r} "
                  f"but loss.prediction_target={cfg.loss.prediction_target!r}")
@@ -95,6 +95,16 @@ def build_models(cfg: TrainConfig) -> ModelBundle:
             configs["text_encoder"] = clip.PRESETS[m.text_encoder]
         tok_settings = {"pad": spec.tokenizer_pad, "folder": None}
     params = _replace_components(m, configs, params)
+    text_layer = default_layer if m.text_layer is None else m.text_layer
+    layers = configs["text_encoder"].num_layers
+    try:
+        last_layer = clip.hidden_state_index(layers, text_layer) == layers
+    except ValueError as e:
+        raise ValueError(f"model.text_layer: {e}") from None
+    if cfg.export_diffusers and not last_layer:
+        raise ValueError(f"export_diffusers=true needs model.text_layer=-1: a diffusers folder always conditions on "
+                         f"the last layer, this run on layer {text_layer}. Set export_diffusers=false (WORKDIR/final "
+                         f"is a jaxt2i folder that records the layer).")
     folder = tok_settings.get("folder")
     tokenizer = CLIPTokenizer.from_folder(folder) if folder else CLIPTokenizer.default(pad=tok_settings.get("pad") or "eos")
     models = Models(
@@ -104,14 +114,6 @@ def build_models(cfg: TrainConfig) -> ModelBundle:
         uncond_ids=np.asarray(tokenizer([""]), np.int32),
         text_layer=text_layer,
     )
-    count = configs["text_encoder"].num_layers + 1
-    if not -count <= text_layer < count:
-        raise ValueError(f"model.text_layer={text_layer} does not exist in a {count - 1}-layer text encoder; "
-                         f"use -1 (last) .. {-count}, or 0 (embeddings) .. {count - 1}.")
-    if cfg.export_diffusers and text_layer % count != count - 1:
-        raise ValueError(f"export_diffusers=true needs model.text_layer=-1: a diffusers folder always conditions on "
-                         f"the last layer, this run on layer {text_layer}. Set export_diffusers=false (WORKDIR/final "
-                         f"is a jaxt2i folder that records the layer).")
     return ModelBundle(models, params, configs, tokenizer, tok_settings)
 
 

@@ -304,6 +304,7 @@ def test_text_layer_is_stored_and_conditions_like_the_reference_hidden_state(ref
         assert not dst.exists()
     last = dataclasses.replace(model, text_layer=model.configs["text_encoder"].num_layers)  # the last layer, by index
     load.write_single_file(str(tmp_path / "last.safetensors"), last)
+    assert (tmp_path / "last.safetensors").is_file()
 
 
 def test_text_layer_missing_means_last_and_out_of_range_is_refused(tiny_model, tmp_path):
@@ -318,7 +319,8 @@ def test_text_layer_missing_means_last_and_out_of_range_is_refused(tiny_model, t
     (folder / "jaxt2i.json").write_text(json.dumps(manifest))
     assert load.read_any(str(folder)).text_layer == -1
     layers = manifest["components"]["text_encoder"]["num_layers"]
-    for bad in (layers + 1, -layers - 2, "last", 1.0):
+    for bad, why in ((layers + 1, f"does not exist in a {layers}-layer"), (-layers - 2, "does not exist"),
+                     ("last", "use an integer"), (1.0, "use an integer"), (True, "use an integer")):
         (folder / "jaxt2i.json").write_text(json.dumps({**manifest, "text_layer": bad}))
-        with pytest.raises(ConversionError, match=f"text_layer={bad!r}.*{layers}-layer text encoder"):
+        with pytest.raises(ConversionError, match=f'"text_layer": text layer {bad!r}.*{why}'):
             load.read_any(str(folder))
