@@ -6,6 +6,8 @@
     python scripts/shapes_report.py timing                                         # fresh-process + warm timings
     python scripts/shapes_report.py clip --clip /work/runs/shapes_clip             # what the CLIP text tower encodes
     python scripts/shapes_report.py pairs                                          # one-object errors per color-shape pair
+    python scripts/shapes_report.py compare NEW.json [NEW2.json ...] --against OLD.json [OLD2.json ...]
+                                                                   # eval reports as a table; several draws pooled
 
 Drawn with PIL only (no matplotlib). `grid` uses the shipped model (or --model) at its default steps (25) and
 guidance (3.0); its prompts mix training combinations and held-out ones (marked "held-out").
@@ -104,15 +106,25 @@ def draw_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], series
 
 
 def losses(args) -> None:
-    vae = _read_jsonl(os.path.join(args.vae, "log.jsonl"))
-    clip = _read_jsonl(os.path.join(args.clip, "log.jsonl"))
+    """Three panels: VAE, CLIP and U-Net training loss. With --vae-clip-from, the VAE and CLIP panels are copied
+    from an earlier picture of this command (for a U-Net retrained on the same frozen VAE and CLIP, whose logs
+    are not at hand); the U-Net panel is always drawn from --unet's metrics.jsonl."""
     unet = _read_jsonl(os.path.join(args.unet, "metrics.jsonl"))
     image = Image.new("RGB", (1200, 330), (255, 255, 255))
     draw = ImageDraw.Draw(image)
-    draw_panel(draw, (0, 0, 400, 320), [([r["step"] for r in vae], [r["loss"] for r in vae], (200, 30, 30))],
-               "KL-VAE: L2 reconstruction + 1e-4 KL (log)", "step")
-    draw_panel(draw, (400, 0, 800, 320), [([r["step"] for r in clip], [r["loss"] for r in clip], (30, 30, 200))],
-               "CLIP: symmetric InfoNCE (log)", "step")
+    if args.vae_clip_from:
+        earlier = Image.open(args.vae_clip_from).convert("RGB")
+        if earlier.size != image.size:
+            raise SystemExit(f"{args.vae_clip_from} is {earlier.size[0]}x{earlier.size[1]}, not a picture of this "
+                             f"command ({image.size[0]}x{image.size[1]}); pass --vae and --clip run folders instead.")
+        image.paste(earlier.crop((0, 0, 800, image.size[1])), (0, 0))
+    else:
+        vae = _read_jsonl(os.path.join(args.vae, "log.jsonl"))
+        clip = _read_jsonl(os.path.join(args.clip, "log.jsonl"))
+        draw_panel(draw, (0, 0, 400, 320), [([r["step"] for r in vae], [r["loss"] for r in vae], (200, 30, 30))],
+                   "KL-VAE: L2 reconstruction + 1e-4 KL (log)", "step")
+        draw_panel(draw, (400, 0, 800, 320), [([r["step"] for r in clip], [r["loss"] for r in clip], (30, 30, 200))],
+                   "CLIP: symmetric InfoNCE (log)", "step")
     steps, loss = [r["step"] for r in unet], [r["loss"] for r in unet]
     draw_panel(draw, (800, 0, 1200, 320), [(steps, loss, (190, 190, 190)), (steps, _smooth(loss, 10), (20, 130, 20))],
                "U-Net: min-SNR eps MSE (log; green: mean)", "step")
@@ -269,6 +281,68 @@ def pairs(args) -> None:
                   f"{color} {same_color}")
 
 
+def _counts(cell: dict, n_key: str = "n") -> dict:
+    """One ``jaxt2i eval`` adherence cell (split x prompt type) -> integer counts, so that draws can be pooled."""
+    n = cell[n_key]
+    out = {"n": n, "right": round(cell["accuracy"] * n), "objects": round(cell["objects_accuracy"] * n),
+           "count": round(cell["count_accuracy"] * n)}
+    if "relation_accuracy_given_objects" in cell:
+        out["relation"] = round(cell["relation_accuracy_given_objects"] * out["objects"])
+    return out
+
+
+def pooled_adherence(reports: list[dict], guidance: str) -> dict:
+    """Adherence counts summed over ``jaxt2i eval`` reports (independent draws) at one guidance scale:
+    {(split, prompt_type): {"n", "right", "objects", "count"[, "relation"]}}. Reports without that scale are
+    skipped; raises ValueError if none has it."""
+    total: dict = {}
+    used = [r["guidance"][guidance] for r in reports if guidance in r["guidance"]]
+    if not used:
+        raise ValueError(f"no report has guidance {guidance}")
+    for g in used:
+        for split in ("train", "heldout"):
+            cells = g["adherence"][split]
+            for kind in ("one_object", "two_object"):
+                acc = total.setdefault((split, kind), {})
+                for k, v in _counts(cells[kind]).items():
+                    acc[k] = acc.get(k, 0) + v
+    return total
+
+
+def _pct(num: int, den: int) -> str:
+    return f"{100 * num / den:.1f}%" if den else "-"
+
+
+def compare(args) -> None:
+    """Markdown table of ``jaxt2i eval`` reports per guidance scale and split: one object, two objects, both objects
+    found, relation given both found (with its denominator) and one-object count right. Several NEW reports (draws
+    with other seeds) are pooled; --against reports likewise, shown in brackets."""
+    new = [_read_json(f) for f in args.reports]
+    old = [_read_json(f) for f in args.against]
+    scales = sorted({g for r in new for g in r["guidance"]}, key=float)
+    print("| guidance | split | n | one object | two objects | two: both found | two: relation given both "
+          "| one object: count right |")
+    print("|---|---|---|---|---|---|---|---|")
+    for g in scales:
+        a = pooled_adherence(new, g)
+        b = pooled_adherence(old, g) if old and any(g in r["guidance"] for r in old) else None
+        for split in ("train", "heldout"):
+            one, two = a[(split, "one_object")], a[(split, "two_object")]
+            cells = [_pct(one["right"], one["n"]), _pct(two["right"], two["n"]), _pct(two["objects"], two["n"]),
+                     f"{_pct(two['relation'], two['objects'])} of {two['objects']}", _pct(one["count"], one["n"])]
+            if b is not None:
+                o1, o2 = b[(split, "one_object")], b[(split, "two_object")]
+                prev = [_pct(o1["right"], o1["n"]), _pct(o2["right"], o2["n"]), _pct(o2["objects"], o2["n"]),
+                        f"{_pct(o2['relation'], o2['objects'])} of {o2['objects']}", _pct(o1["count"], o1["n"])]
+                cells = [f"{c} ({p})" for c, p in zip(cells, prev)]
+            print(f"| {float(g):g} | {split} | {one['n']} | " + " | ".join(cells) + " |")
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -277,6 +351,8 @@ def main(argv=None) -> int:
     lo.add_argument("--clip", default="/work/runs/shapes_clip")
     lo.add_argument("--unet", default="/work/runs/shapes_unet")
     lo.add_argument("--out", default="docs/images/shapes_losses.png")
+    lo.add_argument("--vae-clip-from", default=None, metavar="PNG",
+                    help="copy the VAE and CLIP panels from an earlier picture instead of drawing them from logs")
     gr = sub.add_parser("grid")
     gr.add_argument("--model", default=None)
     gr.add_argument("--steps", type=int, default=25)
@@ -296,8 +372,12 @@ def main(argv=None) -> int:
     pa.add_argument("--guidance", type=float, default=3.0)
     pa.add_argument("--steps", type=int, default=25)
     pa.add_argument("--seed", type=int, default=0)
+    co = sub.add_parser("compare")
+    co.add_argument("reports", nargs="+", help="jaxt2i eval --out JSON files (draws with other seeds are pooled)")
+    co.add_argument("--against", nargs="*", default=[], help="reports of the model to compare with, pooled too")
     args = p.parse_args(argv)
-    {"losses": losses, "grid": grid, "timing": timing, "clip": clip, "pairs": pairs}[args.what](args)
+    {"losses": losses, "grid": grid, "timing": timing, "clip": clip, "pairs": pairs,
+     "compare": compare}[args.what](args)
     return 0
 
 
