@@ -236,9 +236,10 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 def pairs(args) -> None:
     """One-object prompts of the evaluation set (``jaxt2i eval``'s prompts and noise at one guidance scale): per
     color-shape pair, how often the detector finds it, and what it finds instead (right color with another shape,
-    right shape with another color, neither). Then, for each held-out pair, where the U-Net's conditioning puts it:
-    the cosine of the text state of "a COLOR SHAPE" at the shape word and at EOS (which the padding tokens resemble)
-    with the same state for the other colors' SHAPE, and for COLOR's other shapes."""
+    right shape with another color, neither); then per shape and object size. Then, for each held-out pair, where
+    the U-Net's conditioning puts it: the cosine of the text state of "a COLOR SHAPE" at the shape word and at EOS
+    (which the padding tokens resemble) with the same state for the other colors' SHAPE, and for COLOR's other
+    shapes."""
     import collections
 
     from jaxt2i.cli import DEFAULT_MODEL
@@ -250,6 +251,7 @@ def pairs(args) -> None:
     prompts = report.eval_prompt_set(args.n, seed=args.seed)
     images = report.generate(pipe, [p.prompt for p in prompts], args.guidance, args.steps, args.seed)
     outcomes: dict = collections.defaultdict(collections.Counter)
+    by_size: dict = collections.defaultdict(collections.Counter)
     for p, image in zip(prompts, images):
         if p.prompt_type != "one_object":
             continue
@@ -264,11 +266,15 @@ def pairs(args) -> None:
         else:
             kind = "neither"
         outcomes[(p.split, obj.color, obj.shape)][kind] += 1
+        by_size[(p.split, obj.shape, obj.size)][kind == "right"] += 1
     print(f"one-object prompts, guidance {args.guidance:g}, {args.steps} steps, seed {args.seed}:")
     for (split, color, shape), counts in sorted(outcomes.items()):
         n = sum(counts.values())
         others = ", ".join(f"{k} {v}" for k, v in counts.most_common() if k != "right")
         print(f"  {split:8s} {color} {shape}: {counts['right']}/{n} right" + (f" ({others})" if others else ""))
+    print("by shape and the scene's object size (the prompt may not name the size):")
+    for (split, shape, size), counts in sorted(by_size.items()):
+        print(f"  {split:8s} {size} {shape}: {counts[True]}/{counts[True] + counts[False]} right")
     # token positions: [BOS, a/an, COLOR, SHAPE, EOS, ...]: every color and shape word is one BPE token
     print("text states of held-out pairs (cosine; shape word at position 3, EOS at 4):")
     for color, shape in shapes.heldout_combos()["color_shapes"]:
