@@ -287,9 +287,9 @@ def pairs(args) -> None:
                   f"{color} {same_color}")
 
 
-def _counts(cell: dict, n_key: str = "n") -> dict:
+def _counts(cell: dict) -> dict:
     """One ``jaxt2i eval`` adherence cell (split x prompt type) -> integer counts, so that draws can be pooled."""
-    n = cell[n_key]
+    n = cell["n"]
     out = {"n": n, "right": round(cell["accuracy"] * n), "objects": round(cell["objects_accuracy"] * n),
            "count": round(cell["count_accuracy"] * n)}
     if "relation_accuracy_given_objects" in cell:
@@ -319,6 +319,13 @@ def _pct(num: int, den: int) -> str:
     return f"{100 * num / den:.1f}%" if den else "-"
 
 
+def _table_cells(pooled: dict, split: str) -> list[str]:
+    """One split's cells of ``compare``'s table from ``pooled_adherence``'s counts."""
+    one, two = pooled[(split, "one_object")], pooled[(split, "two_object")]
+    return [_pct(one["right"], one["n"]), _pct(two["right"], two["n"]), _pct(two["objects"], two["n"]),
+            f"{_pct(two['relation'], two['objects'])} of {two['objects']}", _pct(one["count"], one["n"])]
+
+
 def compare(args) -> None:
     """Markdown table of ``jaxt2i eval`` reports per guidance scale and split: one object, two objects, both objects
     found, relation given both found (with its denominator) and one-object count right. Several NEW reports (draws
@@ -333,15 +340,10 @@ def compare(args) -> None:
         a = pooled_adherence(new, g)
         b = pooled_adherence(old, g) if old and any(g in r["guidance"] for r in old) else None
         for split in ("train", "heldout"):
-            one, two = a[(split, "one_object")], a[(split, "two_object")]
-            cells = [_pct(one["right"], one["n"]), _pct(two["right"], two["n"]), _pct(two["objects"], two["n"]),
-                     f"{_pct(two['relation'], two['objects'])} of {two['objects']}", _pct(one["count"], one["n"])]
+            cells = _table_cells(a, split)
             if b is not None:
-                o1, o2 = b[(split, "one_object")], b[(split, "two_object")]
-                prev = [_pct(o1["right"], o1["n"]), _pct(o2["right"], o2["n"]), _pct(o2["objects"], o2["n"]),
-                        f"{_pct(o2['relation'], o2['objects'])} of {o2['objects']}", _pct(o1["count"], o1["n"])]
-                cells = [f"{c} ({p})" for c, p in zip(cells, prev)]
-            print(f"| {float(g):g} | {split} | {one['n']} | " + " | ".join(cells) + " |")
+                cells = [f"{c} ({p})" for c, p in zip(cells, _table_cells(b, split))]
+            print(f"| {float(g):g} | {split} | {a[(split, 'one_object')]['n']} | " + " | ".join(cells) + " |")
 
 
 def _read_json(path: str) -> dict:
