@@ -287,68 +287,15 @@ def pairs(args) -> None:
                   f"{color} {same_color}")
 
 
-def _counts(cell: dict) -> dict:
-    """One ``jaxt2i eval`` adherence cell (split x prompt type) -> integer counts, so that draws can be pooled."""
-    n = cell["n"]
-    out = {"n": n, "right": round(cell["accuracy"] * n), "objects": round(cell["objects_accuracy"] * n),
-           "count": round(cell["count_accuracy"] * n)}
-    if "relation_accuracy_given_objects" in cell:
-        out["relation"] = round(cell["relation_accuracy_given_objects"] * out["objects"])
-    return out
-
-
-def pooled_adherence(reports: list[dict], guidance: str) -> dict:
-    """Adherence counts summed over ``jaxt2i eval`` reports (independent draws) at one guidance scale:
-    {(split, prompt_type): {"n", "right", "objects", "count"[, "relation"]}}. Reports without that scale are
-    skipped; raises ValueError if none has it."""
-    total: dict = {}
-    used = [r["guidance"][guidance] for r in reports if guidance in r["guidance"]]
-    if not used:
-        raise ValueError(f"no report has guidance {guidance}")
-    for g in used:
-        for split in ("train", "heldout"):
-            cells = g["adherence"][split]
-            for kind in ("one_object", "two_object"):
-                acc = total.setdefault((split, kind), {})
-                for k, v in _counts(cells[kind]).items():
-                    acc[k] = acc.get(k, 0) + v
-    return total
-
-
-def _pct(num: int, den: int) -> str:
-    return f"{100 * num / den:.1f}%" if den else "-"
-
-
-def _table_cells(pooled: dict, split: str) -> list[str]:
-    """One split's cells of ``compare``'s table from ``pooled_adherence``'s counts."""
-    one, two = pooled[(split, "one_object")], pooled[(split, "two_object")]
-    return [_pct(one["right"], one["n"]), _pct(two["right"], two["n"]), _pct(two["objects"], two["n"]),
-            f"{_pct(two['relation'], two['objects'])} of {two['objects']}", _pct(one["count"], one["n"])]
-
-
 def compare(args) -> None:
-    """Markdown table of ``jaxt2i eval`` reports per guidance scale and split: one object, two objects, both objects
-    found, relation given both found (with its denominator) and one-object count right. Several NEW reports (draws
-    with other seeds) are pooled; --against reports likewise, shown in brackets."""
-    new = [_read_json(f) for f in args.reports]
-    old = [_read_json(f) for f in args.against]
-    scales = sorted({g for r in new for g in r["guidance"]}, key=float)
-    print("| guidance | split | n | one object | two objects | two: both found | two: relation given both "
-          "| one object: count right |")
-    print("|---|---|---|---|---|---|---|---|")
-    for g in scales:
-        a = pooled_adherence(new, g)
-        b = pooled_adherence(old, g) if old and any(g in r["guidance"] for r in old) else None
-        for split in ("train", "heldout"):
-            cells = _table_cells(a, split)
-            if b is not None:
-                cells = [f"{c} ({p})" for c, p in zip(cells, _table_cells(b, split))]
-            print(f"| {float(g):g} | {split} | {a[(split, 'one_object')]['n']} | " + " | ".join(cells) + " |")
+    """``jaxt2i.eval.report.markdown_comparison`` of eval reports: several draws pooled, --against in brackets."""
+    from jaxt2i.eval.report import markdown_comparison
 
+    def read(path):
+        with open(path) as f:
+            return json.load(f)
 
-def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    print(markdown_comparison([read(f) for f in args.reports], [read(f) for f in args.against]), end="")
 
 
 def main(argv=None) -> int:

@@ -256,3 +256,63 @@ def markdown_report(result: dict) -> str:
     else:
         lines += ["", "CLIP score and Frechet distance: missing (no small CLIP found; pass --clip)."]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- pooling draws
+
+
+def _counts(cell: dict) -> dict:
+    """One adherence cell (split x prompt type) -> integer counts, so that independent draws can be summed."""
+    n = cell["n"]
+    out = {"n": n, "right": round(cell["accuracy"] * n), "objects": round(cell["objects_accuracy"] * n),
+           "count": round(cell["count_accuracy"] * n)}
+    if "relation_accuracy_given_objects" in cell:
+        out["relation"] = round(cell["relation_accuracy_given_objects"] * out["objects"])
+    return out
+
+
+def pooled_adherence(results: Sequence[dict], guidance: float | str) -> dict:
+    """Adherence counts summed over ``evaluate_pipeline`` results (independent draws: other prompt seeds) at one
+    guidance scale: {(split, prompt_type): {"n", "right", "objects", "count"[, "relation"]}}. Results without that
+    scale are left out; raises ValueError if none has it."""
+    key = _key(guidance)
+    used = [r["guidance"][key]["adherence"] for r in results if key in r["guidance"]]
+    if not used:
+        raise ValueError(f"no report has guidance {key}")
+    total: dict = {}
+    for rep in used:
+        for split in shapes.SPLITS:
+            for kind in shapes.PROMPT_TYPES:
+                acc = total.setdefault((split, kind), {})
+                for name, value in _counts(rep[split][kind]).items():
+                    acc[name] = acc.get(name, 0) + value
+    return total
+
+
+def _pooled_cells(pooled: dict, split: str) -> list[str]:
+    one, two = pooled[(split, "one_object")], pooled[(split, "two_object")]
+
+    def frac(num, den):
+        return _pct(num / den if den else None)
+
+    return [frac(one["right"], one["n"]), frac(two["right"], two["n"]), frac(two["objects"], two["n"]),
+            f"{frac(two['relation'], two['objects'])} of {two['objects']}", frac(one["count"], one["n"])]
+
+
+def markdown_comparison(results: Sequence[dict], against: Sequence[dict] = ()) -> str:
+    """A table of ``evaluate_pipeline`` results pooled over draws (``pooled_adherence``), per guidance scale and
+    split: one object, two objects, both objects found, relation given both (with its denominator) and one-object
+    count right (exactly one object drawn). ``against`` (another model's results, pooled likewise) goes in
+    brackets where it has the scale."""
+    scales = sorted({g for r in results for g in r["guidance"]}, key=float)
+    lines = ["| guidance | split | n | one object | two objects | two: both found | two: relation given both "
+             "| one object: count right |", "|---|---|---|---|---|---|---|---|"]
+    for g in scales:
+        new = pooled_adherence(results, g)
+        old = pooled_adherence(against, g) if any(g in r["guidance"] for r in against) else None
+        for split in shapes.SPLITS:
+            cells = _pooled_cells(new, split)
+            if old is not None:
+                cells = [f"{c} ({o})" for c, o in zip(cells, _pooled_cells(old, split))]
+            lines.append(f"| {g} | {split} | {new[(split, 'one_object')]['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
