@@ -8,6 +8,9 @@
     python scripts/shapes_report.py pairs                                          # one-object errors per color-shape pair
     python scripts/shapes_report.py compare NEW.json [NEW2.json ...] --against OLD.json [OLD2.json ...]
                                                                    # eval reports as a table; several draws pooled
+    python scripts/shapes_report.py flips IMAGES.npz [...] --detector-from REV --out docs/images/flips.png
+                                     # saved eval images (jaxt2i eval --save-images) scored by this checkout's
+                                     # detector and by the one at git revision REV: what changed, with pictures
 
 Drawn with PIL only (no matplotlib). `grid` uses the shipped model (or --model) at its default steps (25) and
 guidance (3.0); its prompts mix training combinations and held-out ones (marked "held-out").
@@ -298,6 +301,81 @@ def compare(args) -> None:
     print(markdown_comparison([read(f) for f in args.reports], [read(f) for f in args.against]), end="")
 
 
+def _detector_at(revision: str):
+    """``jaxt2i.eval.detector`` as it was at git revision ``revision`` of this repository, as a module."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = subprocess.run(["git", "show", f"{revision}:jaxt2i/eval/detector.py"], cwd=root, capture_output=True,
+                            text=True)
+    if source.returncode != 0:
+        raise SystemExit(f"git show {revision}:jaxt2i/eval/detector.py failed: {source.stderr.strip()}")
+    path = os.path.join(tempfile.mkdtemp(), f"detector_{revision}.py")
+    with open(path, "w") as f:
+        f.write(source.stdout)
+    spec = importlib.util.spec_from_file_location(f"detector_{revision}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def flips(args) -> None:
+    """Saved evaluation images (``jaxt2i eval --save-images``) scored by this checkout's detector and by the one
+    at ``--detector-from``: accuracy per guidance, split and prompt type under both, and a sheet of every image
+    whose verdict differs, labelled with what each detector found."""
+    from jaxt2i.eval import adherence, detector, report
+
+    old = _detector_at(args.detector_from)
+    counts: dict = {}
+    tiles = []
+    font = _font(10)
+
+    def found(det, image):
+        return ", ".join(f"{d.color} {d.shape}" for d in det.detect(image)) or "nothing"
+
+    for path in args.images:
+        texts, images, settings = report.load_eval_images(path)
+        if "n_per_group" not in settings:
+            raise SystemExit(f"{path} holds no settings (n, seed); write it with the current jaxt2i eval --save-images")
+        prompts = report.eval_prompt_set(settings["n_per_group"], seed=settings["seed"])
+        if [p.prompt for p in prompts] != texts:
+            raise SystemExit(f"{path}: its prompts are not jaxt2i eval's for n={settings['n_per_group']}, "
+                             f"seed={settings['seed']}")
+        for g, batch in images.items():
+            for p, image in zip(prompts, batch):
+                verdicts = [adherence.score(p.target, d.detect(image)).correct for d in (old, detector)]
+                for name, ok in zip(("old", "new"), verdicts):
+                    c = counts.setdefault((g, p.split, p.prompt_type, name), [0, 0])
+                    c[0] += ok
+                    c[1] += 1
+                if verdicts[0] != verdicts[1]:
+                    tiles.append((p.prompt, g, verdicts[1], found(old, image), found(detector, image), image))
+    print(f"accuracy, detector at {args.detector_from} -> this checkout's ({', '.join(args.images)}):")
+    for (g, split, kind, name), (ok, n) in sorted(counts.items()):
+        if name == "old":
+            new_ok = counts[(g, split, kind, "new")][0]
+            print(f"  guidance {g:>3s} {split:8s} {kind:10s}: {ok}/{n} = {100 * ok / n:.1f}% -> "
+                  f"{new_ok}/{n} = {100 * new_ok / n:.1f}%")
+    gained = sum(t[2] for t in tiles)
+    print(f"{len(tiles)} verdicts changed: {gained} now right, {len(tiles) - gained} now wrong")
+    if not tiles or not args.out:
+        return
+    cols, cell_w, cell_h, scale = 6, 200, 64 * 3 + 52, 3
+    sheet = Image.new("RGB", (cols * cell_w, math.ceil(len(tiles) / cols) * cell_h), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, (prompt, g, now_right, before, after, image) in enumerate(tiles):
+        x, y = (i % cols) * cell_w, (i // cols) * cell_h
+        sheet.paste(Image.fromarray(image).resize((64 * scale, 64 * scale), Image.NEAREST), (x + 4, y + 2))
+        lines = [(f"{prompt} (g{g})", (0, 0, 0)), (f"before: {before}", (150, 0, 0)),
+                 (f"now: {after}", (0, 110, 0) if now_right else (150, 0, 0))]
+        for k, (line, color) in enumerate(lines):
+            draw.text((x + 4, y + 64 * scale + 4 + 12 * k), line[:38], fill=color, font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    sheet.save(args.out)
+    print(f"wrote {args.out}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -330,9 +408,13 @@ def main(argv=None) -> int:
     co = sub.add_parser("compare")
     co.add_argument("reports", nargs="+", help="jaxt2i eval --out JSON files (draws with other seeds are pooled)")
     co.add_argument("--against", nargs="*", default=[], help="reports of the model to compare with, pooled too")
+    fl = sub.add_parser("flips")
+    fl.add_argument("images", nargs="+", help="jaxt2i eval --save-images files")
+    fl.add_argument("--detector-from", required=True, metavar="REV", help="git revision of the detector to compare")
+    fl.add_argument("--out", default=None, help="PNG of the images whose verdict changed")
     args = p.parse_args(argv)
     {"losses": losses, "grid": grid, "timing": timing, "clip": clip, "pairs": pairs,
-     "compare": compare}[args.what](args)
+     "compare": compare, "flips": flips}[args.what](args)
     return 0
 
 

@@ -9,7 +9,7 @@ from jaxt2i.eval.detector import Detection
 
 
 def det(color, shape, x, y, size="small"):
-    return Detection(color, shape, size, (float(x), float(y)), (0, 0, 1, 1), 100, 1.0, 0.5, 0.0)
+    return Detection(color, shape, size, (float(x), float(y)), (0, 0, 1, 1), 100, 1.0, 0.5, 1.0, 0.0)
 
 
 def obj(color, shape, size="small"):

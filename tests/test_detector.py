@@ -94,13 +94,51 @@ def test_relation_uses_the_dominant_axis():
     assert D.relation(at(30, 50), at(22, 10)) == "below"
 
 
-def test_shape_prototypes_separate_the_ideal_features():
-    assert D.classify_shape(1.0, 0.5) == "square"
-    assert D.classify_shape(np.pi / 4, 0.5) == "circle"
-    assert D.classify_shape(0.55, 0.3) == "triangle"
-    assert D.classify_shape(0.93, 0.5) == "square"  # a square with rounded-off corners
-    assert D.classify_shape(0.85, 0.52) == "circle"
-    assert D.classify_shape(0.62, 0.35) == "triangle"
+def test_shape_rules_separate_the_ideal_features():
+    assert D.classify_shape(1.0, 0.5, 1.0) == "square"
+    assert D.classify_shape(np.pi / 4, 0.5, 1 / np.sqrt(2)) == "circle"
+    assert D.classify_shape(0.55, 0.3, 0.78) == "triangle"
+    assert D.classify_shape(0.93, 0.5, 0.9) == "square"  # a square with rounded-off corners
+    assert D.classify_shape(0.8, 0.5, 0.95) == "square"  # a square with concave sides: a disc's fill
+    assert D.classify_shape(0.85, 0.52, 0.8) == "circle"
+    assert D.classify_shape(0.62, 0.35, 0.8) == "triangle"
+
+
+def _disc(n, r):
+    yy, xx = np.mgrid[:n, :n] + 0.5
+    return (yy - n / 2) ** 2 + (xx - n / 2) ** 2 <= r**2
+
+
+@pytest.mark.parametrize("side", [10, 14, 24])
+def test_corner_reach_of_ideal_masks(side):
+    square = np.zeros((40, 40), bool)
+    square[5:5 + side, 7:7 + side] = True
+    assert D.shape_features(square)[3] == 1.0
+    assert D.shape_features(square)[1] == 1.0
+    disc = _disc(200, 80)  # large enough for the pixel grid to matter little
+    assert D.shape_features(disc)[3] == pytest.approx(1 / np.sqrt(2), abs=0.01)
+    yy, xx = np.mgrid[:200, :200] + 0.5
+    triangle = (yy >= 20) & (yy <= 180) & (np.abs(xx - 100) <= (yy - 20) / 2)  # apex (100, 20), base y = 180
+    assert D.shape_features(triangle)[3] == pytest.approx(0.75, abs=0.01)
+
+
+def test_square_with_concave_sides_is_a_square():
+    """What the U-Net draws for small squares: corners reach the bounding box, the sides bow in (fill ~0.8, as a
+    circle's). The fill ratio would call it a circle; the corners say square. A disc of the same size stays one."""
+    n = 14
+    yy, xx = (np.mgrid[:n, :n] + 0.5 - n / 2) / (n / 2)  # [-1, 1]
+    bow = 0.15  # each side's middle is pushed in by 15% of the half-side (~1 px); the corners stay
+    pinched = (np.abs(xx) <= 1 - bow * (1 - yy**2)) & (np.abs(yy) <= 1 - bow * (1 - xx**2))
+    pinched = np.pad(pinched, 3)
+    _, fill, _, reach = D.shape_features(pinched)
+    assert fill < 0.8 and reach == 1.0  # the fill ratio is a circle's (pi / 4 ~ 0.785)
+    image = np.zeros(pinched.shape + (3,), np.uint8)
+    image[pinched] = S.PALETTE["blue"]
+    (det,) = D.detect(image)
+    assert (det.color, det.shape) == ("blue", "square")
+    image[:] = 0
+    image[np.pad(_disc(n, n / 2), 3)] = S.PALETTE["blue"]
+    assert D.detect(image)[0].shape == "circle"
 
 
 def test_scales_to_larger_images():

@@ -13,8 +13,9 @@ from jaxt2i.eval.cli import eval_main
 
 def test_eval_command_writes_json_and_markdown(tiny_model, tmp_path, capsys):
     out = tmp_path / "r" / "report.json"
+    saved = tmp_path / "imgs" / "images.npz"
     rc = eval_main(["--model", tiny_model, "--n", "1", "--steps", "1", "--guidance", "1", "--batch-size", "2",
-                    "--out", str(out)])
+                    "--out", str(out), "--save-images", str(saved)])
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["settings"]["n_prompts"] == 4  # 1 per split x prompt type
@@ -29,6 +30,17 @@ def test_eval_command_writes_json_and_markdown(tiny_model, tmp_path, capsys):
     assert "| 1 | heldout |" in md and "missing" in md and "through the VAE" in md
     assert set(result["vae_roundtrip"]) >= set(shapes.SPLITS)
     assert "| guidance |" in capsys.readouterr().out
+    # the saved images are the scored ones: scoring them again gives the report's adherence
+    texts, images, settings = report.load_eval_images(str(saved))
+    prompts = report.eval_prompt_set(settings["n_per_group"], seed=settings["seed"])
+    assert texts == [p.prompt for p in prompts] and set(images) == {"1"}
+    assert images["1"].shape[0::3] == (4, 3) and images["1"].dtype == np.uint8
+    assert report.evaluate_images(prompts, images["1"] / 255.0)["adherence"] == rep
+    # and `--from-images` scores them without generating: the same verdicts
+    again = tmp_path / "again.json"
+    assert eval_main(["--model", tiny_model, "--from-images", str(saved), "--batch-size", "2", "--out", str(again)]) == 0
+    rescored = json.loads(again.read_text())
+    assert rescored["guidance"]["1"]["adherence"] == rep and rescored["settings"]["images_from"] == str(saved)
 
 
 def test_eval_command_rejects_bad_arguments(tiny_model, tmp_path, capsys):
@@ -36,6 +48,12 @@ def test_eval_command_rejects_bad_arguments(tiny_model, tmp_path, capsys):
     assert "--guidance" in capsys.readouterr().err
     assert eval_main(["--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.json")]) == 2
     assert "no model at" in capsys.readouterr().err
+    assert eval_main(["--model", tiny_model, "--save-images", str(tmp_path / "x.png"),
+                      "--out", str(tmp_path / "x.json")]) == 2
+    assert "--save-images" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+    assert eval_main(["--model", tiny_model, "--from-images", str(tmp_path / "none.npz"),
+                      "--out", str(tmp_path / "x.json")]) == 2
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_prompt_set_covers_every_split_and_type():

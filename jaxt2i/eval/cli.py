@@ -1,6 +1,7 @@
 """``jaxt2i eval``: the shapes-world evaluation of a model (prompt adherence, CLIP score, Frechet distance).
 
     jaxt2i eval [--model PATH] [--guidance 1,3,5] [--n N] [--steps S] [--seed SEED] [--candidates N] [--out F]
+                [--save-images F.npz] [--from-images F.npz]
 
 Generates ``4 * N`` images (N prompts per split -- train / held-out -- and prompt type -- one / two objects) at each
 guidance scale and scores them (``jaxt2i.eval.report``). Writes the JSON report to ``--out`` and the same numbers
@@ -50,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "default 1: the plain draw)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--out", default="report.json", help="JSON report path; the markdown goes beside it (.md)")
+    p.add_argument("--save-images", default=None, metavar="NPZ",
+                   help="also write the scored images (uint8, per guidance scale, with their prompts) to this .npz")
+    p.add_argument("--from-images", default=None, metavar="NPZ",
+                   help="score the images of an earlier --save-images instead of generating them (its prompts, "
+                        "guidance scales, steps and sampler replace --n, --seed, --guidance, --steps, --sampler)")
     return p
 
 
@@ -60,6 +66,26 @@ def eval_main(argv=None) -> int:
     except EvalError as e:
         print(f"jaxt2i eval: error: {e}", file=sys.stderr)
         return 2
+
+
+def _read_given_images(args) -> dict:
+    """--from-images: the saved images by guidance key; sets args' n, seed, steps and sampler to the file's."""
+    from jaxt2i.eval import report
+
+    if not os.path.isfile(args.from_images):
+        raise EvalError(f"--from-images {args.from_images}: no such file (write one with --save-images)")
+    if args.candidates != 1:
+        raise EvalError("--from-images scores saved images as they are; it takes no --candidates")
+    texts, images, settings = report.load_eval_images(args.from_images)
+    if "n_per_group" not in settings or not images:
+        raise EvalError(f"--from-images {args.from_images}: no settings or no images in it; write it with "
+                        f"jaxt2i eval --save-images")
+    args.n, args.seed = settings["n_per_group"], settings["seed"]
+    args.steps, args.sampler = settings["steps"], settings["sampler"]
+    if [p.prompt for p in report.eval_prompt_set(args.n, seed=args.seed)] != texts:
+        raise EvalError(f"--from-images {args.from_images}: its prompts are not this version's evaluation prompts "
+                        f"for n={args.n}, seed={args.seed}")
+    return images
 
 
 def _run(args) -> int:
@@ -74,6 +100,11 @@ def _run(args) -> int:
     if args.candidates < 1:
         raise EvalError("--candidates must be >= 1")
     guidance = _parse_guidance(args.guidance)
+    if args.save_images and not args.save_images.endswith(".npz"):
+        raise EvalError(f"--save-images {args.save_images!r}: give a path ending in .npz")
+    given = _read_given_images(args) if args.from_images else None
+    if given is not None:
+        guidance = [float(k) for k in given]
     model = args.model or DEFAULT_MODEL
     if not os.path.exists(model):
         hint = " (the shipped model is missing: run scripts/build_shapes_model.py)" if args.model is None else ""
@@ -96,8 +127,11 @@ def _run(args) -> int:
         log("no small CLIP found (pass --clip FOLDER): CLIP score and Frechet distance are reported as missing")
     result = report.evaluate_pipeline(pipe, guidance_scales=guidance, n=args.n, steps=args.steps, seed=args.seed,
                                       batch_size=args.batch_size, sampler=args.sampler, clip=clip,
-                                      n_real=args.n_real, candidates=args.candidates, log=log)
+                                      n_real=args.n_real, candidates=args.candidates,
+                                      save_images=args.save_images, given_images=given, log=log)
     result["settings"]["model"] = os.path.abspath(model)
+    if args.from_images:
+        result["settings"]["images_from"] = os.path.abspath(args.from_images)
     result["settings"]["clip"] = os.path.abspath(clip_path) if clip is not None else None
     result["settings"]["seconds_total"] = time.perf_counter() - t0
     out_dir = os.path.dirname(os.path.abspath(args.out))

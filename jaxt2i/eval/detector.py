@@ -8,9 +8,14 @@ Steps, for an image [H, W, 3] (uint8, or float in [0, 1]):
 3. A component's color is the palette color nearest to the median RGB of its interior (the
    component eroded by one pixel), which ignores blurred or off-color rims. A component in which a
    second color holds a large share of the interior (two touching objects) is split by color.
-4. Shape comes from two invariants of the mask: the fill ratio (area / bounding-box area: square ~1,
-   circle ~pi/4, triangle ~1/2) and the share of the area in the top half of the bounding box
-   (1/2 for circle and square, ~1/4 for the upright triangle); the nearest prototype wins.
+4. Shape comes from three invariants of the mask. The fill ratio (area / bounding-box area: square 1,
+   circle pi/4, triangle 1/2) and the share of the area in the top half of the bounding box (1/2 for
+   circle and square, ~1/4 for the upright triangle) tell the triangle from the other two: nearest
+   prototype. Square or circle is then decided by the corner reach -- how far the mask extends along
+   the two diagonals, relative to its bounding box: 1 when it reaches all four corners (square),
+   1/sqrt(2) for a disc; the midpoint splits them. (The fill ratio alone reads a square with slightly
+   concave sides, which the U-Net draws for small squares, as a circle: its fill is ~0.8, a disc's, but
+   its corners still reach the bounding box.)
 5. Size: ``large`` when the longer bounding-box side is at least ``SIZE_THRESHOLD`` (17 px at
    64x64; small objects span 10..14 px, large ones 20..24 px). Thresholds scale with image width.
 6. ``relation(a, b)`` compares bounding-box centers along the dominant axis.
@@ -33,12 +38,14 @@ SIZE_THRESHOLD = 17.0  # px at 64x64: between small (<= 14) and large (>= 20)
 MIN_AREA = 24  # px at 64x64; the smallest object (a 10 px triangle) covers 60
 SPLIT_SHARE = 0.3  # a second color owning this share of a component's interior splits it
 
-# (fill ratio, top-half share) of ideal shapes, and how much each feature weighs in the distance
+# (fill ratio, top-half share) of the ideal shapes: finds triangles
 SHAPE_PROTOTYPES: dict[str, tuple[float, float]] = {
     "square": (1.0, 0.5),
     "circle": (np.pi / 4, 0.5),
     "triangle": (0.5, 0.25),
 }
+# corner reach of a square (1) and of a disc (1 / sqrt(2)); square above the midpoint
+SQUARE_CORNER_REACH = (1.0 + 1.0 / np.sqrt(2.0)) / 2
 _CLASS_NAMES: tuple[str, ...] = ("background",) + shapes.COLORS
 _CLASS_RGB = np.array([shapes.BACKGROUND] + [shapes.PALETTE[c] for c in shapes.COLORS], np.float32) / 255.0
 _EIGHT_CONNECTED = np.ones((3, 3), bool)
@@ -54,8 +61,9 @@ class Detection:
     center: tuple[float, float]
     bbox: tuple[int, int, int, int]
     area: int
-    fill: float
-    top_share: float
+    fill: float  # area / bounding-box area
+    top_share: float  # share of the area in the top half of the bounding box
+    corner_reach: float  # diagonal extent / bounding-box extent (see shape_features)
     color_error: float  # RGB distance (0..sqrt(3)) from the median color to its palette entry
 
 
@@ -105,38 +113,50 @@ def _split_by_color(image: np.ndarray, classes: np.ndarray, mask: np.ndarray, mi
     return parts
 
 
-def shape_features(mask: np.ndarray) -> tuple[tuple[int, int, int, int], float, float]:
-    """bbox (y0, x0, y1, x1), fill ratio and share of the area in the top half of the bbox."""
+def shape_features(mask: np.ndarray) -> tuple[tuple[int, int, int, int], float, float, float]:
+    """bbox (y0, x0, y1, x1), fill ratio, share of the area in the top half of the bbox, and corner reach.
+
+    Corner reach: the mask's extent along the two diagonals (x + y and x - y, each pixel a unit square),
+    summed, over the same extents of its bounding box (2 (w + h)). It is 1 exactly when the mask reaches all
+    four corners of its bounding box, and falls by how far each corner is cut off: 1/sqrt(2) for a disc, 3/4
+    for an upright isosceles triangle (apex at the top middle, both bottom corners reached).
+    """
     ys, xs = np.nonzero(mask)
     y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    h, w = y1 - y0, x1 - x0
     area = len(ys)
-    rows = np.bincount(ys - y0, minlength=y1 - y0).astype(np.float64)  # [h]
-    h = y1 - y0
+    rows = np.bincount(ys - y0, minlength=h).astype(np.float64)  # [h]
     weight = np.clip(h / 2 - np.arange(h), 0.0, 1.0)  # 1 above the middle, 0.5 on an odd middle row
-    return (y0, x0, y1, x1), area / ((y1 - y0) * (x1 - x0)), float((rows * weight).sum() / area)
+    diagonal_extent = sum(int(d.max() - d.min()) + 2 for d in (xs + ys, xs - ys))  # a pixel spans 2 along each
+    return (y0, x0, y1, x1), area / (h * w), float((rows * weight).sum() / area), diagonal_extent / (2 * (h + w))
 
 
-def classify_shape(fill: float, top_share: float) -> str:
-    """Nearest shape prototype in (fill ratio, top-half share)."""
-    return min(
+def classify_shape(fill: float, top_share: float, corner_reach: float) -> str:
+    """Triangle when (fill, top-half share) is nearest the triangle's prototype; otherwise square when the corner
+    reach is past the midpoint between a disc's and a square's, else circle."""
+    nearest = min(
         SHAPE_PROTOTYPES,
         key=lambda s: (fill - SHAPE_PROTOTYPES[s][0]) ** 2 + (top_share - SHAPE_PROTOTYPES[s][1]) ** 2,
     )
+    if nearest == "triangle":
+        return "triangle"
+    return "square" if corner_reach >= SQUARE_CORNER_REACH else "circle"
 
 
 def _describe(image: np.ndarray, mask: np.ndarray, scale: float) -> Detection:
-    bbox, fill, top_share = shape_features(mask)
+    bbox, fill, top_share, corner_reach = shape_features(mask)
     color, err = nearest_color(np.median(image[_interior(mask)], axis=0))
     y0, x0, y1, x1 = bbox
     return Detection(
         color=color,
-        shape=classify_shape(fill, top_share),
+        shape=classify_shape(fill, top_share, corner_reach),
         size="large" if max(y1 - y0, x1 - x0) >= SIZE_THRESHOLD * scale else "small",
         center=((x0 + x1) / 2, (y0 + y1) / 2),
         bbox=bbox,
         area=int(mask.sum()),
         fill=float(fill),
         top_share=top_share,
+        corner_reach=float(corner_reach),
         color_error=err,
     )
 

@@ -157,8 +157,15 @@ def vae_roundtrip(pipe, prompts: Sequence[shapes.EvalPrompt], batch_size: int = 
 
 def evaluate_pipeline(pipe, *, guidance_scales: Sequence[float] = (1.0, 3.0, 5.0), n: int = 25, steps: int = 25,
                       seed: int = 0, batch_size: int = 16, sampler: str = "ddim", clip=None, n_real: int | None = None,
-                      candidates: int = 1, log: Callable[[str], None] = lambda s: None) -> dict:
+                      candidates: int = 1, save_images: str | None = None,
+                      given_images: dict[str, np.ndarray] | None = None,
+                      log: Callable[[str], None] = lambda s: None) -> dict:
     """The whole evaluation (see the module docstring); returns a JSON-ready dict.
+
+    save_images: an ``.npz`` path that receives the scored images (``save_eval_images``), to look at them or to
+    score them again without generating them.
+    given_images: {guidance key ("3"): uint8 [N, H, W, 3]} images to score instead of generating them (an earlier
+    run's ``save_images``, read by ``load_eval_images``; the prompts must be this ``n`` and ``seed``'s).
 
     candidates > 1 scores best-of-``candidates`` images (``jaxt2i.eval.rerank``: the CLIP keeps, per prompt, the
     candidate closest to the prompt; candidate 0 is the plain draw). The CLIP score is then the selection criterion
@@ -188,20 +195,50 @@ def evaluate_pipeline(pipe, *, guidance_scales: Sequence[float] = (1.0, 3.0, 5.0
     log(f"real target renders through the VAE: held-out one/two-object accuracy "
         f"{_get(result['vae_roundtrip'], 'heldout', 'one_object')} / "
         f"{_get(result['vae_roundtrip'], 'heldout', 'two_object')} (the ceiling of any latent model on this VAE)")
+    scored = {}
     for g in guidance_scales:
         t0 = time.perf_counter()
-        images, picked = rerank.best_of(lambda s: generate(pipe, texts, g, steps, s, batch_size, sampler), texts,
-                                        candidates, seed, clip)
+        if given_images is not None:
+            images, picked = given_images[_key(g)].astype(np.float32) / 255.0, None
+        else:
+            images, picked = rerank.best_of(lambda s: generate(pipe, texts, g, steps, s, batch_size, sampler), texts,
+                                            candidates, seed, clip)
         seconds = time.perf_counter() - t0
         entry = evaluate_images(prompts, images, clip, real_features)
-        entry["generation_seconds"] = seconds
-        if candidates > 1:
+        entry["generation_seconds"] = None if given_images is not None else seconds
+        if picked is not None and candidates > 1:
             entry["reranked_share"] = float(np.mean(picked["chosen"] != 0))  # prompts whose plain draw was replaced
         result["guidance"][_key(g)] = entry
+        scored[_key(g)] = _to_uint8(images)
         acc = entry["adherence"]
         log(f"guidance {g:g}: {len(prompts)} images in {seconds:.0f} s; held-out one/two-object accuracy "
             f"{_get(acc, 'heldout', 'one_object')} / {_get(acc, 'heldout', 'two_object')}")
+    if save_images:
+        save_eval_images(save_images, texts, scored, settings=result["settings"])
+        log(f"wrote the images to {save_images}")
     return result
+
+
+def save_eval_images(path: str, prompts: Sequence[str], images: dict[str, np.ndarray],
+                     settings: dict | None = None) -> None:
+    """Writes an evaluation's images: ``images`` maps a guidance key ("3") to uint8 ``[N, H, W, 3]``, one image
+    per prompt in ``prompts`` (length N) order; ``settings`` (the report's, JSON-ready) goes with them."""
+    arrays = {f"guidance_{k}": np.asarray(v, np.uint8) for k, v in images.items()}
+    for k, v in arrays.items():
+        if v.ndim != 4 or len(v) != len(prompts):
+            raise ValueError(f"{k}: expected [{len(prompts)}, H, W, 3] images, one per prompt, got {v.shape}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.savez_compressed(path, prompts=np.asarray(list(prompts)), settings=np.asarray(json.dumps(settings or {})),
+                        **arrays)
+
+
+def load_eval_images(path: str) -> tuple[list[str], dict[str, np.ndarray], dict]:
+    """Reads ``save_eval_images``' file: the prompts, {guidance key: uint8 [N, H, W, 3]} and the settings."""
+    with np.load(path) as f:
+        prompts = [str(p) for p in f["prompts"]]
+        images = {k[len("guidance_"):]: f[k] for k in f.files if k.startswith("guidance_")}
+        settings = json.loads(str(f["settings"])) if "settings" in f.files else {}
+    return prompts, images, settings
 
 
 def _key(g: float) -> str:
@@ -248,8 +285,9 @@ def markdown_report(result: dict) -> str:
               "(CLIP image features) | seconds to generate |", "|---|---|---|---|---|"]
     for g, entry in result["guidance"].items():
         cs = entry.get("clip_score") or {}
+        seconds = entry.get("generation_seconds")
         lines.append(f"| {g} | {_num(cs.get('train'))} | {_num(cs.get('heldout'))} | {_num(entry.get('frechet'), 4)} "
-                     f"| {entry.get('generation_seconds', 0):.0f} |")
+                     f"| {'(saved images)' if seconds is None else _num(seconds, 0)} |")
     if result.get("frechet_real_vs_real") is not None:
         lines += ["", f"Frechet distance between two disjoint sets of {s.get('n_real')} held-out real images "
                   f"(the floor): {result['frechet_real_vs_real']:.4f}."]
