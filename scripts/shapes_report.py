@@ -8,6 +8,7 @@
     python scripts/shapes_report.py pairs                                          # one-object errors per color-shape pair
     python scripts/shapes_report.py compare NEW.json [NEW2.json ...] --against OLD.json [OLD2.json ...]
                                                                    # eval reports as a table; several draws pooled
+    python scripts/shapes_report.py failures IMAGES.npz [...] --guidance 3   # why two-object prompts fail
     python scripts/shapes_report.py flips IMAGES.npz [...] --detector-from REV --out docs/images/flips.png
                                      # saved eval images (jaxt2i eval --save-images) scored by this checkout's
                                      # detector and by the one at git revision REV: what changed, with pictures
@@ -301,6 +302,53 @@ def compare(args) -> None:
     print(markdown_comparison([read(f) for f in args.reports], [read(f) for f in args.against]), end="")
 
 
+def _two_object_failure(target, detections) -> str:
+    """What went wrong with one two-object prompt's image (or "correct"), from the detector's findings."""
+    from jaxt2i.eval import adherence
+
+    if adherence.score(target, detections).correct:
+        return "correct"
+    a, b = target.objects
+    found = [(d.color, d.shape) for d in detections]
+    has_a, has_b = (a.color, a.shape) in found, (b.color, b.shape) in found
+    if has_a and has_b:
+        return "both objects, wrong relation" if len(detections) == 2 else "both objects and extra ones"
+    if has_a or has_b:
+        other = b if has_a else a
+        if any(c == other.color for c, _ in found):
+            return "one object; the other's shape wrong"
+        if any(sh == other.shape for _, sh in found):
+            return "one object; the other's color wrong"
+        return "one object; the other missing"
+    if (a.color, b.shape) in found and (b.color, a.shape) in found:
+        return "colors swapped between the shapes"
+    return "neither object"
+
+
+def failures(args) -> None:
+    """Two-object prompts of saved evaluation images (``jaxt2i eval --save-images``, several draws pooled) at one
+    guidance scale, sorted by what went wrong, per split."""
+    import collections
+
+    from jaxt2i.eval import detector, report
+
+    counts: dict = collections.defaultdict(collections.Counter)
+    for path in args.images:
+        texts, images, settings = report.load_eval_images(path)
+        key = f"{args.guidance:g}"
+        if key not in images:
+            raise SystemExit(f"{path} has no images at guidance {key} (it has {', '.join(images)})")
+        prompts = report.eval_prompt_set(settings["n_per_group"], seed=settings["seed"])
+        for p, image in zip(prompts, images[key]):
+            if p.prompt_type == "two_object":
+                counts[p.split][_two_object_failure(p.target, detector.detect(image))] += 1
+    for split, c in sorted(counts.items()):
+        n = sum(c.values())
+        print(f"{split} ({n} two-object prompts, guidance {args.guidance:g}):")
+        for kind, k in c.most_common():
+            print(f"  {kind:38s} {k:4d}  {100 * k / n:5.1f}%")
+
+
 def _detector_at(revision: str):
     """``jaxt2i.eval.detector`` as it was at git revision ``revision`` of this repository, as a module."""
     import importlib.util
@@ -408,13 +456,16 @@ def main(argv=None) -> int:
     co = sub.add_parser("compare")
     co.add_argument("reports", nargs="+", help="jaxt2i eval --out JSON files (draws with other seeds are pooled)")
     co.add_argument("--against", nargs="*", default=[], help="reports of the model to compare with, pooled too")
+    fa = sub.add_parser("failures")
+    fa.add_argument("images", nargs="+", help="jaxt2i eval --save-images files (pooled)")
+    fa.add_argument("--guidance", type=float, default=3.0)
     fl = sub.add_parser("flips")
     fl.add_argument("images", nargs="+", help="jaxt2i eval --save-images files")
     fl.add_argument("--detector-from", required=True, metavar="REV", help="git revision of the detector to compare")
     fl.add_argument("--out", default=None, help="PNG of the images whose verdict changed")
     args = p.parse_args(argv)
     {"losses": losses, "grid": grid, "timing": timing, "clip": clip, "pairs": pairs,
-     "compare": compare, "flips": flips}[args.what](args)
+     "compare": compare, "flips": flips, "failures": failures}[args.what](args)
     return 0
 
 
