@@ -209,7 +209,8 @@ def evaluate_pipeline(pipe, *, guidance_scales: Sequence[float] = (1.0, 3.0, 5.0
         if picked is not None and candidates > 1:
             entry["reranked_share"] = float(np.mean(picked["chosen"] != 0))  # prompts whose plain draw was replaced
         result["guidance"][_key(g)] = entry
-        scored[_key(g)] = _to_uint8(images)
+        if save_images:
+            scored[_key(g)] = _to_uint8(images)
         acc = entry["adherence"]
         log(f"guidance {g:g}: {len(prompts)} images in {seconds:.0f} s; held-out one/two-object accuracy "
             f"{_get(acc, 'heldout', 'one_object')} / {_get(acc, 'heldout', 'two_object')}")
