@@ -37,7 +37,7 @@ class Models(NamedTuple):
     text_encoder: clip.CLIPTextModel
     vae: vae.AutoencoderKL
     unet: unet.UNet
-    text_layer: int = -1
+    text_layer: int | tuple[int, ...] = -1  # tuple: several states concatenated along the tokens
 
 
 # --------------------------------------------------------------------------------------- compilation cache
@@ -92,7 +92,8 @@ class _Spec:
 
 
 def _encode_text(models: Models, params, ids):
-    """[B, 77] ids -> [B, 77, D] conditioning: hidden state ``models.text_layer`` after the final LayerNorm."""
+    """[B, 77] ids -> [B, 77 k, D] conditioning: hidden state(s) ``models.text_layer`` (k of them) after the final
+    LayerNorm."""
     return models.text_encoder.apply({"params": params["text_encoder"]}, ids, models.text_layer,
                                      method=clip.CLIPTextModel.encode)
 

@@ -325,28 +325,61 @@ def _two_object_failure(target, detections) -> str:
     return "neither object"
 
 
+def _placement(target, detections, key: str) -> tuple[bool, bool] | None:
+    """Where the two drawn objects are, whatever their other attribute: with exactly two detections, each matching
+    one target object by ``key`` ("shape" or "color") alone, ``(axis right, relation right)`` -- the axis is
+    horizontal for "left of" / "right of"; None when the objects cannot be told apart that way."""
+    from jaxt2i.eval import detector
+
+    if len(detections) != 2:
+        return None
+    a, b = target.objects
+    ia = [i for i, d in enumerate(detections) if getattr(d, key) == getattr(a, key)]
+    ib = [i for i, d in enumerate(detections) if getattr(d, key) == getattr(b, key)]
+    if len(ia) != 1 or len(ib) != 1 or ia == ib:
+        return None
+    got = detector.relation(detections[ia[0]], detections[ib[0]])
+    horizontal = ("left of", "right of")
+    return (got in horizontal) == (target.relation in horizontal), got == target.relation
+
+
 def failures(args) -> None:
     """Two-object prompts of saved evaluation images (``jaxt2i eval --save-images``, several draws pooled) at one
-    guidance scale, sorted by what went wrong, per split."""
+    guidance scale, sorted by what went wrong, per split; then where the two objects were placed (the relation's
+    axis and direction, objects told apart by shape alone and by color alone)."""
     import collections
 
     from jaxt2i.eval import detector, report
 
     counts: dict = collections.defaultdict(collections.Counter)
+    placed: dict = collections.defaultdict(collections.Counter)
     for path in args.images:
         texts, images, settings = report.load_eval_images(path)
         key = f"{args.guidance:g}"
         if key not in images:
             raise SystemExit(f"{path} has no images at guidance {key} (it has {', '.join(images)})")
         prompts = report.eval_prompt_set(settings["n_per_group"], seed=settings["seed"])
+        if [p.prompt for p in prompts] != list(texts):
+            raise SystemExit(f"{path}: its prompts are not the evaluation set its settings name; was it written "
+                             f"by `jaxt2i eval --save-images`?")
         for p, image in zip(prompts, images[key]):
             if p.prompt_type == "two_object":
-                counts[p.split][_two_object_failure(p.target, detector.detect(image))] += 1
+                detections = detector.detect(image)
+                counts[p.split][_two_object_failure(p.target, detections)] += 1
+                for by in ("shape", "color"):
+                    where = _placement(p.target, detections, by)
+                    if where is not None:
+                        placed[(p.split, by)].update(n=1, axis=where[0], direction=where[1])
     for split, c in sorted(counts.items()):
         n = sum(c.values())
         print(f"{split} ({n} two-object prompts, guidance {args.guidance:g}):")
         for kind, k in c.most_common():
             print(f"  {kind:38s} {k:4d}  {100 * k / n:5.1f}%")
+        for by in ("shape", "color"):
+            c = placed[(split, by)]
+            if c["n"]:
+                print(f"  placement, two objects told apart by {by} ({c['n']} images): axis right "
+                      f"{100 * c['axis'] / c['n']:.0f}%, relation right {100 * c['direction'] / c['n']:.0f}%")
 
 
 def _detector_at(revision: str):

@@ -166,3 +166,33 @@ def test_hard_negative_report_hand_made():
     assert report["n_binding"] >= 3 and report["binding"] == 1.0 and report["color"] == 1.0
     blind = cm.hard_negative_report(lambda x: np.ones((len(x), 1)), lambda c: np.ones((len(c), 1)), images, scenes)
     assert blind["relation"] == 0.0  # ties are not wins
+
+
+def test_relation_negatives_and_canonical_curriculum_captions():
+    scenes = shapes.batch(5, 0, 200)["scenes"]
+    two = [i for i, sc in enumerate(scenes) if len(sc.objects) == 2]
+    idx = np.asarray(two[:40])
+    negatives = ct.epoch_negative_captions(scenes, idx, 0, 0, relation_probability=1.0)
+    def layout(objects, relation):  # (left or top object, axis, the other) by (color, shape)
+        a, b = objects if relation in ("left of", "above") else objects[::-1]
+        return a, relation in ("left of", "right of"), b
+
+    reversed_ = 0
+    for i, negative in zip(idx, negatives):  # reversals (or, where that is held out, another kind)
+        objects, relation = shapes.parse_caption(negative)
+        sc = scenes[i]
+        if {o[:2] for o in objects} == {(o.color, o.shape) for o in sc.objects}:
+            got = layout([o[:2] for o in objects], relation)
+            want = layout([(o.color, o.shape) for o in sc.objects], sc.relation)
+            if got == want:  # another kind (a size): only where the reversed layout is held out
+                assert shapes.hard_negative_caption(sc, np.random.default_rng(0), "relation") is None, negative
+                continue
+            assert got[1] == want[1], negative
+            reversed_ += 1
+    assert reversed_ >= 30
+    # the default stream is the one every earlier run used
+    assert ct.epoch_negative_captions(scenes, idx, 0, 0) == [
+        shapes.hard_negative_caption(scenes[i], np.random.default_rng([0, 0, int(i), 1])) for i in idx]
+    canonical = ct.epoch_captions(scenes, idx, 0, 0, canonical=True)
+    assert all(shapes.parse_caption(c)[1] in ("left of", "above") for c in canonical)
+    assert any(shapes.parse_caption(c)[1] in ("right of", "below") for c in ct.epoch_captions(scenes, idx, 0, 0))

@@ -354,3 +354,21 @@ def test_caption_stream_is_pinned():
     assert [S.example_caption(1, i, "heldout") for i in range(4)] == [
         "there is a blue square beneath a yellow square", "a picture of a purple circle",
         "a yellow square to the right of a small yellow circle", "a small blue triangle is above a red triangle"]
+
+
+@pytest.mark.parametrize("split", S.SPLITS)
+def test_canonical_captions_state_the_scene_from_its_left_or_top_object(split):
+    scenes = [sc for sc in _scenes(11, 300, split) if len(sc.objects) == 2]
+    for i, sc in enumerate(scenes):
+        text = S.caption(sc, np.random.default_rng(i), canonical=True)
+        _caption_agrees(sc, text)
+        objects, relation = S.parse_caption(text)
+        assert relation in ("left of", "above"), text
+        first = sc.objects[0] if sc.relation in ("left of", "above") else sc.objects[1]
+        assert objects[0][:2] == (first.color, first.shape), text
+        default = S.caption(sc, np.random.default_rng(i))  # the same objects, from either one
+        assert sorted(o[:2] for o in S.parse_caption(default)[0]) == sorted(o[:2] for o in objects), (default, text)
+        negative = S.hard_negative_caption(sc, np.random.default_rng(i), "relation", canonical=True)
+        if negative is not None:
+            assert S.parse_caption(negative)[1] in ("left of", "above"), negative
+            assert [o[:2] for o in S.parse_caption(negative)[0]] == [o[:2] for o in objects][::-1], negative

@@ -45,7 +45,7 @@ class LoadedModel:
     schedule: ScheduleConfig
     tokenizer: dict
     source: str
-    text_layer: int = -1
+    text_layer: int | tuple[int, ...] = -1
 
 
 # ----------------------------------------------------------------------------------------------- diffusers folders
@@ -261,9 +261,10 @@ def read_native(path: str, *, dtype: Any = None) -> LoadedModel:
     tokenizer = dict(manifest.get("tokenizer", {}))
     tok_folder = os.path.join(path, "tokenizer")
     tokenizer["folder"] = tok_folder if os.path.isdir(tok_folder) else None
-    text_layer = manifest.get("text_layer", -1)  # absent in folders written before it was recorded
+    # absent in folders written before it was recorded; a list names several layers (concatenated)
+    text_layer = clip.text_layer_setting(manifest.get("text_layer", -1))
     try:
-        clip.hidden_state_index(configs["text_encoder"].num_layers, text_layer)
+        clip.hidden_state_indices(configs["text_encoder"].num_layers, text_layer)
     except ValueError as e:
         raise ConversionError(f"{path}: jaxt2i.json \"text_layer\": {e}") from None
     return LoadedModel(configs, params, schedule, tokenizer, path, text_layer)
@@ -287,8 +288,7 @@ def write_native(path: str, model: LoadedModel, *, overwrite: bool = False) -> N
 def _check_last_text_layer(model: LoadedModel, kind: str) -> None:
     """Refuses to export a model conditioned on another text-encoder layer than the last to a format that cannot
     say so (diffusers and the original checkpoints always condition on the last layer's output)."""
-    layers = model.configs["text_encoder"].num_layers
-    if clip.hidden_state_index(layers, model.text_layer) != layers:  # -1 and num_layers both name the last layer
+    if not clip.is_last_layer(model.configs["text_encoder"].num_layers, model.text_layer):
         raise ConversionError(
             f"{model.source}: this model's U-Net is conditioned on text-encoder hidden state {model.text_layer} "
             f"(jaxt2i.json \"text_layer\"), which {kind} cannot express: it would be sampled with the last layer's "

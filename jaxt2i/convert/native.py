@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import shutil
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from flax import traverse_util
@@ -68,7 +68,7 @@ def save_native(
     schedule: Any,
     tokenizer: Mapping[str, Any],
     tokenizer_files: str | os.PathLike | None = None,
-    text_layer: int = -1,
+    text_layer: int | Sequence[int] = -1,
     overwrite: bool = False,
 ) -> None:
     """Writes a jaxt2i folder.
@@ -80,7 +80,7 @@ def save_native(
       schedule: the noise-schedule config dataclass.
       tokenizer: tokenizer settings (JSON-ready), e.g. ``{"pad": "eos"}``.
       tokenizer_files: optional folder with vocab.json/merges.txt to copy to ``tokenizer/``.
-      text_layer: the text-encoder hidden state the U-Net is conditioned on (``CLIPTextModel.encode``'s ``layer``).
+      text_layer: the text-encoder hidden state(s) the U-Net is conditioned on (``CLIPTextModel.encode``'s ``layer``).
     """
     with atomic_folder(folder, overwrite=overwrite) as staging:
         for name, tree in params.items():
@@ -92,7 +92,7 @@ def save_native(
             "components": {name: config_to_dict(cfg) for name, cfg in configs.items()},
             "schedule": config_to_dict(schedule),
             "tokenizer": dict(tokenizer),
-            "text_layer": int(text_layer),
+            "text_layer": list(text_layer) if isinstance(text_layer, (list, tuple)) else int(text_layer),
         }
         with open(os.path.join(staging, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)

@@ -344,6 +344,7 @@ _TWO_OBJECT_TEMPLATES: tuple[str, ...] = (
     "there is {a} {rel} {b}",
     "an image of {a} {rel} {b}",
 )
+_CANONICAL_RELATIONS = ("left of", "above")
 _SIZE_WORD_PROBABILITY = 0.4
 _SWAP_PROBABILITY = 0.5
 
@@ -358,11 +359,14 @@ def object_phrase(obj: Obj, with_size: bool) -> str:
     return f"{_article(words[0])} {' '.join(words)}"
 
 
-def caption(scene: Scene, rng: np.random.Generator, name_sizes: bool = False) -> str:
+def caption(scene: Scene, rng: np.random.Generator, name_sizes: bool = False, canonical: bool = False) -> str:
     """A caption of ``scene``; ``rng`` picks the template, paraphrase and whether sizes are named.
 
     ``name_sizes=True`` names every object's size (the caption then says everything the scene
-    holds); otherwise each size word appears with probability 0.4.
+    holds); otherwise each size word appears with probability 0.4. ``canonical=True`` states a
+    two-object scene from its left / top object ("A left of B", "A above B"), so the order of the
+    objects in the text alone gives their layout; by default either object is the subject (odds
+    1/2) and the relation word is inverted to match.
     """
     def phrase(obj: Obj) -> str:
         return object_phrase(obj, rng.random() < _SIZE_WORD_PROBABILITY or name_sizes)
@@ -372,7 +376,10 @@ def caption(scene: Scene, rng: np.random.Generator, name_sizes: bool = False) ->
         return _choice(rng, _ONE_OBJECT_TEMPLATES).format(a=a)
     a, b = scene.objects
     relation = scene.relation
-    if rng.random() < _SWAP_PROBABILITY:  # state it from the other object: same scene
+    swap = rng.random() < _SWAP_PROBABILITY  # drawn in both forms: the streams of the other draws match
+    if canonical:
+        swap = relation not in _CANONICAL_RELATIONS
+    if swap:  # state it from the other object: same scene
         a, b, relation = b, a, INVERSE_RELATION[relation]
     return _choice(rng, _TWO_OBJECT_TEMPLATES).format(
         a=phrase(a), rel=_choice(rng, _RELATION_PHRASES[relation]), b=phrase(b)
@@ -417,7 +424,8 @@ def _contradictions(scene: Scene) -> dict[str, list[tuple[Scene, bool]]]:
 NEGATIVE_KINDS: tuple[str, ...] = ("color", "shape", "size", "relation", "binding")
 
 
-def hard_negative_caption(scene: Scene, rng: np.random.Generator, kind: str | None = None) -> str | None:
+def hard_negative_caption(scene: Scene, rng: np.random.Generator, kind: str | None = None,
+                          canonical: bool = False) -> str | None:
     """A caption that the image of ``scene`` contradicts in exactly one respect (contrastive training).
 
     The kind of edit is drawn uniformly among those that apply, then one edit of that kind: one
@@ -427,7 +435,7 @@ def hard_negative_caption(scene: Scene, rng: np.random.Generator, kind: str | No
     ``heldout_reasons``), so negatives of train scenes stay in the train split. It is a description
     only: the edited scene keeps the original centers. ``kind`` (one of ``NEGATIVE_KINDS``) forces
     the kind of edit; None is returned when no edit of that kind applies (e.g. "relation" for one
-    object).
+    object). ``canonical`` states the edited scene in canonical form (see :func:`caption`).
     """
     kinds = _contradictions(scene)
     if kind is not None:
@@ -437,7 +445,7 @@ def hard_negative_caption(scene: Scene, rng: np.random.Generator, kind: str | No
             return None
         kinds = {kind: kinds[kind]}
     edited, names_sizes = _choice(rng, kinds[_choice(rng, sorted(kinds))])
-    return caption(edited, rng, name_sizes=names_sizes)
+    return caption(edited, rng, name_sizes=names_sizes, canonical=canonical)
 
 
 def example_caption(seed: int, index: int, split: str = "train",

@@ -22,7 +22,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -297,17 +297,22 @@ class CLIPTextModel(nn.Module):
         return CLIPTextOutput(
             last_hidden_state=last, hidden_states=tuple(hidden_states), pooled=pooled, text_embeds=text_embeds)
 
-    def encode(self, input_ids: jax.Array, layer: int = -1) -> jax.Array:
+    def encode(self, input_ids: jax.Array, layer: int | Sequence[int] = -1) -> jax.Array:
         """``[B, L]`` ids -> ``[B, L, D]``: the output of ``layer`` followed by the final LayerNorm.
 
         ``layer`` indexes ``hidden_states`` (0 = embeddings, -1 = last layer, -2 = penultimate: SD 2's
         conditioning from a full 24-layer OpenCLIP tower, or "CLIP skip 2"). Layers after it are not run.
+        A sequence of layers (a jaxt2i extension, e.g. ``(0, -1)``) gives each one's state after the final
+        LayerNorm, concatenated along the tokens in that order: ``[B, len(layer) * L, D]``.
         """
-        stop = hidden_state_index(self.config.num_layers, layer)
+        stops = hidden_state_indices(self.config.num_layers, layer)
         x = self.embed(jnp.asarray(input_ids, jnp.int32))
-        for block in self.layers[:stop]:
+        states = {0: x}
+        for i, block in enumerate(self.layers[:max(stops)]):
             x = block(x)
-        return self.final_layer_norm(x)
+            states[i + 1] = x
+        outputs = [self.final_layer_norm(states[stop]) for stop in stops]
+        return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
 
 
 def hidden_state_index(num_layers: int, layer: int) -> int:
@@ -322,6 +327,29 @@ def hidden_state_index(num_layers: int, layer: int) -> int:
     return layer % (num_layers + 1)
 
 
+def text_layer_setting(layer: Any) -> int | tuple[int, ...]:
+    """A text-layer setting as code keeps it: an int, or a tuple of ints for a list (from JSON / YAML)."""
+    return tuple(layer) if isinstance(layer, (list, tuple)) else layer
+
+
+def hidden_state_indices(num_layers: int, layer: int | Sequence[int]) -> tuple[int, ...]:
+    """:func:`hidden_state_index` of one layer or of each of a non-empty sequence of distinct layers."""
+    layers = text_layer_setting(layer)
+    if isinstance(layers, tuple):
+        if not layers:
+            raise ValueError("text layers: give at least one layer (e.g. [0, -1]), or one integer.")
+        stops = tuple(hidden_state_index(num_layers, one) for one in layers)
+        if len(set(stops)) != len(stops):
+            raise ValueError(f"text layers {list(layers)} name the same hidden state twice; list each once.")
+        return stops
+    return (hidden_state_index(num_layers, layers),)
+
+
+def is_last_layer(num_layers: int, layer: int | Sequence[int]) -> bool:
+    """Whether ``layer`` conditions on the last layer's output alone (what diffusers / SD checkpoints express)."""
+    return hidden_state_indices(num_layers, layer) == (num_layers,)
+
+
 def abstract_params(config: CLIPTextConfig, param_dtype: Any = jnp.float32) -> dict:
     """The parameter tree as ``jax.ShapeDtypeStruct`` leaves (no computation), for converters and sharding."""
     model = CLIPTextModel(config, param_dtype=param_dtype)
@@ -333,7 +361,7 @@ def encode_text(
     params: Mapping[str, Any],
     input_ids: jax.Array,
     config: CLIPTextConfig,
-    layer: int = -1,
+    layer: int | Sequence[int] = -1,
     dtype: Any = jnp.float32,
 ) -> jax.Array:
     """Pure function: ``[B, L]`` ids -> ``[B, L, D]`` hidden state of ``layer`` after the final LayerNorm.

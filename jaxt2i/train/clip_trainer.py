@@ -53,6 +53,13 @@ class CLIPTrainConfig:
       (``shapes.hard_negative_caption``: an attribute changed, the relation reversed or two objects' attributes
       swapped), so matching needs more than the bag of words. Measured on the shapes CLIP: binding, shape and size
       improve, the relation does not (docs/shapes_model.md).
+    relation_negative_probability: with hard negatives, the odds that a two-object scene's negative is its
+      relation reversed (otherwise the kind is drawn uniformly among those that apply).
+    canonical_steps: a curriculum for the relation: the first ``canonical_steps`` steps state every two-object
+      caption (and its negative) from the left / top object (``shapes.caption(canonical=True)``), so word order
+      alone gives the layout; later steps use the usual paraphrases, where the layout depends on the order *and*
+      the relation word ("A left of B" = "B right of A"), an interaction contrastive training does not find from
+      scratch (docs/shapes_model.md, sessions 3 and 12).
     """
 
     seed: int = 0
@@ -68,6 +75,8 @@ class CLIPTrainConfig:
     eval_examples: int = 300
     heldout_pairs: int = 256
     hard_negatives: bool = False
+    relation_negative_probability: float = 0.0
+    canonical_steps: int = 0
     log_every: int = 25
     save_dtype: str = "float16"
 
@@ -133,15 +142,32 @@ def make_train_step(config: CLIPConfig, optimizer: optax.GradientTransformation
     return jax.jit(step)
 
 
-def epoch_negative_captions(scenes: list, indices: np.ndarray, seed: int, epoch: int) -> list[str]:
-    """One hard-negative caption per ``scenes[i]`` (``shapes.hard_negative_caption``), drawn per (seed, epoch, i)."""
-    return [shapes.hard_negative_caption(scenes[i], np.random.default_rng([seed, epoch, int(i), 1]))
+def negative_caption(scene: shapes.Scene, rng: np.random.Generator, relation_probability: float = 0.0,
+                     canonical: bool = False) -> str:
+    """One hard negative of ``scene``: its relation reversed with odds ``relation_probability`` (two objects),
+    else an edit of a kind drawn uniformly (``shapes.hard_negative_caption``)."""
+    if len(scene.objects) == 2 and rng.random() < relation_probability:
+        negative = shapes.hard_negative_caption(scene, rng, "relation", canonical=canonical)
+        if negative is not None:
+            return negative
+    return shapes.hard_negative_caption(scene, rng, canonical=canonical)
+
+
+def epoch_negative_captions(scenes: list, indices: np.ndarray, seed: int, epoch: int,
+                            relation_probability: float = 0.0, canonical: bool = False) -> list[str]:
+    """One hard-negative caption per ``scenes[i]`` (:func:`negative_caption`), drawn per (seed, epoch, i)."""
+    if relation_probability == 0.0 and not canonical:  # the stream every earlier run was trained on
+        return [shapes.hard_negative_caption(scenes[i], np.random.default_rng([seed, epoch, int(i), 1]))
+                for i in indices]
+    return [negative_caption(scenes[i], np.random.default_rng([seed, epoch, int(i), 1]), relation_probability,
+                             canonical) for i in indices]
+
+
+def epoch_captions(scenes: list, indices: np.ndarray, seed: int, epoch: int, canonical: bool = False) -> list[str]:
+    """Captions of ``scenes[i]`` for ``i`` in ``indices``, drawn afresh for each (seed, epoch, index);
+    ``canonical`` states two-object scenes from their left / top object."""
+    return [shapes.caption(scenes[i], np.random.default_rng([seed, epoch, int(i)]), canonical=canonical)
             for i in indices]
-
-
-def epoch_captions(scenes: list, indices: np.ndarray, seed: int, epoch: int) -> list[str]:
-    """Captions of ``scenes[i]`` for ``i`` in ``indices``, drawn afresh for each (seed, epoch, index)."""
-    return [shapes.caption(scenes[i], np.random.default_rng([seed, epoch, int(i)])) for i in indices]
 
 
 def tokenize_checked(tokenizer: CLIPTokenizer, captions: list[str], length: int) -> np.ndarray:
@@ -224,11 +250,13 @@ def train(cfg: CLIPTrainConfig, out_dir: str | os.PathLike | None = None, log: C
         nonlocal state
         idx = epoch_batches(len(images), cfg.batch_size, cfg.seed, step)
         epoch = step // per_epoch
-        ids = tokenize_checked(tokenizer, epoch_captions(scenes, idx, cfg.seed, epoch), cfg.text_length)
+        canonical = step < cfg.canonical_steps
+        ids = tokenize_checked(tokenizer, epoch_captions(scenes, idx, cfg.seed, epoch, canonical), cfg.text_length)
         negative_ids = None
         if cfg.hard_negatives:
             negative_ids = jnp.asarray(tokenize_checked(
-                tokenizer, epoch_negative_captions(scenes, idx, cfg.seed, epoch), cfg.text_length))
+                tokenizer, epoch_negative_captions(scenes, idx, cfg.seed, epoch, cfg.relation_negative_probability,
+                                                   canonical), cfg.text_length))
         state, metrics = train_step(state, jnp.asarray(images[idx]), jnp.asarray(ids), key, negative_ids)
         return metrics
 

@@ -42,7 +42,8 @@ class ModelConfig:
     text_layer: which text-encoder hidden state conditions the U-Net (-1: last, SD1; -2: penultimate; 0: the
         token + position embeddings, no transformer layer). None: the pretrained model's (its jaxt2i.json
         ``text_layer``; -1 for diffusers and single-file checkpoints), -1 when training from scratch. It is
-        written to the exported model folder, so sampling uses the same one.
+        written to the exported model folder, so sampling uses the same one. A list (e.g. ``[0, -1]``, a jaxt2i
+        extension) conditions on several states at once, concatenated along the tokens (``CLIPTextModel.encode``).
     unet_config: the U-Net architecture as a mapping of ``UNetConfig`` fields (replaces the preset's or the
         pretrained model's U-Net; always a fresh init).
     vae_from / text_encoder_from: folders holding ``params.safetensors`` + ``config.json`` of a VAE / text encoder
@@ -60,7 +61,7 @@ class ModelConfig:
     unet_config: Any = None
     vae_from: str | None = None
     text_encoder_from: str | None = None
-    text_layer: int | None = None
+    text_layer: int | list[int] | None = None
     remat: bool = False
     export_ema: bool = True
 

@@ -95,10 +95,9 @@ def build_models(cfg: TrainConfig) -> ModelBundle:
             configs["text_encoder"] = clip.PRESETS[m.text_encoder]
         tok_settings = {"pad": spec.tokenizer_pad, "folder": None}
     params = _replace_components(m, configs, params)
-    text_layer = default_layer if m.text_layer is None else m.text_layer
-    layers = configs["text_encoder"].num_layers
+    text_layer = clip.text_layer_setting(default_layer if m.text_layer is None else m.text_layer)
     try:
-        last_layer = clip.hidden_state_index(layers, text_layer) == layers
+        last_layer = clip.is_last_layer(configs["text_encoder"].num_layers, text_layer)
     except ValueError as e:
         raise ValueError(f"model.text_layer: {e}") from None
     if cfg.export_diffusers and not last_layer:

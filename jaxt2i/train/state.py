@@ -54,13 +54,14 @@ class TrainableConfig:
 class Models(NamedTuple):
     """The module instances a train step runs. vae / text_encoder may be None when batches carry cached latents
     and context. uncond_ids: [1, 77] int32 ids of the empty prompt (for condition dropout), or None.
-    text_layer: which text-encoder hidden state conditions the U-Net (-1 last, -2 penultimate)."""
+    text_layer: which text-encoder hidden state conditions the U-Net (-1 last, -2 penultimate), or a tuple of
+    several, concatenated along the tokens (``CLIPTextModel.encode``)."""
 
     unet: nn.Module
     vae: nn.Module | None = None
     text_encoder: nn.Module | None = None
     uncond_ids: Any = None
-    text_layer: int = -1
+    text_layer: int | tuple[int, ...] = -1
 
 
 class TrainState(flax.struct.PyTreeNode):

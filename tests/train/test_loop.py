@@ -210,8 +210,11 @@ def test_text_layer_comes_from_the_pretrained_model_unless_set(tiny_model, tmp_p
     assert loop.build_models(load_config(TINY, [f"model.pretrained={layer0}"])).models.text_layer == 0
     assert loop.build_models(load_config(TINY, [f"model.pretrained={layer0}", "model.text_layer=-2"])
                              ).models.text_layer == -2
+    assert loop.build_models(load_config(TINY, ["model.text_layer=[0, -1]"])).models.text_layer == (0, -1)
     with pytest.raises(ValueError, match="model.text_layer: text layer 7 does not exist in a 2-layer text encoder"):
         loop.build_models(load_config(TINY, ["model.text_layer=7"]))
+    with pytest.raises(ValueError, match="export_diffusers=true needs model.text_layer=-1"):
+        loop.build_models(load_config(TINY, ["model.text_layer=[-1, 0]", "export_diffusers=true"]))
     with pytest.raises(ValueError, match="export_diffusers=true needs model.text_layer=-1"):
         loop.build_models(load_config(TINY, ["model.text_layer=0", "export_diffusers=true"]))
     with pytest.raises(ConfigError, match="text_layer"):
