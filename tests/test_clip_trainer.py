@@ -173,6 +173,7 @@ def test_relation_negatives_and_canonical_curriculum_captions():
     two = [i for i, sc in enumerate(scenes) if len(sc.objects) == 2]
     idx = np.asarray(two[:40])
     negatives = ct.epoch_negative_captions(scenes, idx, 0, 0, relation_probability=1.0)
+
     def layout(objects, relation):  # (left or top object, axis, the other) by (color, shape)
         a, b = objects if relation in ("left of", "above") else objects[::-1]
         return a, relation in ("left of", "right of"), b

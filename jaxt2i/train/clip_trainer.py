@@ -145,8 +145,9 @@ def make_train_step(config: CLIPConfig, optimizer: optax.GradientTransformation
 def negative_caption(scene: shapes.Scene, rng: np.random.Generator, relation_probability: float = 0.0,
                      canonical: bool = False) -> str:
     """One hard negative of ``scene``: its relation reversed with odds ``relation_probability`` (two objects),
-    else an edit of a kind drawn uniformly (``shapes.hard_negative_caption``)."""
-    if len(scene.objects) == 2 and rng.random() < relation_probability:
+    else an edit of a kind drawn uniformly (``shapes.hard_negative_caption``). With ``relation_probability`` 0 it
+    draws nothing more than ``shapes.hard_negative_caption(scene, rng)``: the stream earlier runs trained on."""
+    if relation_probability > 0 and len(scene.objects) == 2 and rng.random() < relation_probability:
         negative = shapes.hard_negative_caption(scene, rng, "relation", canonical=canonical)
         if negative is not None:
             return negative
@@ -156,9 +157,6 @@ def negative_caption(scene: shapes.Scene, rng: np.random.Generator, relation_pro
 def epoch_negative_captions(scenes: list, indices: np.ndarray, seed: int, epoch: int,
                             relation_probability: float = 0.0, canonical: bool = False) -> list[str]:
     """One hard-negative caption per ``scenes[i]`` (:func:`negative_caption`), drawn per (seed, epoch, i)."""
-    if relation_probability == 0.0 and not canonical:  # the stream every earlier run was trained on
-        return [shapes.hard_negative_caption(scenes[i], np.random.default_rng([seed, epoch, int(i), 1]))
-                for i in indices]
     return [negative_caption(scenes[i], np.random.default_rng([seed, epoch, int(i), 1]), relation_probability,
                              canonical) for i in indices]
 

@@ -299,7 +299,8 @@ def test_text_layer_is_stored_and_conditions_like_the_reference_hidden_state(ref
         last = tpipe.text_encoder(ids)[0].numpy()
     got = np.asarray(jpipe.encode_prompt(PROMPTS))
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
-    assert np.abs(got[:, :last.shape[1]] - last).max() > 100 * ATOL  # the layer made a difference, so the check above can fail
+    # the layer made a difference, so the check above can fail
+    assert np.abs(got[:, :last.shape[1]] - last).max() > 100 * ATOL
     assert jpipe.to_loaded_model().text_layer == layer
     for writer, dst in ((load.write_diffusers_folder, tmp_path / "d"), (load.write_single_file, tmp_path / "s.safetensors")):
         with pytest.raises(ConversionError, match=f"hidden state {re.escape(str(layer))}.*jaxt2i's format"):
