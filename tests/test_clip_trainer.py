@@ -197,3 +197,50 @@ def test_relation_negatives_and_canonical_curriculum_captions():
     canonical = ct.epoch_captions(scenes, idx, 0, 0, canonical=True)
     assert all(shapes.parse_caption(c)[1] in ("left of", "above") for c in canonical)
     assert any(shapes.parse_caption(c)[1] in ("right of", "below") for c in ct.epoch_captions(scenes, idx, 0, 0))
+
+
+def test_caption_parse_targets_hand_made(tokenizer):
+    captions = ["a red circle above a large blue square",
+                "there is an orange triangle to the right of a white circle", "a picture of a small green square"]
+    targets = ct.caption_parse_targets(tokenizer, captions, 24)
+    words = {v: k for k, v in tokenizer.vocab.items()}
+    ids = tokenizer(captions)
+
+    def labelled(name, row):  # (token text, class) where the head has a target
+        return [(words[ids[row, j]], ct.PARSE_TARGETS[name][targets[name][row, j]])
+                for j in np.nonzero(targets[name][row] >= 0)[0]]
+
+    assert labelled("color", 0) == [("circle</w>", "red"), ("square</w>", "blue")]
+    assert labelled("shape", 1) == [("triangle</w>", "triangle"), ("circle</w>", "circle")]
+    assert labelled("side", 0) == [("large</w>", "below"), ("blue</w>", "below"), ("square</w>", "below")]
+    assert labelled("side", 1) == [("white</w>", "left of"), ("circle</w>", "left of")]
+    assert labelled("side", 2) == [] and labelled("color", 2) == [("square</w>", "green")]
+    with pytest.raises(ValueError, match="text_length"):
+        ct.caption_parse_targets(tokenizer, captions[1:2], 8)
+
+
+def test_parse_loss_teaches_the_tokens_the_side_and_leaves_the_clip_init_alone(tokenizer):
+    data = shapes.batch(3, 0, 64, "train")
+    two = [i for i, sc in enumerate(data["scenes"]) if len(sc.objects) == 2][:16]
+    captions = [data["captions"][i] for i in two]
+    images = jnp.asarray(data["images"][two])
+    ids = jnp.asarray(ct.tokenize_checked(tokenizer, captions, 24))
+    targets = {k: jnp.asarray(v) for k, v in ct.caption_parse_targets(tokenizer, captions, 24).items()}
+    cfg = ct.CLIPTrainConfig(model="tiny", steps=20, lr=3e-3, warmup_steps=0, weight_decay=0.0)
+    optimizer = ct.make_optimizer(cfg.optim)
+    state = ct.init_state(TINY, optimizer, jax.random.key(0), parse_heads=True)
+    plain = ct.init_state(TINY, optimizer, jax.random.key(0))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(plain.params)))
+    step = ct.make_train_step(TINY, optimizer, parse_loss_weight=1.0)
+    first = None
+    for _ in range(20):
+        state, metrics = step(state, images, ids, jax.random.key(0), None, targets)
+        first = first or metrics
+    assert float(metrics["parse_loss"]) < 0.4 * float(first["parse_loss"])
+    for name in ("side", "color", "shape"):  # all near chance at init (side: 4 classes, read off the relation word)
+        assert float(first[f"parse_{name}_accuracy"]) < 0.5, name
+        assert float(metrics[f"parse_{name}_accuracy"]) >= 0.75, name
+    assert float(metrics["parse_side_accuracy"]) >= 0.9
+    assert float(metrics["loss"]) == pytest.approx(float(metrics["contrastive_loss"] + metrics["parse_loss"]))
+    with pytest.raises(ValueError, match="parse heads"):
+        step(plain, images, ids, jax.random.key(0), None, targets)

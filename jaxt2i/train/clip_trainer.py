@@ -35,7 +35,7 @@ from jaxt2i.data import shapes
 from jaxt2i.eval import clip_metrics, frechet
 from jaxt2i.models.clip import CLIPTextConfig
 from jaxt2i.models.clip_vision import (CLIPConfig, CLIPModel, clipped_scale, contrastive_loss,
-                                       init_params, preset)
+                                       init_params, l2_normalize, preset)
 from jaxt2i.tokenizer import CLIPTokenizer
 from jaxt2i.train.optim import OptimConfig, make_optimizer
 from jaxt2i.train.small import (count_params, epoch_batches, load_model_folder, run_logged_steps,
@@ -60,6 +60,13 @@ class CLIPTrainConfig:
       alone gives the layout; later steps use the usual paraphrases, where the layout depends on the order *and*
       the relation word ("A left of B" = "B right of A"), an interaction contrastive training does not find from
       scratch (docs/shapes_model.md, sessions 3 and 12).
+    parse_loss_weight: weight of an auxiliary caption-parsing loss on the text tower's last layer (0: none, pure
+      InfoNCE). Linear heads read the final-LN'd token states (what a U-Net conditioned on the last layer sees):
+      each object's shape word predicts that object's color and shape, and every word of the second-named object
+      of a two-object caption predicts on which side of the first it lies (targets from the caption's own grammar,
+      :func:`caption_parse_targets`; the causal tower sees the relation word only from the second object on).
+      This puts binding and the relation's direction into the per-token states, which InfoNCE on the pooled EOS
+      state does not (docs/shapes_model.md, session 13). The heads are training-only: not saved.
     """
 
     seed: int = 0
@@ -77,6 +84,7 @@ class CLIPTrainConfig:
     hard_negatives: bool = False
     relation_negative_probability: float = 0.0
     canonical_steps: int = 0
+    parse_loss_weight: float = 0.0
     log_every: int = 25
     save_dtype: str = "float16"
 
@@ -96,31 +104,111 @@ class CLIPTrainConfig:
                            final_lr_fraction=0.05)
 
 
+PARSE_TARGETS: dict[str, tuple[str, ...]] = {"color": shapes.COLORS, "shape": shapes.SHAPES,
+                                              "side": shapes.RELATIONS}
+"""Classes of each caption-parsing head; a ``side`` is the second-named object's relation to the first."""
+
+
 @struct.dataclass
 class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+    parse_heads: Any = None
 
 
-def init_state(config: CLIPConfig, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
+def init_parse_heads(hidden_size: int, key: jax.Array) -> dict:
+    """Linear heads ``{name: {"kernel": [D, classes], "bias": [classes]}}`` for :data:`PARSE_TARGETS`."""
+    keys = jax.random.split(key, len(PARSE_TARGETS))
+    return {name: {"kernel": jax.random.normal(k, (hidden_size, len(classes))) / np.sqrt(hidden_size),
+                   "bias": jnp.zeros((len(classes),))}
+            for k, (name, classes) in zip(keys, PARSE_TARGETS.items())}
+
+
+def init_state(config: CLIPConfig, optimizer: optax.GradientTransformation, key: jax.Array,
+               parse_heads: bool = False) -> TrainState:
+    """Fresh CLIP parameters (and :func:`init_parse_heads` when ``parse_heads``); the optimizer sees both.
+
+    The CLIP's own initialisation does not depend on ``parse_heads`` (the heads take a key folded from ``key``)."""
     params = init_params(config, key)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    heads = init_parse_heads(config.text.hidden_size, jax.random.fold_in(key, 1)) if parse_heads else None
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init((params, heads)),
+                      parse_heads=heads)
 
 
-def make_train_step(config: CLIPConfig, optimizer: optax.GradientTransformation
+def _word_spans(tokenizer: CLIPTokenizer, text: str) -> list[tuple[int, int, int]]:
+    """``(char_end, first_token, end_token)`` of each space-separated word of ``text``; token 0 is BOS."""
+    spans, position, char = [], 1, 0
+    for word in text.split(" "):
+        n = len(tokenizer.encode(word))
+        char += len(word)
+        spans.append((char, position, position + n))
+        position, char = position + n, char + 1
+    return spans
+
+
+def caption_parse_targets(tokenizer: CLIPTokenizer, captions: list[str], length: int) -> dict[str, np.ndarray]:
+    """Per-token targets of the caption-parsing loss: ``{name: int32 [B, length]}``, -1 where there is none.
+
+    ``color`` / ``shape``: at each object's shape word, that object's class index in ``shapes.COLORS`` /
+    ``shapes.SHAPES``. ``side``: at every word of a two-object caption's second-named object (size, color, shape),
+    its relation to the first, an index in ``shapes.RELATIONS`` ("a red circle above a blue square": the blue
+    square is "below"). Captions must be lower-case single-spaced shapes-world captions (``shapes.parse_caption``);
+    token positions count BOS at 0, as the tokenizer lays them out.
+    """
+    targets = {name: np.full((len(captions), length), -1, np.int32) for name in PARSE_TARGETS}
+    for row, text in enumerate(captions):
+        objects, relation = shapes.parse_caption(text)
+        spans = _word_spans(tokenizer, text)
+        matches = list(shapes._OBJECT_RE.finditer(text))
+        for i, (match, (color, shape, _)) in enumerate(zip(matches, objects)):
+            words = [s for s in spans if match.start() < s[0] <= match.end()]
+            if words[-1][2] > length:
+                raise ValueError(f"caption {text!r} does not fit in {length} tokens; raise text_length.")
+            shape_token = words[-1][2] - 1
+            targets["color"][row, shape_token] = shapes.COLORS.index(color)
+            targets["shape"][row, shape_token] = shapes.SHAPES.index(shape)
+            if i == 1:
+                side = shapes.RELATIONS.index(shapes.INVERSE_RELATION[relation])
+                for _, first, end in words:
+                    targets["side"][row, first:end] = side
+    return targets
+
+
+def parse_loss(heads: dict, states: jax.Array, targets: dict) -> tuple[jax.Array, dict]:
+    """Mean cross-entropy of the heads over the tokens that have targets, summed over heads, and each head's
+    accuracy. ``states``: ``[B, L, D]`` final-LN'd token states; ``targets``: ``{name: [B, L]}``, -1 = none."""
+    loss, metrics = 0.0, {}
+    for name, head in heads.items():
+        labels = targets[name]
+        mask = labels >= 0
+        logits = states @ head["kernel"] + head["bias"]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+        count = jnp.maximum(jnp.sum(mask), 1)
+        loss = loss + jnp.sum(jnp.where(mask, ce, 0.0)) / count
+        metrics[f"parse_{name}_accuracy"] = jnp.sum(mask & (jnp.argmax(logits, -1) == labels)) / count
+    return loss, metrics
+
+
+def make_train_step(config: CLIPConfig, optimizer: optax.GradientTransformation, parse_loss_weight: float = 0.0
                     ) -> Callable[..., tuple[TrainState, dict]]:
-    """Jitted ``(state, images [B, H, W, 3] in [0, 1], ids [B, L] int32, key, negative_ids [N, L] or None)
-    -> (state, metrics)``; ``negative_ids`` are hard-negative captions (see ``contrastive_loss``).
+    """Jitted ``(state, images [B, H, W, 3] in [0, 1], ids [B, L] int32, key, negative_ids [N, L] or None,
+    parse_targets {name: [B, L]} or None) -> (state, metrics)``; ``negative_ids`` are hard-negative captions (see
+    ``contrastive_loss``); ``parse_targets`` (:func:`caption_parse_targets`) feed the parsing loss, weighted by
+    ``parse_loss_weight``, when the state has parse heads.
 
     The model has no randomness; ``key`` (with the step folded in) is taken for the uniform step signature.
     """
     model = CLIPModel(config)
 
-    def loss_fn(params, images, ids, negative_ids):
+    def loss_fn(trainable, images, ids, negative_ids, parse_targets):
+        params, heads = trainable
         n = ids.shape[0]
         all_ids = ids if negative_ids is None else jnp.concatenate([ids, negative_ids])
-        image_embeds, text_embeds, logit_scale = model.apply({"params": params}, all_ids, images)
+        text = model.apply({"params": params}, all_ids, method=lambda m, i: m.text_model(i))
+        image_embeds = model.apply({"params": params}, images, method=CLIPModel.get_image_features)
+        logit_scale = params["logit_scale"]
+        text_embeds = l2_normalize(text.text_embeds)
         text_embeds, negative_embeds = text_embeds[:n], (None if negative_ids is None else text_embeds[n:])
         loss = contrastive_loss(image_embeds, text_embeds, logit_scale, negative_embeds)
         sims = image_embeds @ text_embeds.T
@@ -129,15 +217,23 @@ def make_train_step(config: CLIPConfig, optimizer: optax.GradientTransformation
         if negative_embeds is not None:  # image i's own hard negative is negative_ids[i] when N == B
             own = jnp.sum(image_embeds * negative_embeds[:n], axis=1)
             metrics["beats_hard_negative"] = jnp.mean(jnp.diagonal(sims) > own)
+        if heads is not None:
+            aux, parse_metrics = parse_loss(heads, text.last_hidden_state[:n], parse_targets)
+            metrics.update(parse_metrics, contrastive_loss=loss, parse_loss=aux)
+            loss = loss + parse_loss_weight * aux
         return loss, metrics
 
-    def step(state: TrainState, images, ids, key, negative_ids=None):
+    def step(state: TrainState, images, ids, key, negative_ids=None, parse_targets=None):
         del key
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, images, ids, negative_ids)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        if (state.parse_heads is None) != (parse_targets is None):
+            raise ValueError("parse_targets go with a state that has parse heads (init_state(parse_heads=True)).")
+        trainable = (state.params, state.parse_heads)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, images, ids, negative_ids,
+                                                                           parse_targets)
+        updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+        params, heads = optax.apply_updates(trainable, updates)
         metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, parse_heads=heads), metrics
 
     return jax.jit(step)
 
@@ -235,13 +331,13 @@ def train(cfg: CLIPTrainConfig, out_dir: str | os.PathLike | None = None, log: C
     images, scenes = pool["images"], pool["scenes"]
     log(f"data: {len(images)} training scenes in {time.time() - t0:.1f}s")
     optimizer = make_optimizer(cfg.optim)
-    state = init_state(config, optimizer, jax.random.key(cfg.seed))
+    state = init_state(config, optimizer, jax.random.key(cfg.seed), parse_heads=cfg.parse_loss_weight > 0)
     n_text = count_params(state.params["text_model"])
     n_total = count_params(state.params)
     log(f"model: {n_total:,} parameters (text {n_text:,}, of which token embedding "
         f"{config.text.vocab_size * config.text.hidden_size:,}); {n_total * 4 / 2**20:.1f} MiB float32, "
         f"{n_total * 2 / 2**20:.1f} MiB float16")
-    train_step = make_train_step(config, optimizer)
+    train_step = make_train_step(config, optimizer, cfg.parse_loss_weight)
     key = jax.random.key(cfg.seed + 1)
     per_epoch = len(images) // cfg.batch_size
     def step_fn(step):
@@ -249,13 +345,17 @@ def train(cfg: CLIPTrainConfig, out_dir: str | os.PathLike | None = None, log: C
         idx = epoch_batches(len(images), cfg.batch_size, cfg.seed, step)
         epoch = step // per_epoch
         canonical = step < cfg.canonical_steps
-        ids = tokenize_checked(tokenizer, epoch_captions(scenes, idx, cfg.seed, epoch, canonical), cfg.text_length)
+        captions = epoch_captions(scenes, idx, cfg.seed, epoch, canonical)
+        ids = tokenize_checked(tokenizer, captions, cfg.text_length)
+        targets = None
+        if state.parse_heads is not None:
+            targets = {k: jnp.asarray(v) for k, v in caption_parse_targets(tokenizer, captions, cfg.text_length).items()}
         negative_ids = None
         if cfg.hard_negatives:
             negative_ids = jnp.asarray(tokenize_checked(
                 tokenizer, epoch_negative_captions(scenes, idx, cfg.seed, epoch, cfg.relation_negative_probability,
                                                    canonical), cfg.text_length))
-        state, metrics = train_step(state, jnp.asarray(images[idx]), jnp.asarray(ids), key, negative_ids)
+        state, metrics = train_step(state, jnp.asarray(images[idx]), jnp.asarray(ids), key, negative_ids, targets)
         return metrics
 
     history, train_time = run_logged_steps(cfg.steps, cfg.log_every, step_fn, cfg, out_dir, log, digits=5)
