@@ -9,6 +9,8 @@
     python scripts/shapes_report.py compare NEW.json [NEW2.json ...] --against OLD.json [OLD2.json ...]
                                                                    # eval reports as a table; several draws pooled
     python scripts/shapes_report.py failures IMAGES.npz [...] --guidance 3   # why two-object prompts fail
+    python scripts/shapes_report.py side-probe [--text-encoder DIR]          # which text layer says where the
+                                                                   # second object goes (linear probe)
     python scripts/shapes_report.py flips IMAGES.npz [...] --detector-from REV --out docs/images/flips.png
                                      # saved eval images (jaxt2i eval --save-images) scored by this checkout's
                                      # detector and by the one at git revision REV: what changed, with pictures
@@ -291,6 +293,67 @@ def pairs(args) -> None:
                   f"{color} {same_color}")
 
 
+def _fit_logistic(x: np.ndarray, y: np.ndarray, steps: int = 3000, lr: float = 0.5, l2: float = 1e-3):
+    """A standardised L2-regularised logistic regression by gradient descent; returns ``predict(x) -> 0/1``."""
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    z = (x - mean) / std
+    w, b = np.zeros(x.shape[1]), 0.0
+    for _ in range(steps):
+        g = 1 / (1 + np.exp(-(z @ w + b))) - y
+        w -= lr * (z.T @ g / len(y) + l2 * w)
+        b -= lr * g.mean()
+    return lambda x_new: ((((x_new - mean) / std) @ w + b) > 0).astype(int)
+
+
+def side_probe(args) -> None:
+    """Where does the text tower say which side the second-named object of a two-object caption goes (right /
+    below: 1, left / above: 0; chance 50%)? Per layer (0 = embeddings) and token (the first object's shape word,
+    the second's, EOS), a logistic regression on the final-LN'd state is fit on train-split captions and scored on
+    fresh train captions and on held-out-split ones. The causal tower cannot know it at the first object's words."""
+    import jax.numpy as jnp
+
+    from jaxt2i.cli import DEFAULT_MODEL
+    from jaxt2i.data import shapes
+    from jaxt2i.models import clip as clip_model
+    from jaxt2i.pipeline import load_pipeline
+    from jaxt2i.train.clip_trainer import caption_parse_targets, load_text_encoder
+
+    pipe = load_pipeline(args.model or DEFAULT_MODEL)
+    encoder, params = pipe.models.text_encoder, pipe.params["text_encoder"]
+    if args.text_encoder:
+        params, config = load_text_encoder(args.text_encoder)
+        encoder = clip_model.CLIPTextModel(config)
+
+    def features(split: str, n: int, seed: int):
+        captions = [shapes.caption(shapes.scene(seed, i, split, n_objects=2), np.random.default_rng([seed, i]))
+                    for i in range(n)]
+        ids = pipe.tokenize(captions)
+        targets = caption_parse_targets(pipe.tokenizer, captions, ids.shape[1])
+        shape_words = [np.nonzero(row >= 0)[0] for row in targets["color"]]
+        side = np.array([row[row >= 0][0] for row in targets["side"]])
+        labels = np.isin(side, [shapes.RELATIONS.index("right of"), shapes.RELATIONS.index("below")]).astype(int)
+        positions = {"object 1": np.array([w[0] for w in shape_words]),
+                     "object 2": np.array([w[1] for w in shape_words]),
+                     "EOS": np.argmax(ids == pipe.tokenizer.eos_token_id, axis=1)}
+        rows = np.arange(n)
+        states = {}
+        for layer in range(encoder.config.num_layers + 1):
+            h = np.asarray(encoder.apply({"params": params}, jnp.asarray(ids), layer,
+                                         method=clip_model.CLIPTextModel.encode), np.float64)
+            states.update({(layer, name): h[rows, pos] for name, pos in positions.items()})
+        return states, labels
+
+    fit, y_fit = features("train", args.n, args.seed)
+    fresh, y_fresh = features("train", args.n // 4, args.seed + 1)
+    held, y_held = features("heldout", args.n // 4, args.seed)
+    print(f"| layer | token | fit (train, {len(y_fit)}) | fresh train ({len(y_fresh)}) | held-out ({len(y_held)}) |")
+    print("|---|---|---|---|---|")
+    for key, x in fit.items():
+        predict = _fit_logistic(x, y_fit)
+        scores = [np.mean(predict(f[key]) == y) for f, y in ((fit, y_fit), (fresh, y_fresh), (held, y_held))]
+        print(f"| {key[0]} | {key[1]} | " + " | ".join(f"{100 * v:.1f}%" for v in scores) + " |")
+
+
 def compare(args) -> None:
     """``jaxt2i.eval.report.markdown_comparison`` of eval reports: several draws pooled, --against in brackets."""
     from jaxt2i.eval.report import markdown_comparison
@@ -492,13 +555,18 @@ def main(argv=None) -> int:
     fa = sub.add_parser("failures")
     fa.add_argument("images", nargs="+", help="jaxt2i eval --save-images files (pooled)")
     fa.add_argument("--guidance", type=float, default=3.0)
+    sp = sub.add_parser("side-probe")
+    sp.add_argument("--model", default=None, help="model folder (default: the shipped one)")
+    sp.add_argument("--text-encoder", default=None, help="a CLIP trainer output folder: probe its text tower instead")
+    sp.add_argument("--n", type=int, default=2000, help="train captions to fit on (a quarter as many to score)")
+    sp.add_argument("--seed", type=int, default=0)
     fl = sub.add_parser("flips")
     fl.add_argument("images", nargs="+", help="jaxt2i eval --save-images files")
     fl.add_argument("--detector-from", required=True, metavar="REV", help="git revision of the detector to compare")
     fl.add_argument("--out", default=None, help="PNG of the images whose verdict changed")
     args = p.parse_args(argv)
     {"losses": losses, "grid": grid, "timing": timing, "clip": clip, "pairs": pairs,
-     "compare": compare, "flips": flips, "failures": failures}[args.what](args)
+     "compare": compare, "flips": flips, "failures": failures, "side-probe": side_probe}[args.what](args)
     return 0
 
 
