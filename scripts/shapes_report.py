@@ -9,8 +9,8 @@
     python scripts/shapes_report.py compare NEW.json [NEW2.json ...] --against OLD.json [OLD2.json ...]
                                                                    # eval reports as a table; several draws pooled
     python scripts/shapes_report.py failures IMAGES.npz [...] --guidance 3   # why two-object prompts fail
-    python scripts/shapes_report.py side-probe [--text-encoder DIR]          # which text layer says where the
-                                                                   # second object goes (linear probe)
+    python scripts/shapes_report.py side-probe [--text-encoder DIR]          # linear probes per text layer: where
+                                                   # the second object goes; color and shape of unseen pairs
     python scripts/shapes_report.py flips IMAGES.npz [...] --detector-from REV --out docs/images/flips.png
                                      # saved eval images (jaxt2i eval --save-images) scored by this checkout's
                                      # detector and by the one at git revision REV: what changed, with pictures
@@ -293,23 +293,28 @@ def pairs(args) -> None:
                   f"{color} {same_color}")
 
 
-def _fit_logistic(x: np.ndarray, y: np.ndarray, steps: int = 3000, lr: float = 0.5, l2: float = 1e-3):
-    """A standardised L2-regularised logistic regression by gradient descent; returns ``predict(x) -> 0/1``."""
+def _fit_softmax(x: np.ndarray, y: np.ndarray, classes: int, steps: int = 3000, lr: float = 0.5, l2: float = 1e-3):
+    """A standardised L2-regularised multinomial logistic regression by gradient descent; returns
+    ``predict(x) -> class indices``."""
     mean, std = x.mean(0), x.std(0) + 1e-6
     z = (x - mean) / std
-    w, b = np.zeros(x.shape[1]), 0.0
+    w, b, onehot = np.zeros((x.shape[1], classes)), np.zeros(classes), np.eye(classes)[y]
     for _ in range(steps):
-        g = 1 / (1 + np.exp(-(z @ w + b))) - y
+        logits = z @ w + b
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        g = p / p.sum(1, keepdims=True) - onehot
         w -= lr * (z.T @ g / len(y) + l2 * w)
-        b -= lr * g.mean()
-    return lambda x_new: ((((x_new - mean) / std) @ w + b) > 0).astype(int)
+        b -= lr * g.mean(0)
+    return lambda x_new: np.argmax(((x_new - mean) / std) @ w + b, axis=1)
 
 
 def side_probe(args) -> None:
     """Where does the text tower say which side the second-named object of a two-object caption goes (right /
     below: 1, left / above: 0; chance 50%)? Per layer (0 = embeddings) and token (the first object's shape word,
     the second's, EOS), a logistic regression on the final-LN'd state is fit on train-split captions and scored on
-    fresh train captions and on held-out-split ones. The causal tower cannot know it at the first object's words."""
+    fresh train captions and on held-out-split ones. The causal tower cannot know it at the first object's words.
+    Then, the same way, the color and the shape of a one-object caption's object from its shape word: on held-out
+    captions these are color-shape pairs the text tower never saw."""
     import jax.numpy as jnp
 
     from jaxt2i.cli import DEFAULT_MODEL
@@ -324,34 +329,41 @@ def side_probe(args) -> None:
         params, config = load_text_encoder(args.text_encoder)
         encoder = clip_model.CLIPTextModel(config)
 
-    def features(split: str, n: int, seed: int):
-        captions = [shapes.caption(shapes.scene(seed, i, split, n_objects=2), np.random.default_rng([seed, i]))
-                    for i in range(n)]
+    def features(split: str, n: int, seed: int, n_objects: int):
+        """States {(layer, token): [n, D]} and labels {name: [n]} of n fresh captions."""
+        captions = [shapes.caption(shapes.scene(seed, i, split, n_objects=n_objects),
+                                   np.random.default_rng([seed, i])) for i in range(n)]
         ids = pipe.tokenize(captions)
         targets = caption_parse_targets(pipe.tokenizer, captions, ids.shape[1])
-        shape_words = [np.nonzero(row >= 0)[0] for row in targets["color"]]
-        side = np.array([row[row >= 0][0] for row in targets["side"]])
-        labels = np.isin(side, [shapes.RELATIONS.index("right of"), shapes.RELATIONS.index("below")]).astype(int)
-        positions = {"object 1": np.array([w[0] for w in shape_words]),
-                     "object 2": np.array([w[1] for w in shape_words]),
-                     "EOS": np.argmax(ids == pipe.tokenizer.eos_token_id, axis=1)}
-        rows = np.arange(n)
+        shape_words = np.array([np.nonzero(row >= 0)[0] for row in targets["color"]])  # [n, n_objects]
+        if n_objects == 2:
+            side = np.array([row[row >= 0][0] for row in targets["side"]])
+            labels = {"side": np.isin(side, [shapes.RELATIONS.index(r) for r in ("right of", "below")]).astype(int)}
+            positions = {"object 1": shape_words[:, 0], "object 2": shape_words[:, 1],
+                         "EOS": np.argmax(ids == pipe.tokenizer.eos_token_id, axis=1)}
+        else:
+            labels = {name: np.array([row[row >= 0][0] for row in targets[name]]) for name in ("color", "shape")}
+            positions = {"shape word": shape_words[:, 0]}
         states = {}
         for layer in range(encoder.config.num_layers + 1):
             h = np.asarray(encoder.apply({"params": params}, jnp.asarray(ids), layer,
                                          method=clip_model.CLIPTextModel.encode), np.float64)
-            states.update({(layer, name): h[rows, pos] for name, pos in positions.items()})
+            states.update({(layer, name): h[np.arange(n), pos] for name, pos in positions.items()})
         return states, labels
 
-    fit, y_fit = features("train", args.n, args.seed)
-    fresh, y_fresh = features("train", args.n // 4, args.seed + 1)
-    held, y_held = features("heldout", args.n // 4, args.seed)
-    print(f"| layer | token | fit (train, {len(y_fit)}) | fresh train ({len(y_fresh)}) | held-out ({len(y_held)}) |")
-    print("|---|---|---|---|---|")
-    for key, x in fit.items():
-        predict = _fit_logistic(x, y_fit)
-        scores = [np.mean(predict(f[key]) == y) for f, y in ((fit, y_fit), (fresh, y_fresh), (held, y_held))]
-        print(f"| {key[0]} | {key[1]} | " + " | ".join(f"{100 * v:.1f}%" for v in scores) + " |")
+    for n_objects, heads in ((2, {"side": 2}), (1, {"color": len(shapes.COLORS), "shape": len(shapes.SHAPES)})):
+        fit, y_fit = features("train", args.n, args.seed, n_objects)
+        fresh, y_fresh = features("train", args.n // 4, args.seed + 1, n_objects)
+        held, y_held = features("heldout", args.n // 4, args.seed, n_objects)
+        for head, classes in heads.items():
+            print(f"\n{n_objects}-object captions, {head}:")
+            print(f"| layer | token | fit (train, {args.n}) | fresh train ({args.n // 4}) | held-out ({args.n // 4}) |")
+            print("|---|---|---|---|---|")
+            for key, x in fit.items():
+                predict = _fit_softmax(x, y_fit[head], classes)
+                scores = [np.mean(predict(f[key]) == y[head]) for f, y in ((fit, y_fit), (fresh, y_fresh),
+                                                                           (held, y_held))]
+                print(f"| {key[0]} | {key[1]} | " + " | ".join(f"{100 * v:.1f}%" for v in scores) + " |")
 
 
 def compare(args) -> None:

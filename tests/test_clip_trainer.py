@@ -244,3 +244,12 @@ def test_parse_loss_teaches_the_tokens_the_side_and_leaves_the_clip_init_alone(t
     assert float(metrics["loss"]) == pytest.approx(float(metrics["contrastive_loss"] + metrics["parse_loss"]))
     with pytest.raises(ValueError, match="parse heads"):
         step(plain, images, ids, jax.random.key(0), None, targets)
+
+
+def test_parse_heads_subset_and_unknown_names():
+    heads = ct.init_parse_heads(8, jax.random.key(0), ["side"])
+    assert set(heads) == {"side"} and heads["side"]["kernel"].shape == (8, len(shapes.RELATIONS))
+    every = ct.init_parse_heads(8, jax.random.key(0))
+    np.testing.assert_array_equal(heads["side"]["kernel"], every["side"]["kernel"])  # init by name, not by count
+    with pytest.raises(ValueError, match="parse_targets"):
+        ct.init_parse_heads(8, jax.random.key(0), ["side", "size"])

@@ -23,7 +23,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +67,7 @@ class CLIPTrainConfig:
       :func:`caption_parse_targets`; the causal tower sees the relation word only from the second object on).
       This puts binding and the relation's direction into the per-token states, which InfoNCE on the pooled EOS
       state does not (docs/shapes_model.md, session 13). The heads are training-only: not saved.
+    parse_targets: which of the parsing heads (:data:`PARSE_TARGETS`) the loss trains, e.g. ``["side"]``.
     """
 
     seed: int = 0
@@ -85,6 +86,7 @@ class CLIPTrainConfig:
     relation_negative_probability: float = 0.0
     canonical_steps: int = 0
     parse_loss_weight: float = 0.0
+    parse_targets: tuple[str, ...] = ("color", "shape", "side")
     log_every: int = 25
     save_dtype: str = "float16"
 
@@ -117,21 +119,29 @@ class TrainState:
     parse_heads: Any = None
 
 
-def init_parse_heads(hidden_size: int, key: jax.Array) -> dict:
-    """Linear heads ``{name: {"kernel": [D, classes], "bias": [classes]}}`` for :data:`PARSE_TARGETS`."""
-    keys = jax.random.split(key, len(PARSE_TARGETS))
-    return {name: {"kernel": jax.random.normal(k, (hidden_size, len(classes))) / np.sqrt(hidden_size),
+def init_parse_heads(hidden_size: int, key: jax.Array, names: Sequence[str] = tuple(PARSE_TARGETS)) -> dict:
+    """Linear heads ``{name: {"kernel": [D, classes], "bias": [classes]}}`` for ``names`` (keys of
+    :data:`PARSE_TARGETS`); each head's init depends on its name's place in :data:`PARSE_TARGETS` only."""
+    unknown = set(names) - set(PARSE_TARGETS)
+    if unknown or not names:
+        raise ValueError(f"parse_targets must be a non-empty subset of {list(PARSE_TARGETS)}; got {list(names)}")
+    keys = dict(zip(PARSE_TARGETS, jax.random.split(key, len(PARSE_TARGETS))))
+    return {name: {"kernel": jax.random.normal(keys[name], (hidden_size, len(classes))) / np.sqrt(hidden_size),
                    "bias": jnp.zeros((len(classes),))}
-            for k, (name, classes) in zip(keys, PARSE_TARGETS.items())}
+            for name, classes in PARSE_TARGETS.items() if name in names}
 
 
 def init_state(config: CLIPConfig, optimizer: optax.GradientTransformation, key: jax.Array,
-               parse_heads: bool = False) -> TrainState:
-    """Fresh CLIP parameters (and :func:`init_parse_heads` when ``parse_heads``); the optimizer sees both.
+               parse_heads: bool | Sequence[str] = False) -> TrainState:
+    """Fresh CLIP parameters (and :func:`init_parse_heads` when ``parse_heads``: True for all heads, or their
+    names); the optimizer sees both.
 
     The CLIP's own initialisation does not depend on ``parse_heads`` (the heads take a key folded from ``key``)."""
     params = init_params(config, key)
-    heads = init_parse_heads(config.text.hidden_size, jax.random.fold_in(key, 1)) if parse_heads else None
+    heads = None
+    if parse_heads:
+        names = tuple(PARSE_TARGETS) if parse_heads is True else tuple(parse_heads)
+        heads = init_parse_heads(config.text.hidden_size, jax.random.fold_in(key, 1), names)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init((params, heads)),
                       parse_heads=heads)
 
@@ -331,7 +341,8 @@ def train(cfg: CLIPTrainConfig, out_dir: str | os.PathLike | None = None, log: C
     images, scenes = pool["images"], pool["scenes"]
     log(f"data: {len(images)} training scenes in {time.time() - t0:.1f}s")
     optimizer = make_optimizer(cfg.optim)
-    state = init_state(config, optimizer, jax.random.key(cfg.seed), parse_heads=cfg.parse_loss_weight > 0)
+    state = init_state(config, optimizer, jax.random.key(cfg.seed),
+                       parse_heads=tuple(cfg.parse_targets) if cfg.parse_loss_weight > 0 else False)
     n_text = count_params(state.params["text_model"])
     n_total = count_params(state.params)
     log(f"model: {n_total:,} parameters (text {n_text:,}, of which token embedding "
