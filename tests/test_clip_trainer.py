@@ -253,3 +253,10 @@ def test_parse_heads_subset_and_unknown_names():
     np.testing.assert_array_equal(heads["side"]["kernel"], every["side"]["kernel"])  # init by name, not by count
     with pytest.raises(ValueError, match="parse_targets"):
         ct.init_parse_heads(8, jax.random.key(0), ["side", "size"])
+
+
+def test_train_refuses_bad_parse_settings_before_any_work():
+    with pytest.raises(ValueError, match="parse_loss_weight"):
+        ct.train(ct.CLIPTrainConfig(model="tiny", parse_loss_weight=-1.0))
+    with pytest.raises(ValueError, match="parse_targets"):
+        ct.train(ct.CLIPTrainConfig(model="tiny", parse_loss_weight=1.0, parse_targets=("side", "relation")))

@@ -473,6 +473,11 @@ _RELATION_RE = re.compile(
 )
 
 
+def object_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans ``(start, end)`` of the ``[size] color shape`` phrases of a caption, in text order."""
+    return [m.span() for m in _OBJECT_RE.finditer(text.lower())]
+
+
 def parse_caption(text: str) -> tuple[tuple[tuple[str, str, str | None], ...], str | None]:
     """Read a caption back: ((color, shape, size or None), ...) in text order and the relation.
 

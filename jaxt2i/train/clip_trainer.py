@@ -170,9 +170,8 @@ def caption_parse_targets(tokenizer: CLIPTokenizer, captions: list[str], length:
     for row, text in enumerate(captions):
         objects, relation = shapes.parse_caption(text)
         spans = _word_spans(tokenizer, text)
-        matches = list(shapes._OBJECT_RE.finditer(text))
-        for i, (match, (color, shape, _)) in enumerate(zip(matches, objects)):
-            words = [s for s in spans if match.start() < s[0] <= match.end()]
+        for i, ((start, end), (color, shape, _)) in enumerate(zip(shapes.object_spans(text), objects)):
+            words = [s for s in spans if start < s[0] <= end]
             if words[-1][2] > length:
                 raise ValueError(f"caption {text!r} does not fit in {length} tokens; raise text_length.")
             shape_token = words[-1][2] - 1
@@ -335,6 +334,10 @@ def train(cfg: CLIPTrainConfig, out_dir: str | os.PathLike | None = None, log: C
     if config.vision.image_size != shapes.IMAGE_SIZE:
         raise ValueError(f"vision.image_size must be {shapes.IMAGE_SIZE} for the shapes world; got "
                          f"{config.vision.image_size}.")
+    if cfg.parse_loss_weight < 0:
+        raise ValueError(f"parse_loss_weight must be >= 0 (0 turns the parsing loss off); got {cfg.parse_loss_weight}")
+    if cfg.parse_loss_weight > 0:
+        init_parse_heads(1, jax.random.key(0), tuple(cfg.parse_targets))  # refuses unknown head names up front
     t0 = time.time()
     tokenizer = CLIPTokenizer.default()
     pool = shapes.batch(cfg.seed, 0, cfg.train_examples, "train")
