@@ -413,3 +413,81 @@ def test_context_encoder_is_absent_by_default_and_refused_by_diffusers_layouts(t
 def test_context_encoder_config_validation(changes, match):
     with pytest.raises(ValueError, match=match):
         dataclasses.replace(MICRO, **changes)
+
+
+# -- context merge (jaxt2i extension) --------------------------------------------------------------------------------
+
+WITH_MERGE = dataclasses.replace(MICRO, context_merge_rank=2)
+
+
+def _two_layer_context(config: UNetConfig, batch: int = 2, tokens: int = 5, seed: int = 5) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch, 2 * tokens, config.cross_attention_dim)).astype(np.float32)
+
+
+def test_context_merge_is_first_layer_plus_a_rank_r_map_of_the_second():
+    from jaxt2i.models.unet import ContextMerge
+
+    params = random_params(WITH_MERGE)["context_merge"]
+    assert params["down"]["kernel"].shape == (16, 2) and params["up"]["kernel"].shape == (2, 16)
+    context = _two_layer_context(WITH_MERGE)
+    out = np.asarray(ContextMerge(2).apply({"params": params}, context))
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    first, second = context[:, :5].astype(np.float64), context[:, 5:].astype(np.float64)
+    tags = second @ p["down"]["kernel"] + p["down"]["bias"]
+    expected = first + tags @ p["up"]["kernel"] + p["up"]["bias"]
+    assert out.shape == (2, 5, 16)
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+    # position by position: the second layer's token 3 only moves merged token 3
+    edited = context.copy()
+    edited[:, 5 + 3] += 1.0
+    moved = np.abs(np.asarray(ContextMerge(2).apply({"params": params}, edited)) - out).max(axis=(0, 2))
+    assert moved[3] > 1e-3 and np.all(moved[[0, 1, 2, 4]] == 0)
+
+
+def test_fresh_context_merge_reads_the_first_layer_alone():
+    """``up`` starts at zero: a freshly initialised U-Net with a merge gives what the same U-Net without one gives
+    on the first layer's tokens, whatever the second layer holds; trained weights make the second layer count."""
+    sample, _ = inputs(WITH_MERGE, size=4)
+    context = _two_layer_context(WITH_MERGE)
+    params = UNet(WITH_MERGE).init(jax.random.PRNGKey(0), sample, 10, context)["params"]
+    up = params["context_merge"]["up"]
+    assert not np.any(np.asarray(up["kernel"])) and not np.any(np.asarray(up["bias"]))
+    plain = {k: v for k, v in params.items() if k != "context_merge"}
+    merged = np.asarray(UNet(WITH_MERGE).apply({"params": params}, sample, 10, context))
+    np.testing.assert_array_equal(merged, np.asarray(UNet(MICRO).apply({"params": plain}, sample, 10, context[:, :5])))
+    trained = random_params(WITH_MERGE)
+    other = context.copy()
+    other[:, 5:] = _two_layer_context(WITH_MERGE, seed=6)[:, 5:]
+    run = lambda c: np.asarray(UNet(WITH_MERGE).apply({"params": trained}, sample, 10, c))
+    assert np.abs(run(context) - run(other)).max() > 1e-4
+
+
+def test_context_merge_needs_two_text_layers_and_is_refused_by_diffusers_layouts():
+    from jaxt2i.convert import native
+    from jaxt2i.models.unet import check_text_layers
+
+    assert "context_merge" not in abstract_params(MICRO)
+    assert "context_merge_rank" not in MICRO.to_diffusers()
+    for call in (WITH_MERGE.to_diffusers, lambda: diffusers_table(WITH_MERGE)):
+        with pytest.raises(ValueError, match="context_merge_rank=2.*--to jaxt2i"):
+            call()
+    stored = native.config_from_dict(UNetConfig, json.loads(json.dumps(native.config_to_dict(WITH_MERGE))),
+                                     source="test")
+    assert stored == WITH_MERGE
+    check_text_layers(WITH_MERGE, (0, -1))
+    check_text_layers(MICRO, -1)
+    check_text_layers(MICRO, (0, -1))
+    for layers in (-1, 0, (0, 2, -1)):
+        with pytest.raises(ValueError, match="merges two.*e.g. \\[0, -1\\]"):
+            check_text_layers(WITH_MERGE, layers)
+    sample, _ = inputs(WITH_MERGE, size=4)
+    odd = _two_layer_context(WITH_MERGE)[:, :7]
+    with pytest.raises(ValueError, match="must hold both.*got 7 tokens"):
+        UNet(WITH_MERGE).apply({"params": random_params(WITH_MERGE)}, sample, 10, odd)
+
+
+@pytest.mark.parametrize("rank", [-1, 17, True, 1.5])
+def test_context_merge_rank_validation(rank):
+    with pytest.raises(ValueError, match="context_merge_rank"):
+        dataclasses.replace(MICRO, context_merge_rank=rank)

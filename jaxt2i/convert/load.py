@@ -24,7 +24,7 @@ from jaxt2i.convert.components import COMPONENTS, params_from_torch, params_to_t
 from jaxt2i.convert.core import ConversionError
 from jaxt2i.convert.io import atomic_folder, read_state_dict, write_safetensors
 from jaxt2i.diffusion.schedules import ScheduleConfig
-from jaxt2i.models import clip
+from jaxt2i.models import clip, unet
 
 COMPONENT_NAMES = ("text_encoder", "vae", "unet")
 
@@ -265,6 +265,8 @@ def read_native(path: str, *, dtype: Any = None) -> LoadedModel:
     text_layer = clip.text_layer_setting(manifest.get("text_layer", -1))
     try:
         clip.hidden_state_indices(configs["text_encoder"].num_layers, text_layer)
+        if "unet" in configs:
+            unet.check_text_layers(configs["unet"], text_layer)
     except ValueError as e:
         raise ConversionError(f"{path}: jaxt2i.json \"text_layer\": {e}") from None
     return LoadedModel(configs, params, schedule, tokenizer, path, text_layer)

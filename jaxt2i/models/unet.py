@@ -15,6 +15,7 @@ Parameter tree (module names mirror diffusers' keys, dots replaced by underscore
     conv_norm_out, conv_out
     context_encoder/{layers_{k}/{layer_norm1, self_attn, layer_norm2, mlp/{fc1, fc2}}, norm_out, proj_out}
         (only with ``context_encoder_layers > 0``, a jaxt2i extension; see UNetConfig)
+    context_merge/{down, up}   (only with ``context_merge_rank > 0``, a jaxt2i extension; see UNetConfig)
 
 A transformer (``attentions_{j}``) holds ``norm, proj_in, transformer_blocks_{k}/{norm1, attn1, norm2, attn2, norm3,
 ff/{proj, out}}, proj_out``; ``proj_in``/``proj_out`` are always Dense (a 1x1 convolution on NHWC is the same map;
@@ -88,6 +89,13 @@ class UNetConfig:
     # (session 6: 2 layers in the earlier form without the residual made the 6000-step shapes model worse).
     context_encoder_layers: int = 0
     context_encoder_heads: int = 4
+    # jaxt2i extension (0 = off, the diffusers architecture): the context holds two text layers concatenated along
+    # the tokens ([B, 2L, D], e.g. `text_layer: [0, -1]`: the embeddings, then the last layer) and the U-Net
+    # cross-attends to L tokens: the first layer's plus a rank-r linear map of the second's at the same position,
+    # ``first + up(down(second))`` with ``up`` zero-initialised (a fresh merge reads the first layer alone). The
+    # narrow map lets a contextual layer tag each context-free token (which object a word belongs to, where it goes)
+    # without handing the U-Net the contextual layer's whole content. See ContextMerge.
+    context_merge_rank: int = 0
 
     def __post_init__(self):
         for name in ("block_out_channels", "down_block_types", "up_block_types", "attention_head_dim",
@@ -133,6 +141,10 @@ class UNetConfig:
         if not isinstance(self.context_encoder_layers, int) or self.context_encoder_layers < 0:
             raise ValueError(f"UNetConfig: context_encoder_layers must be an int >= 0, got "
                              f"{self.context_encoder_layers!r}.")
+        rank = self.context_merge_rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= self.cross_attention_dim:
+            raise ValueError(f"UNetConfig: context_merge_rank must be an int in [0, cross_attention_dim="
+                             f"{self.cross_attention_dim}] (0: off), got {rank!r}.")
         heads = self.context_encoder_heads
         if not isinstance(heads, int) or heads < 1 or self.cross_attention_dim % heads:
             raise ValueError(f"UNetConfig: context_encoder_heads={heads!r} must be a positive int dividing "
@@ -204,14 +216,23 @@ class UNetConfig:
                 kwargs[key] = value[0]
         return cls(**kwargs)
 
+    @property
+    def context_layers(self) -> int:
+        """How many text layers the context holds, concatenated along the tokens (2 with a context merge, else 1
+        as far as the U-Net is concerned: it cross-attends to whatever tokens it is given)."""
+        return 2 if self.context_merge_rank else 1
+
     def check_diffusers_layout(self) -> None:
         """Raises unless diffusers' ``UNet2DConditionModel`` can hold this architecture (no jaxt2i extension)."""
-        if self.context_encoder_layers:
-            raise ValueError(
-                f"This U-Net has a context encoder (context_encoder_layers={self.context_encoder_layers}), a jaxt2i "
-                "extension that diffusers' UNet2DConditionModel does not have, so it cannot be written in (or read "
-                "from) the diffusers or original Stable Diffusion layout; keep it in jaxt2i's native format "
-                "(`jaxt2i convert SRC DST --to jaxt2i`).")
+        extensions = {"context encoder": ("context_encoder_layers", self.context_encoder_layers),
+                      "context merge": ("context_merge_rank", self.context_merge_rank)}
+        for what, (name, value) in extensions.items():
+            if value:
+                raise ValueError(
+                    f"This U-Net has a {what} ({name}={value}), a jaxt2i extension that diffusers' "
+                    "UNet2DConditionModel does not have, so it cannot be written in (or read from) the diffusers or "
+                    "original Stable Diffusion layout; keep it in jaxt2i's native format "
+                    "(`jaxt2i convert SRC DST --to jaxt2i`).")
 
     def to_diffusers(self) -> dict[str, Any]:
         """The diffusers ``UNet2DConditionModel`` config.json dict of this architecture (no jaxt2i extension)."""
@@ -227,7 +248,7 @@ class UNetConfig:
 
 
 # UNetConfig fields that diffusers' config.json does not have.
-_JAXT2I_ONLY = ("context_encoder_layers", "context_encoder_heads")
+_JAXT2I_ONLY = ("context_encoder_layers", "context_encoder_heads", "context_merge_rank")
 
 # diffusers config entries whose value is fixed in the architectures we implement (value: the only one accepted).
 _DIFFUSERS_FIXED: dict[str, Any] = {
@@ -366,6 +387,28 @@ class ContextEncoder(nn.Module):
         x = clip.LayerNorm(epsilon=TRANSFORMER_LAYERNORM_EPS, name="norm_out", **kw)(x)
         zeros = nn.initializers.zeros_init()
         return context + nn.Dense(width, kernel_init=zeros, bias_init=zeros, name="proj_out", **kw)(x)
+
+
+class ContextMerge(nn.Module):
+    """Two text layers' tokens merged position by position through a rank-``rank`` map:
+    ``context`` [B, 2L, D] (layer a's L tokens, then layer b's) -> ``a + up(down(b))`` [B, L, D].
+
+    ``down`` (D -> rank, with bias) starts random, ``up`` (rank -> D, with bias) at zero, so a fresh merge returns
+    layer a unchanged and training decides what of layer b passes through the ``rank`` numbers per token.
+    """
+
+    rank: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, context: jax.Array) -> jax.Array:
+        tokens, width = context.shape[1] // 2, context.shape[-1]
+        first, second = context[:, :tokens], context[:, tokens:]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        zeros = nn.initializers.zeros_init()
+        tags = nn.Dense(self.rank, name="down", **kw)(second)
+        return first + nn.Dense(width, kernel_init=zeros, bias_init=zeros, name="up", **kw)(tags)
 
 
 class Transformer2D(nn.Module):
@@ -517,6 +560,9 @@ class UNet(nn.Module):
         temb = TimestepMLP(cfg.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
                            name="time_embedding")(t_features.astype(self.dtype))  # [B, 4 * C0]
         context = context.astype(self.dtype)
+        if cfg.context_merge_rank:
+            context = ContextMerge(cfg.context_merge_rank, dtype=self.dtype, param_dtype=self.param_dtype,
+                                   name="context_merge")(context)
         if cfg.context_encoder_layers:
             context = ContextEncoder(cfg.context_encoder_layers, cfg.context_encoder_heads, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name="context_encoder")(context)
@@ -539,6 +585,16 @@ class UNet(nn.Module):
         return conv3x3(cfg.out_channels, self.dtype, self.param_dtype, "conv_out")(nn.silu(h))
 
 
+def check_text_layers(config: UNetConfig, text_layer: int | tuple[int, ...]) -> None:
+    """Raises ValueError unless ``text_layer`` (an int or a tuple, as ``clip.text_layer_setting`` keeps it) gives
+    this U-Net the number of text layers it merges: exactly two with ``context_merge_rank > 0``, any otherwise."""
+    count = len(text_layer) if isinstance(text_layer, tuple) else 1
+    if config.context_merge_rank and count != 2:
+        raise ValueError(f"text_layer {list(text_layer) if count > 1 else text_layer} gives {count} text layer(s), but "
+                         f"this U-Net merges two (context_merge_rank={config.context_merge_rank}): use two layers, "
+                         f"e.g. [0, -1] (the embeddings carry the content, the last layer is merged in).")
+
+
 def _check_inputs(cfg: UNetConfig, sample: jax.Array, context: jax.Array) -> None:
     if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
         raise ValueError(f"UNet: sample must be NHWC [B, H, W, {cfg.in_channels}], got shape {sample.shape}.")
@@ -549,6 +605,10 @@ def _check_inputs(cfg: UNetConfig, sample: jax.Array, context: jax.Array) -> Non
     if context.ndim != 3 or context.shape[-1] != cfg.cross_attention_dim or context.shape[0] != sample.shape[0]:
         raise ValueError(f"UNet: context must be [B={sample.shape[0]}, L, {cfg.cross_attention_dim}], "
                          f"got shape {context.shape}.")
+    if cfg.context_merge_rank and context.shape[1] % 2:
+        raise ValueError(f"UNet: this U-Net merges two text layers (context_merge_rank={cfg.context_merge_rank}), so "
+                         f"its context must hold both, concatenated along the tokens ([B, 2L, D], e.g. text_layer "
+                         f"[0, -1]); got {context.shape[1]} tokens. Encode the prompt with two text layers.")
 
 
 def abstract_params(config: UNetConfig, param_dtype: Any = jnp.float32, height: int = 8, width: int = 8) -> dict:
@@ -561,5 +621,5 @@ def abstract_params(config: UNetConfig, param_dtype: Any = jnp.float32, height: 
     model = UNet(config, param_dtype=param_dtype)
     sample = jax.ShapeDtypeStruct((1, height, width, config.in_channels), jnp.float32)
     timesteps = jax.ShapeDtypeStruct((1,), jnp.float32)
-    context = jax.ShapeDtypeStruct((1, 1, config.cross_attention_dim), jnp.float32)
+    context = jax.ShapeDtypeStruct((1, config.context_layers, config.cross_attention_dim), jnp.float32)
     return jax.eval_shape(model.init, jax.random.PRNGKey(0), sample, timesteps, context)["params"]

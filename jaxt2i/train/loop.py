@@ -98,6 +98,7 @@ def build_models(cfg: TrainConfig) -> ModelBundle:
     text_layer = clip.text_layer_setting(default_layer if m.text_layer is None else m.text_layer)
     try:
         last_layer = clip.is_last_layer(configs["text_encoder"].num_layers, text_layer)
+        unet.check_text_layers(configs["unet"], text_layer)
     except ValueError as e:
         raise ValueError(f"model.text_layer: {e}") from None
     if cfg.export_diffusers and not last_layer:

@@ -139,7 +139,7 @@ def _init_unet(unet: nn.Module, rng: jax.Array) -> Any:
     cfg = unet.config
     factor = 2 ** (cfg.num_blocks - 1)
     sample = jnp.zeros((1, factor, factor, cfg.in_channels), jnp.float32)
-    context = jnp.zeros((1, 1, cfg.cross_attention_dim), jnp.float32)
+    context = jnp.zeros((1, cfg.context_layers, cfg.cross_attention_dim), jnp.float32)
     return unet.init(rng, sample, jnp.zeros((1,), jnp.float32), context)["params"]
 
 
