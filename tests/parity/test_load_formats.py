@@ -328,3 +328,31 @@ def test_text_layer_missing_means_last_and_out_of_range_is_refused(tiny_model, t
         (folder / "jaxt2i.json").write_text(json.dumps({**manifest, "text_layer": bad}))
         with pytest.raises(ConversionError, match=f'"text_layer": text layer {bad!r}.*{why}'):
             load.read_any(str(folder))
+
+
+def test_a_merging_unet_folder_samples_and_refuses_a_single_text_layer(tiny_model, tmp_path):
+    """A U-Net with ``context_merge_rank`` (a jaxt2i extension) is stored in and read from jaxt2i's format with its
+    two text layers, and samples; a folder whose ``text_layer`` gives it one layer is refused when read."""
+    import dataclasses
+    import json
+
+    import jax
+
+    from jaxt2i.models.unet import abstract_params
+
+    model = load.read_any(tiny_model)
+    merging = dataclasses.replace(model.configs["unet"], context_merge_rank=2)
+    rng = np.random.default_rng(0)
+    unet = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32), abstract_params(merging))
+    model = dataclasses.replace(model, configs={**model.configs, "unet": merging},
+                                params={**model.params, "unet": unet}, text_layer=(0, -1))
+    folder = tmp_path / "merge"
+    load.write_native(str(folder), model)
+    back = load.read_any(str(folder))
+    assert back.configs["unet"].context_merge_rank == 2 and back.text_layer == (0, -1)
+    images = load_pipeline(str(folder)).text_to_image("a red circle", steps=2, guidance_scale=3.0, height=32, width=32)
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+    manifest = json.loads((folder / "jaxt2i.json").read_text())
+    (folder / "jaxt2i.json").write_text(json.dumps({**manifest, "text_layer": -1}))
+    with pytest.raises(ConversionError, match='"text_layer": text_layer -1 gives 1 text layer.*merges two'):
+        load.read_any(str(folder))

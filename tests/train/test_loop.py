@@ -219,3 +219,16 @@ def test_text_layer_comes_from_the_pretrained_model_unless_set(tiny_model, tmp_p
         loop.build_models(load_config(TINY, ["model.text_layer=0", "export_diffusers=true"]))
     with pytest.raises(ConfigError, match="text_layer"):
         load_config(TINY, ["model.text_layer=last"])
+
+
+MERGING_UNET = ("model.unet_config={sample_size: 16, in_channels: 4, out_channels: 4, block_out_channels: [32], "
+                "layers_per_block: 1, down_block_types: [CrossAttnDownBlock2D], up_block_types: [CrossAttnUpBlock2D], "
+                "attention_head_dim: 2, cross_attention_dim: 32, norm_num_groups: 8, context_merge_rank: 2}")
+
+
+def test_a_merging_unet_needs_two_text_layers():
+    bundle = loop.build_models(load_config(TINY, [MERGING_UNET, "model.text_layer=[0, -1]"]))
+    assert bundle.models.text_layer == (0, -1) and bundle.models.unet.config.context_merge_rank == 2
+    for layer in ("-1", "[0, 1, -1]"):
+        with pytest.raises(ValueError, match=r"model.text_layer: .* this U-Net merges two \(context_merge_rank=2\)"):
+            loop.build_models(load_config(TINY, [MERGING_UNET, f"model.text_layer={layer}"]))
