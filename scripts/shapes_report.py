@@ -11,6 +11,7 @@
     python scripts/shapes_report.py failures IMAGES.npz [...] --guidance 3   # why two-object prompts fail
     python scripts/shapes_report.py side-probe [--text-encoder DIR]          # linear probes per text layer: where
                                                    # the second object goes; color and shape of unseen pairs
+                                                   # (and of what a merging U-Net reads: its merge tags)
     python scripts/shapes_report.py flips IMAGES.npz [...] --detector-from REV --out docs/images/flips.png
                                      # saved eval images (jaxt2i eval --save-images) scored by this checkout's
                                      # detector and by the one at git revision REV: what changed, with pictures
@@ -314,7 +315,8 @@ def side_probe(args) -> None:
     the second's, EOS), a logistic regression on the final-LN'd state is fit on train-split captions and scored on
     fresh train captions and on held-out-split ones. The causal tower cannot know it at the first object's words.
     Then, the same way, the color and the shape of a one-object caption's object from its shape word: on held-out
-    captions these are color-shape pairs the text tower never saw."""
+    captions these are color-shape pairs the text tower never saw. For a model whose U-Net merges two text layers
+    (``context_merge_rank``), also the r numbers per token that its merge takes from the second layer."""
     import jax.numpy as jnp
 
     from jaxt2i.cli import DEFAULT_MODEL
@@ -328,6 +330,9 @@ def side_probe(args) -> None:
     if args.text_encoder:
         params, config = load_text_encoder(args.text_encoder)
         encoder = clip_model.CLIPTextModel(config)
+    # a U-Net that merges two text layers (UNetConfig.context_merge_rank) reads the second one only through its
+    # rank-r map: probe those r numbers per token too (they belong to the model's own text encoder)
+    merge = None if args.text_encoder else pipe.params["unet"].get("context_merge")
 
     def features(split: str, n: int, seed: int, n_objects: int):
         """States {(layer, token): [n, D]} and labels {name: [n]} of n fresh captions."""
@@ -349,6 +354,13 @@ def side_probe(args) -> None:
             h = np.asarray(encoder.apply({"params": params}, jnp.asarray(ids), layer,
                                          method=clip_model.CLIPTextModel.encode), np.float64)
             states.update({(layer, name): h[np.arange(n), pos] for name, pos in positions.items()})
+        if merge is not None:  # what the U-Net's context merge passes on from its second text layer
+            layer = pipe.models.text_layer[1] % (encoder.config.num_layers + 1)
+            down = {k: np.asarray(v, np.float64) for k, v in merge["down"].items()}
+            for name, pos in positions.items():
+                h = states[(layer, name)]
+                states[(f"merge tags ({down['kernel'].shape[1]} numbers from layer {layer})", name)] = (
+                    h @ down["kernel"] + down["bias"])
         return states, labels
 
     for n_objects, heads in ((2, {"side": 2}), (1, {"color": len(shapes.COLORS), "shape": len(shapes.SHAPES)})):
