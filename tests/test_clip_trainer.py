@@ -260,3 +260,17 @@ def test_train_refuses_bad_parse_settings_before_any_work():
         ct.train(ct.CLIPTrainConfig(model="tiny", parse_loss_weight=-1.0))
     with pytest.raises(ValueError, match="parse_targets"):
         ct.train(ct.CLIPTrainConfig(model="tiny", parse_loss_weight=1.0, parse_targets=("side", "relation")))
+
+
+def test_parse_heads_are_saved_beside_the_clip_and_read_back(tmp_path):
+    heads = ct.init_parse_heads(8, jax.random.key(0), ["side", "color"])
+    ct.save_parse_heads(tmp_path, heads)
+    for folder in (tmp_path, tmp_path / "parse_heads"):
+        loaded, config = ct.load_parse_heads(folder)
+        assert set(loaded) == {"side", "color"} and config["layer"] == -1
+        assert config["classes"]["side"] == list(shapes.RELATIONS)
+        for name in heads:
+            for part in ("kernel", "bias"):
+                np.testing.assert_array_equal(np.asarray(loaded[name][part]), np.asarray(heads[name][part]))
+    with pytest.raises(FileNotFoundError, match="no parse_heads/.*parse_loss_weight=0"):
+        ct.load_parse_heads(tmp_path / "elsewhere")

@@ -66,7 +66,8 @@ class CLIPTrainConfig:
       of a two-object caption predicts on which side of the first it lies (targets from the caption's own grammar,
       :func:`caption_parse_targets`; the causal tower sees the relation word only from the second object on).
       This puts binding and the relation's direction into the per-token states, which InfoNCE on the pooled EOS
-      state does not (docs/shapes_model.md, session 13). The heads are training-only: not saved.
+      state does not (docs/shapes_model.md, session 13). The heads do not belong to the CLIP; the output folder
+      keeps them apart, in ``parse_heads/`` (:func:`load_parse_heads`).
     parse_targets: which of the parsing heads (:data:`PARSE_TARGETS`) the loss trains, e.g. ``["side"]``.
     """
 
@@ -311,6 +312,26 @@ def save(out_dir: str | os.PathLike, params, config: CLIPConfig, dtype: str) -> 
     return {"clip_bytes": full, "text_encoder_bytes": text}
 
 
+def save_parse_heads(out_dir: str | os.PathLike, heads: dict) -> int:
+    """Writes trained parse heads (``{name: {"kernel": [D, classes], "bias": [classes]}}``) to
+    ``out_dir/parse_heads`` in float32, with each head's class names; returns the bytes."""
+    config = {"layer": -1, "classes": {name: list(PARSE_TARGETS[name]) for name in heads}}
+    return save_model_folder(Path(out_dir) / "parse_heads", jax.tree.map(np.asarray, heads), config, "float32")
+
+
+def load_parse_heads(folder: str | os.PathLike) -> tuple[dict, dict]:
+    """``(heads, config)`` from a CLIP output folder (or its ``parse_heads/``) written by :func:`train` with
+    ``parse_loss_weight > 0``: ``heads[name]`` = ``{"kernel": [D, classes], "bias": [classes]}`` float32, reading the
+    text tower's final-LN'd last layer; ``config["classes"][name]`` names the classes in order."""
+    folder = Path(folder)
+    if (folder / "parse_heads").is_dir():
+        folder = folder / "parse_heads"
+    elif not (folder / "params.safetensors").is_file():
+        raise FileNotFoundError(f"{folder} has no parse_heads/: it was trained without the parsing loss "
+                                "(parse_loss_weight=0) or before the heads were saved (session 14).")
+    return load_model_folder(folder)
+
+
 def load_clip(folder: str | os.PathLike) -> tuple[dict, CLIPConfig]:
     """``(params float32, CLIPConfig)`` of a CLIP written by :func:`train`."""
     params, config = load_model_folder(folder)
@@ -378,6 +399,8 @@ def train(cfg: CLIPTrainConfig, out_dir: str | os.PathLike | None = None, log: C
     result.update(evaluate(state.params, config, tokenizer, cfg))
     if out_dir is not None:
         result.update(save(out_dir, state.params, config, cfg.save_dtype))
+        if state.parse_heads is not None:
+            result["parse_heads_bytes"] = save_parse_heads(out_dir, state.parse_heads)
         (Path(out_dir) / "metrics.json").write_text(json.dumps(result, indent=2))
     log("eval: " + json.dumps(result))
     result["params"] = state.params
