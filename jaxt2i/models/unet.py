@@ -537,7 +537,8 @@ class UNet(nn.Module):
     """Noise (or v / x0) predictor ``eps(x_t, t, context)``.
 
     ``sample``: [B, H, W, in_channels] latents, H and W divisible by 2**(num_blocks - 1);
-    ``timesteps``: [B] or a scalar, float (fractional allowed) or int; ``context``: [B, L, cross_attention_dim];
+    ``timesteps``: [B] or a scalar, float (fractional allowed) or int; ``context``: [B, L, cross_attention_dim]
+    ([B, 2L, D], two text layers, with ``context_merge_rank > 0``);
     returns [B, H, W, out_channels] in ``dtype``.
     ``remat=True`` recomputes each ResNet/transformer block in the backward pass (same outputs, less memory).
     """
