@@ -389,21 +389,26 @@ def test_fresh_context_encoder_passes_the_context_through_unchanged():
                                   np.asarray(UNet(MICRO).apply({"params": plain}, sample, 10, context)))
 
 
-def test_context_encoder_is_absent_by_default_and_refused_by_diffusers_layouts(tmp_path):
+def _assert_native_only(config: UNetConfig, setting: str) -> None:
+    """A U-Net with a jaxt2i extension: the diffusers config and key table refuse it, naming ``setting`` and the
+    way out; jaxt2i's native config round-trips it."""
     from jaxt2i.convert import native
 
+    for call in (config.to_diffusers, lambda: diffusers_table(config)):
+        with pytest.raises(ValueError, match=f"{setting}.*--to jaxt2i"):
+            call()
+    stored = native.config_from_dict(UNetConfig, json.loads(json.dumps(native.config_to_dict(config))), source="test")
+    assert stored == config
+
+
+def test_context_encoder_is_absent_by_default_and_refused_by_diffusers_layouts():
     assert "context_encoder" not in abstract_params(MICRO)
     assert "context_encoder_layers" not in MICRO.to_diffusers()  # diffusers' config.json keeps its own keys
     tree = abstract_params(WITH_CONTEXT_ENCODER)["context_encoder"]
     assert set(tree) == {"layers_0", "layers_1", "norm_out", "proj_out"}
     assert set(tree["layers_1"]) == {"layer_norm1", "self_attn", "layer_norm2", "mlp"}
     assert tree["layers_1"]["mlp"]["fc1"]["kernel"].shape == (16, 64)
-    for call in (WITH_CONTEXT_ENCODER.to_diffusers, lambda: diffusers_table(WITH_CONTEXT_ENCODER)):
-        with pytest.raises(ValueError, match="context_encoder_layers=2.*--to jaxt2i"):
-            call()
-    stored = native.config_from_dict(UNetConfig, json.loads(json.dumps(native.config_to_dict(WITH_CONTEXT_ENCODER))),
-                                     source="test")
-    assert stored == WITH_CONTEXT_ENCODER
+    _assert_native_only(WITH_CONTEXT_ENCODER, "context_encoder_layers=2")
 
 
 @pytest.mark.parametrize("changes, match", [
@@ -464,17 +469,11 @@ def test_fresh_context_merge_reads_the_first_layer_alone():
 
 
 def test_context_merge_needs_two_text_layers_and_is_refused_by_diffusers_layouts():
-    from jaxt2i.convert import native
     from jaxt2i.models.unet import check_text_layers
 
     assert "context_merge" not in abstract_params(MICRO)
     assert "context_merge_rank" not in MICRO.to_diffusers()
-    for call in (WITH_MERGE.to_diffusers, lambda: diffusers_table(WITH_MERGE)):
-        with pytest.raises(ValueError, match="context_merge_rank=2.*--to jaxt2i"):
-            call()
-    stored = native.config_from_dict(UNetConfig, json.loads(json.dumps(native.config_to_dict(WITH_MERGE))),
-                                     source="test")
-    assert stored == WITH_MERGE
+    _assert_native_only(WITH_MERGE, "context_merge_rank=2")
     check_text_layers(WITH_MERGE, (0, -1))
     check_text_layers(MICRO, -1)
     check_text_layers(MICRO, (0, -1))

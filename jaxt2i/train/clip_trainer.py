@@ -120,12 +120,16 @@ class TrainState:
     parse_heads: Any = None
 
 
+def check_parse_targets(names: Sequence[str]) -> None:
+    """Raises ValueError unless ``names`` is a non-empty subset of :data:`PARSE_TARGETS`' keys."""
+    if not names or set(names) - set(PARSE_TARGETS):
+        raise ValueError(f"parse_targets must be a non-empty subset of {list(PARSE_TARGETS)}; got {list(names)}")
+
+
 def init_parse_heads(hidden_size: int, key: jax.Array, names: Sequence[str] = tuple(PARSE_TARGETS)) -> dict:
     """Linear heads ``{name: {"kernel": [D, classes], "bias": [classes]}}`` for ``names`` (keys of
     :data:`PARSE_TARGETS`); each head's init depends on its name's place in :data:`PARSE_TARGETS` only."""
-    unknown = set(names) - set(PARSE_TARGETS)
-    if unknown or not names:
-        raise ValueError(f"parse_targets must be a non-empty subset of {list(PARSE_TARGETS)}; got {list(names)}")
+    check_parse_targets(names)
     keys = dict(zip(PARSE_TARGETS, jax.random.split(key, len(PARSE_TARGETS))))
     return {name: {"kernel": jax.random.normal(keys[name], (hidden_size, len(classes))) / np.sqrt(hidden_size),
                    "bias": jnp.zeros((len(classes),))}
@@ -358,7 +362,7 @@ def train(cfg: CLIPTrainConfig, out_dir: str | os.PathLike | None = None, log: C
     if cfg.parse_loss_weight < 0:
         raise ValueError(f"parse_loss_weight must be >= 0 (0 turns the parsing loss off); got {cfg.parse_loss_weight}")
     if cfg.parse_loss_weight > 0:
-        init_parse_heads(1, jax.random.key(0), tuple(cfg.parse_targets))  # refuses unknown head names up front
+        check_parse_targets(tuple(cfg.parse_targets))
     t0 = time.time()
     tokenizer = CLIPTokenizer.default()
     pool = shapes.batch(cfg.seed, 0, cfg.train_examples, "train")
