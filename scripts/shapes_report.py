@@ -378,6 +378,37 @@ def side_probe(args) -> None:
                 print(f"| {key[0]} | {key[1]} | " + " | ".join(f"{100 * v:.1f}%" for v in scores) + " |")
 
 
+def parse_heads(args) -> None:
+    """How well the parse heads a CLIP run saved (``OUT/parse_heads/``) read fresh captions: per head and class,
+    the share of tokens whose argmax is right, on train-split and held-out-split captions of one and two objects,
+    tokenised to the full 77 positions (what a U-Net sees; the CLIP trained on the first ``text_length``)."""
+    import jax.numpy as jnp
+
+    from jaxt2i.data import shapes
+    from jaxt2i.models import clip as clip_model
+    from jaxt2i.tokenizer import CLIPTokenizer
+    from jaxt2i.train.clip_trainer import PARSE_TARGETS, caption_parse_targets, load_parse_heads, load_text_encoder
+
+    heads, _ = load_parse_heads(args.clip)
+    params, config = load_text_encoder(args.clip)
+    encoder, tokenizer = clip_model.CLIPTextModel(config), CLIPTokenizer.default(pad="eos")
+    for split in ("train", "heldout"):
+        captions = [shapes.caption(shapes.scene(args.seed, i, split), np.random.default_rng([args.seed, i]))
+                    for i in range(args.n)]
+        ids = np.asarray(tokenizer(captions), np.int32)
+        states = np.asarray(encoder.apply({"params": params}, jnp.asarray(ids)).last_hidden_state)
+        targets = caption_parse_targets(tokenizer, captions, ids.shape[1])
+        print(f"\n{split}: {args.n} captions, {ids.shape[1]} tokens each")
+        print("| head | class | tokens | right |")
+        print("|---|---|---|---|")
+        for name, head in heads.items():
+            predicted = np.argmax(states @ np.asarray(head["kernel"]) + np.asarray(head["bias"]), axis=-1)
+            for c, label in enumerate(PARSE_TARGETS[name]):
+                where = targets[name] == c
+                if where.any():
+                    print(f"| {name} | {label} | {int(where.sum())} | {100 * np.mean(predicted[where] == c):.2f}% |")
+
+
 def compare(args) -> None:
     """``jaxt2i.eval.report.markdown_comparison`` of eval reports: several draws pooled, --against in brackets."""
     from jaxt2i.eval.report import markdown_comparison
@@ -584,13 +615,18 @@ def main(argv=None) -> int:
     sp.add_argument("--text-encoder", default=None, help="a CLIP trainer output folder: probe its text tower instead")
     sp.add_argument("--n", type=int, default=2000, help="train captions to fit on (a quarter as many to score)")
     sp.add_argument("--seed", type=int, default=0)
+    ph = sub.add_parser("parse-heads")
+    ph.add_argument("--clip", required=True, help="a CLIP trainer output folder with parse_heads/")
+    ph.add_argument("--n", type=int, default=500, help="captions per split")
+    ph.add_argument("--seed", type=int, default=0)
     fl = sub.add_parser("flips")
     fl.add_argument("images", nargs="+", help="jaxt2i eval --save-images files")
     fl.add_argument("--detector-from", required=True, metavar="REV", help="git revision of the detector to compare")
     fl.add_argument("--out", default=None, help="PNG of the images whose verdict changed")
     args = p.parse_args(argv)
     {"losses": losses, "grid": grid, "timing": timing, "clip": clip, "pairs": pairs,
-     "compare": compare, "flips": flips, "failures": failures, "side-probe": side_probe}[args.what](args)
+     "compare": compare, "flips": flips, "failures": failures, "side-probe": side_probe,
+     "parse-heads": parse_heads}[args.what](args)
     return 0
 
 

@@ -123,8 +123,61 @@ def test_save_load_round_trip_float16(tmp_path):
     assert sizes["text_encoder_bytes"] >= 2 * emb.size  # float16 storage
 
 
+def test_a_model_folder_is_read_as_its_clip(tmp_path):
+    """The shipped layout: the text tower as text_encoder.safetensors, the rest in clip_vision/."""
+    from jaxt2i.convert.io import write_safetensors
+    from jaxt2i.convert.native import flatten_params
+    from jaxt2i.eval.report import write_clip_vision
+
+    params = cv.init_params(TINY, jax.random.key(0))
+    flat = flatten_params(params)
+    write_safetensors(str(tmp_path / "text_encoder.safetensors"), flatten_params(params["text_model"]))
+    write_clip_vision(str(tmp_path / "clip_vision"), flat, {"text": vars(TINY.text), "vision": vars(TINY.vision)},
+                      dtype="float32")
+    loaded, config = ct.load_clip(tmp_path)
+    assert config == TINY
+    loaded_flat = flatten_params(loaded)
+    assert loaded_flat.keys() == flat.keys()
+    for k, v in flat.items():
+        np.testing.assert_array_equal(loaded_flat[k].reshape(v.shape), v, err_msg=k)
+    (tmp_path / "text_encoder.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no text_encoder.safetensors"):
+        ct.load_clip(tmp_path)
+
+
+def test_frozen_prefixes_hold_those_parameters_and_train_the_rest(tokenizer, pairs):
+    from jaxt2i.convert.native import flatten_params
+
+    images, ids = pairs
+    prefixes = ("text_model/token_embedding", "text_model/position_embedding", "text_model/final_layer_norm",
+                "vision_model", "logit_scale")
+    params = cv.init_params(TINY, jax.random.key(0))
+    labels = ct.frozen_labels(params, prefixes)
+    assert labels["text_model"]["layers_1"]["mlp"]["fc1"]["kernel"] == "train"
+    assert labels["text_model"]["final_layer_norm"]["scale"] == "frozen" and labels["logit_scale"] == "frozen"
+    cfg = ct.CLIPTrainConfig(model="tiny", steps=5, lr=3e-3, warmup_steps=0, weight_decay=0.1)
+    optimizer = ct.with_frozen(ct.make_optimizer(cfg.optim), params, prefixes)
+    state = ct.init_state(TINY, optimizer, jax.random.key(0), parse_heads=["role"], params=params)
+    step = ct.make_train_step(TINY, optimizer, parse_loss_weight=1.0)
+    captions = shapes.batch(0, 0, 16, "train")["captions"]  # the pairs fixture's captions
+    targets = {k: jnp.asarray(v) for k, v in ct.caption_parse_targets(tokenizer, captions, ids.shape[1]).items()}
+    before = (flatten_params(state.params), flatten_params(state.parse_heads))
+    for _ in range(2):
+        state, _ = step(state, images, ids, jax.random.key(0), None, targets)
+    after = (flatten_params(state.params), flatten_params(state.parse_heads))
+    for k, v in before[0].items():
+        held = any(k == p or k.startswith(p + "/") for p in prefixes)
+        assert np.array_equal(after[0][k], v) == held, k
+    assert all(not np.array_equal(after[1][k], v) for k, v in before[1].items())
+    with pytest.raises(ValueError, match="'text_model/embeddings' names no CLIP parameter"):
+        ct.frozen_labels(params, ["text_model/embeddings"])
+
+
 def test_shipped_config_loads():
     cfg = small.load_yaml_config(CONFIGS / "shapes_clip.yaml", ct.CLIPTrainConfig)
+    assert small.load_yaml_config(CONFIGS / "shapes_clip.yaml", ct.CLIPTrainConfig, {"lr": "5e-4"}).lr == 5e-4
+    with pytest.raises(ValueError, match="steps: expected an integer"):
+        small.load_yaml_config(CONFIGS / "shapes_clip.yaml", ct.CLIPTrainConfig, {"steps": "many"})
     config = cfg.clip_config
     assert config == cv.preset("shapes") and cfg.save_dtype == "float16"
     assert config.text.vocab_size == 49408
@@ -244,6 +297,46 @@ def test_parse_loss_teaches_the_tokens_the_side_and_leaves_the_clip_init_alone(t
     assert float(metrics["loss"]) == pytest.approx(float(metrics["contrastive_loss"] + metrics["parse_loss"]))
     with pytest.raises(ValueError, match="parse heads"):
         step(plain, images, ids, jax.random.key(0), None, targets)
+
+
+def test_role_targets_hand_made(tokenizer):
+    captions = ["a red circle above a large blue square", "a picture of a small green square"]
+    targets = ct.caption_parse_targets(tokenizer, captions, 24)["role"]
+    words = {v: k for k, v in tokenizer.vocab.items()}
+    ids = tokenizer(captions)
+    assert (targets >= 0).all()  # every token has a role, "none" included
+    tagged = [[(words[ids[row, j]], ct.ROLES[targets[row, j]]) for j in np.nonzero(targets[row])[0]] for row in (0, 1)]
+    assert tagged[0] == [("red</w>", "first"), ("circle</w>", "first"), ("large</w>", "second, below"),
+                         ("blue</w>", "second, below"), ("square</w>", "second, below")]
+    assert tagged[1] == [("small</w>", "first"), ("green</w>", "first"), ("square</w>", "first")]
+
+
+def test_role_loss_is_the_mean_of_per_class_means():
+    rng = np.random.default_rng(0)
+    states = rng.standard_normal((2, 6, 4)).astype(np.float32)
+    head = {"kernel": rng.standard_normal((4, len(ct.ROLES))).astype(np.float32),
+            "bias": rng.standard_normal(len(ct.ROLES)).astype(np.float32)}
+    labels = np.array([[0, 0, 0, 0, 1, 5], [0, 0, 0, 1, 1, -1]], np.int32)
+    loss, metrics = ct.parse_loss({"role": head}, jnp.asarray(states), {"role": jnp.asarray(labels)})
+    logits = states @ head["kernel"] + head["bias"]
+    ce = -(logits - np.log(np.exp(logits).sum(-1, keepdims=True)))
+    ce = np.take_along_axis(ce, np.maximum(labels, 0)[..., None], -1)[..., 0]
+    present = [0, 1, 5]
+    np.testing.assert_allclose(float(loss), np.mean([ce[labels == c].mean() for c in present]), rtol=1e-5)
+    right = logits.argmax(-1) == labels
+    np.testing.assert_allclose(float(metrics["parse_role_accuracy"]), right[labels >= 0].mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["parse_role_worst_class_accuracy"]),
+                               min(right[labels == c].mean() for c in present), rtol=1e-6)
+
+
+def test_heads_added_later_leave_the_first_heads_init_alone():
+    """Session 13's color / shape / side heads keep the init they were trained from when new heads exist."""
+    key = jax.random.key(0)
+    every = ct.init_parse_heads(8, key)
+    assert set(every) == set(ct.PARSE_TARGETS) and every["role"]["kernel"].shape == (8, len(ct.ROLES))
+    for name, k in zip(("color", "shape", "side"), jax.random.split(key, 3)):
+        expected = jax.random.normal(k, (8, len(ct.PARSE_TARGETS[name]))) / np.sqrt(8)
+        np.testing.assert_array_equal(every[name]["kernel"], expected, err_msg=name)
 
 
 def test_parse_heads_subset_and_unknown_names():

@@ -44,10 +44,10 @@ def test_shapes_unet_config_describes_the_shipped_unet():
     """configs/shapes_unet.yaml retrains the U-Net that ships: same architecture as in the shipped manifest."""
     from jaxt2i.convert.native import config_from_dict, read_manifest
     from jaxt2i.models.unet import UNetConfig
-    from jaxt2i.train.config import load_config
+    from jaxt2i.train.config import from_dict, load_config
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     model = load_config(os.path.join(root, "configs", "shapes_unet.yaml")).model
-    from_yaml = UNetConfig(**model.unet_config)  # as `jaxt2i train` builds it
+    from_yaml = from_dict(UNetConfig, model.unet_config)  # as `jaxt2i train` builds it
     shipped = config_from_dict(UNetConfig, read_manifest(DEFAULT_MODEL)["components"]["unet"], source=DEFAULT_MODEL)
     assert from_yaml == shipped

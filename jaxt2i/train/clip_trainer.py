@@ -31,13 +31,17 @@ import numpy as np
 import optax
 from flax import struct
 
+from jaxt2i.convert.io import read_safetensors
+from jaxt2i.convert.native import unflatten_params
 from jaxt2i.data import shapes
 from jaxt2i.eval import clip_metrics, frechet
+from jaxt2i.eval.report import CLIP_VISION_DIR
 from jaxt2i.models.clip import CLIPTextConfig
 from jaxt2i.models.clip_vision import (CLIPConfig, CLIPModel, clipped_scale, contrastive_loss,
                                        init_params, l2_normalize, preset)
 from jaxt2i.tokenizer import CLIPTokenizer
 from jaxt2i.train.optim import OptimConfig, make_optimizer
+from jaxt2i.train.state import paths_under
 from jaxt2i.train.small import (count_params, epoch_batches, load_model_folder, run_logged_steps,
                                 save_model_folder)
 
@@ -68,7 +72,16 @@ class CLIPTrainConfig:
       This puts binding and the relation's direction into the per-token states, which InfoNCE on the pooled EOS
       state does not (docs/shapes_model.md, session 13). The heads do not belong to the CLIP; the output folder
       keeps them apart, in ``parse_heads/`` (:func:`load_parse_heads`).
-    parse_targets: which of the parsing heads (:data:`PARSE_TARGETS`) the loss trains, e.g. ``["side"]``.
+    parse_targets: which of the parsing heads (:data:`PARSE_TARGETS`) the loss trains, e.g. ``["side"]``. The
+      ``role`` head tags every token: not an object word, a word of the first-named object, or a word of the
+      second-named object together with its side of the first (the side head's classes).
+    init_from: start from a trained CLIP instead of a fresh one: a folder :func:`train` wrote, or a jaxt2i model
+      folder with ``clip_vision/`` (the shipped model: its text encoder + image tower). Its architecture replaces
+      ``model``.
+    frozen: ``/``-path prefixes of CLIP parameters the optimizer leaves unchanged (no update, no weight decay),
+      e.g. ``["text_model/token_embedding", "text_model/position_embedding", "text_model/final_layer_norm"]``: a
+      fine-tune that keeps the text tower's layer-0 states (the embeddings after the final LayerNorm, what a
+      ``text_layer: 0`` U-Net reads) bit for bit. Each prefix must name at least one parameter.
     """
 
     seed: int = 0
@@ -88,6 +101,8 @@ class CLIPTrainConfig:
     canonical_steps: int = 0
     parse_loss_weight: float = 0.0
     parse_targets: tuple[str, ...] = ("color", "shape", "side")
+    init_from: str | None = None
+    frozen: tuple[str, ...] = ()
     log_every: int = 25
     save_dtype: str = "float16"
 
@@ -107,8 +122,12 @@ class CLIPTrainConfig:
                            final_lr_fraction=0.05)
 
 
+ROLES: tuple[str, ...] = ("none", "first") + tuple(f"second, {r}" for r in shapes.RELATIONS)
+"""Classes of the ``role`` head: a token that is no object's word, a word of the first-named object, a word of the
+second-named object and its relation to the first (in ``shapes.RELATIONS`` order)."""
+
 PARSE_TARGETS: dict[str, tuple[str, ...]] = {"color": shapes.COLORS, "shape": shapes.SHAPES,
-                                              "side": shapes.RELATIONS}
+                                              "side": shapes.RELATIONS, "role": ROLES}
 """Classes of each caption-parsing head; a ``side`` is the second-named object's relation to the first."""
 
 
@@ -130,25 +149,53 @@ def init_parse_heads(hidden_size: int, key: jax.Array, names: Sequence[str] = tu
     """Linear heads ``{name: {"kernel": [D, classes], "bias": [classes]}}`` for ``names`` (keys of
     :data:`PARSE_TARGETS`); each head's init depends on its name's place in :data:`PARSE_TARGETS` only."""
     check_parse_targets(names)
-    keys = dict(zip(PARSE_TARGETS, jax.random.split(key, len(PARSE_TARGETS))))
+    first = ("color", "shape", "side")  # the heads of session 13; later ones take folded keys, so these keep theirs
+    keys = dict(zip(first, jax.random.split(key, len(first))))
+    keys.update({name: jax.random.fold_in(key, i) for i, name in enumerate(PARSE_TARGETS) if name not in first})
     return {name: {"kernel": jax.random.normal(keys[name], (hidden_size, len(classes))) / np.sqrt(hidden_size),
                    "bias": jnp.zeros((len(classes),))}
             for name, classes in PARSE_TARGETS.items() if name in names}
 
 
 def init_state(config: CLIPConfig, optimizer: optax.GradientTransformation, key: jax.Array,
-               parse_heads: bool | Sequence[str] = False) -> TrainState:
-    """Fresh CLIP parameters (and :func:`init_parse_heads` when ``parse_heads``: True for all heads, or their
-    names); the optimizer sees both.
+               parse_heads: bool | Sequence[str] = False, params: Any = None) -> TrainState:
+    """Fresh CLIP parameters, or ``params`` when given (a trained CLIP's tree), and :func:`init_parse_heads` when
+    ``parse_heads`` (True for all heads, or their names); the optimizer sees both.
 
     The CLIP's own initialisation does not depend on ``parse_heads`` (the heads take a key folded from ``key``)."""
-    params = init_params(config, key)
+    params = init_params(config, key) if params is None else jax.tree.map(jnp.asarray, params)
     heads = None
     if parse_heads:
         names = tuple(PARSE_TARGETS) if parse_heads is True else tuple(parse_heads)
         heads = init_parse_heads(config.text.hidden_size, jax.random.fold_in(key, 1), names)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init((params, heads)),
                       parse_heads=heads)
+
+
+def frozen_labels(params: Any, prefixes: Sequence[str]) -> Any:
+    """The tree of ``params`` with ``"frozen"`` at every leaf under one of ``prefixes`` (``/``-paths,
+    :func:`jaxt2i.train.state.paths_under`), ``"train"`` elsewhere. Raises ValueError for a prefix that matches
+    nothing."""
+    frozen = paths_under(params, prefixes, "CLIP parameter (frozen)")
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    labels = ["frozen" if "/".join(str(getattr(k, "key", k)) for k in path) in frozen else "train"
+              for path, _ in leaves]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), labels)
+
+
+def with_frozen(optimizer: optax.GradientTransformation, params: Any, prefixes: Sequence[str]
+                ) -> optax.GradientTransformation:
+    """``optimizer`` over ``(clip_params, parse_heads)`` that leaves the CLIP parameters under ``prefixes``
+    (:func:`frozen_labels`) unchanged: zero update, no weight decay, and no part in gradient clipping."""
+    if not prefixes:
+        return optimizer
+    clip_labels = frozen_labels(params, prefixes)
+
+    def labels(trainable):
+        _, heads = trainable
+        return clip_labels, jax.tree.map(lambda _: "train", heads)
+
+    return optax.multi_transform({"train": optimizer, "frozen": optax.set_to_zero()}, labels)
 
 
 def _word_spans(tokenizer: CLIPTokenizer, text: str) -> list[tuple[int, int, int]]:
@@ -168,10 +215,12 @@ def caption_parse_targets(tokenizer: CLIPTokenizer, captions: list[str], length:
     ``color`` / ``shape``: at each object's shape word, that object's class index in ``shapes.COLORS`` /
     ``shapes.SHAPES``. ``side``: at every word of a two-object caption's second-named object (size, color, shape),
     its relation to the first, an index in ``shapes.RELATIONS`` ("a red circle above a blue square": the blue
-    square is "below"). Captions must be lower-case single-spaced shapes-world captions (``shapes.parse_caption``);
+    square is "below"). ``role``: every token, an index in :data:`ROLES` (0 where no object's word is).
+    Captions must be lower-case single-spaced shapes-world captions (``shapes.parse_caption``);
     token positions count BOS at 0, as the tokenizer lays them out.
     """
     targets = {name: np.full((len(captions), length), -1, np.int32) for name in PARSE_TARGETS}
+    targets["role"][:] = ROLES.index("none")
     for row, text in enumerate(captions):
         objects, relation = shapes.parse_caption(text)
         spans = _word_spans(tokenizer, text)
@@ -182,25 +231,47 @@ def caption_parse_targets(tokenizer: CLIPTokenizer, captions: list[str], length:
             shape_token = words[-1][2] - 1
             targets["color"][row, shape_token] = shapes.COLORS.index(color)
             targets["shape"][row, shape_token] = shapes.SHAPES.index(shape)
-            if i == 1:
+            if i == 0:
+                role = ROLES.index("first")
+            else:
                 side = shapes.RELATIONS.index(shapes.INVERSE_RELATION[relation])
+                role = ROLES.index("second, " + shapes.RELATIONS[side])
                 for _, first, end in words:
                     targets["side"][row, first:end] = side
+            for _, first, end in words:
+                targets["role"][row, first:end] = role
     return targets
 
 
+CLASS_BALANCED_TARGETS = ("role",)
+"""Heads whose loss is the mean over classes of each class's mean cross-entropy (the ``role`` head's "none" tokens
+outnumber a second object's words ~80 to 1; a plain token mean would let it ignore the side)."""
+
+
 def parse_loss(heads: dict, states: jax.Array, targets: dict) -> tuple[jax.Array, dict]:
-    """Mean cross-entropy of the heads over the tokens that have targets, summed over heads, and each head's
-    accuracy. ``states``: ``[B, L, D]`` final-LN'd token states; ``targets``: ``{name: [B, L]}``, -1 = none."""
+    """Cross-entropy of the heads over the tokens that have targets, summed over heads (a mean over tokens, or for
+    :data:`CLASS_BALANCED_TARGETS` over the classes present of the per-class means), and each head's accuracy
+    (over tokens; for balanced heads also the least accurate class's). ``states``: ``[B, L, D]`` final-LN'd token
+    states; ``targets``: ``{name: [B, L]}``, -1 = none."""
     loss, metrics = 0.0, {}
     for name, head in heads.items():
         labels = targets[name]
         mask = labels >= 0
         logits = states @ head["kernel"] + head["bias"]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+        right = jnp.argmax(logits, -1) == labels
         count = jnp.maximum(jnp.sum(mask), 1)
-        loss = loss + jnp.sum(jnp.where(mask, ce, 0.0)) / count
-        metrics[f"parse_{name}_accuracy"] = jnp.sum(mask & (jnp.argmax(logits, -1) == labels)) / count
+        if name in CLASS_BALANCED_TARGETS:
+            onehot = jax.nn.one_hot(labels, logits.shape[-1]) * mask[..., None]  # [B, L, C]; -1 gives zeros
+            per_class = jnp.sum(onehot, axis=(0, 1))
+            present = per_class > 0
+            class_ce = jnp.einsum("blc,bl->c", onehot, ce) / jnp.maximum(per_class, 1)
+            loss = loss + jnp.sum(jnp.where(present, class_ce, 0.0)) / jnp.maximum(jnp.sum(present), 1)
+            class_acc = jnp.einsum("blc,bl->c", onehot, right.astype(ce.dtype)) / jnp.maximum(per_class, 1)
+            metrics[f"parse_{name}_worst_class_accuracy"] = jnp.min(jnp.where(present, class_acc, 1.0))
+        else:
+            loss = loss + jnp.sum(jnp.where(mask, ce, 0.0)) / count
+        metrics[f"parse_{name}_accuracy"] = jnp.sum(mask & right) / count
     return loss, metrics
 
 
@@ -337,8 +408,19 @@ def load_parse_heads(folder: str | os.PathLike) -> tuple[dict, dict]:
 
 
 def load_clip(folder: str | os.PathLike) -> tuple[dict, CLIPConfig]:
-    """``(params float32, CLIPConfig)`` of a CLIP written by :func:`train`."""
-    params, config = load_model_folder(folder)
+    """``(params float32, CLIPConfig)`` of a CLIP written by :func:`train`, or of a jaxt2i model folder that ships
+    one as ``text_encoder.safetensors`` + ``clip_vision/`` (the text encoder is the CLIP's text tower)."""
+    folder = Path(folder)
+    if (folder / CLIP_VISION_DIR).is_dir() and not (folder / "params.safetensors").is_file():
+        if not (folder / "text_encoder.safetensors").is_file():
+            raise FileNotFoundError(f"{folder} has {CLIP_VISION_DIR}/ but no text_encoder.safetensors; expected a "
+                                    "jaxt2i model folder (scripts/build_shapes_model.py) or a CLIP folder.")
+        params, config = load_model_folder(folder / CLIP_VISION_DIR)
+        text = unflatten_params({k: np.asarray(v, np.float32)
+                                 for k, v in read_safetensors(str(folder / "text_encoder.safetensors")).items()})
+        params["text_model"] = jax.tree.map(jnp.asarray, text)
+    else:
+        params, config = load_model_folder(folder)
     # jaxt2i.convert.io.write_safetensors stores 0-d arrays as shape [1] (np.ascontiguousarray promotes them).
     params["logit_scale"] = params["logit_scale"].reshape(())
     return params, CLIPConfig.from_dict(config)
@@ -355,7 +437,10 @@ def load_text_encoder(folder: str | os.PathLike) -> tuple[dict, CLIPTextConfig]:
 
 def train(cfg: CLIPTrainConfig, out_dir: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> dict:
     """Trains the CLIP described by ``cfg``; writes the output folder when ``out_dir`` is given. Returns metrics."""
-    config = cfg.clip_config
+    config, initial = cfg.clip_config, None
+    if cfg.init_from is not None:
+        initial, config = load_clip(cfg.init_from)
+        log(f"init: the CLIP in {cfg.init_from}")
     if config.vision.image_size != shapes.IMAGE_SIZE:
         raise ValueError(f"vision.image_size must be {shapes.IMAGE_SIZE} for the shapes world; got "
                          f"{config.vision.image_size}.")
@@ -368,9 +453,12 @@ def train(cfg: CLIPTrainConfig, out_dir: str | os.PathLike | None = None, log: C
     pool = shapes.batch(cfg.seed, 0, cfg.train_examples, "train")
     images, scenes = pool["images"], pool["scenes"]
     log(f"data: {len(images)} training scenes in {time.time() - t0:.1f}s")
-    optimizer = make_optimizer(cfg.optim)
+    if initial is None:
+        initial = init_params(config, jax.random.key(cfg.seed))
+    optimizer = with_frozen(make_optimizer(cfg.optim), initial, tuple(cfg.frozen))
     state = init_state(config, optimizer, jax.random.key(cfg.seed),
-                       parse_heads=tuple(cfg.parse_targets) if cfg.parse_loss_weight > 0 else False)
+                       parse_heads=tuple(cfg.parse_targets) if cfg.parse_loss_weight > 0 else False,
+                       params=initial)
     n_text = count_params(state.params["text_model"])
     n_total = count_params(state.params)
     log(f"model: {n_total:,} parameters (text {n_text:,}, of which token embedding "

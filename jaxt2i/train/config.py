@@ -49,6 +49,17 @@ class ModelConfig:
     vae_from / text_encoder_from: folders holding ``params.safetensors`` + ``config.json`` of a VAE / text encoder
         trained on their own (``scripts/train_shapes_vae.py``, ``scripts/train_shapes_clip.py`` write
         OUT/ and OUT/text_encoder/); they replace the preset's component, weights included, and stay frozen.
+    unet_init_from: a model folder (anything ``jaxt2i.convert`` reads) whose U-Net weights initialise this run's
+        U-Net (``unet_config`` or the pretrained one) wherever a parameter's path and shape match; parameters it
+        lacks (e.g. a context merge added to a trained U-Net) keep their fresh init. Growing a trained model.
+    context_merge_from / context_merge_head: initialise a fresh merging U-Net's ``context_merge/down`` (``UNetConfig.
+        context_merge_rank``) from a caption-parsing head that the CLIP trainer saved (``OUT/parse_heads/``, head
+        ``context_merge_head``, e.g. "role"), so the rank-r numbers per token are that head's logits on the last
+        text layer from step 0; rank must equal the head's classes, and the text encoder must be the one the head
+        was trained on (``context_merge_from``'s ``text_encoder/``). Pair with ``trainable.freeze:
+        [context_merge/down]`` to keep them so. ``context_merge_up_std``: the merge's ``up`` kernel then starts
+        as Gaussian noise of that std (seeded by ``seed``) instead of zeros, so the role reaches the tokens from
+        step 0 (for a U-Net trained from scratch; 0 keeps a fresh merge an identity on the first layer).
     remat: rematerialise U-Net blocks in the backward pass (less memory, ~30% more compute).
     export_ema: write the EMA weights (when optim.ema_decay is set) to WORKDIR/final/, else the raw ones.
     """
@@ -62,6 +73,10 @@ class ModelConfig:
     vae_from: str | None = None
     text_encoder_from: str | None = None
     text_layer: int | list[int] | None = None
+    unet_init_from: str | None = None
+    context_merge_from: str | None = None
+    context_merge_head: str = "role"
+    context_merge_up_std: float = 0.0
     remat: bool = False
     export_ema: bool = True
 

@@ -53,6 +53,7 @@ class ModelBundle(NamedTuple):
     configs: dict
     tokenizer: Any
     tokenizer_settings: dict
+    overrides: dict | None = None  # {model: {"/"-path: array}} set after init (init_train_state's overrides)
 
 
 def _log(msg: str):
@@ -114,7 +115,85 @@ def build_models(cfg: TrainConfig) -> ModelBundle:
         uncond_ids=np.asarray(tokenizer([""]), np.int32),
         text_layer=text_layer,
     )
-    return ModelBundle(models, params, configs, tokenizer, tok_settings)
+    unet_overrides = {}
+    if m.unet_init_from:
+        unet_overrides.update(unet_weights_that_fit(m.unet_init_from, configs["unet"]))
+    if m.context_merge_from:
+        unet_overrides.update(merge_from_parse_head(m, configs, params, text_layer, cfg.seed))
+    overrides = {"unet": unet_overrides} if unet_overrides else None
+    return ModelBundle(models, params, configs, tokenizer, tok_settings, overrides)
+
+
+def unet_weights_that_fit(folder: str, config) -> dict[str, np.ndarray]:
+    """``{"/"-path: float32 array}`` of the U-Net weights in model folder ``folder`` whose path and shape exist in
+    a U-Net of ``config`` (``model.unet_init_from``); logs what stays freshly initialised. Raises ValueError when
+    the folder's U-Net shares no parameter with it, or when a shared path has another shape."""
+    from jaxt2i import presets
+    from jaxt2i.convert.load import read_any
+    from jaxt2i.convert.native import flatten_params
+    from flax import traverse_util
+
+    where = f"model.unet_init_from={folder}"
+    source = flatten_params(read_any(folder).params["unet"])
+    target = {"/".join(k): v for k, v in traverse_util.flatten_dict(presets.abstract_params("unet", config)).items()}
+    shared = sorted(set(source) & set(target))
+    if not shared:
+        raise ValueError(f"{where}: its U-Net has no parameter of this run's U-Net; is it the same family?")
+    clash = [k for k in shared if tuple(np.shape(source[k])) != tuple(target[k].shape)]
+    if clash:
+        raise ValueError(f"{where}: {len(clash)} parameters differ in shape from this run's U-Net, e.g. {clash[0]} "
+                         f"{tuple(np.shape(source[clash[0]]))} vs {tuple(target[clash[0]].shape)}; the two "
+                         f"architectures must agree wherever they share a parameter.")
+    fresh = sorted(set(target) - set(source))
+    _log(f"U-Net: {len(shared)} of {len(target)} parameters from {folder}; fresh: {fresh[:8]}"
+         f"{' ...' if len(fresh) > 8 else ''}")
+    return {k: np.asarray(source[k], np.float32) for k in shared}
+
+
+def merge_from_parse_head(m, configs: dict, params: dict | None, text_layer, seed: int = 0
+                          ) -> dict[str, np.ndarray]:
+    """``{"context_merge/down/kernel": [D, r], "context_merge/down/bias": [r]}`` from the parse head
+    ``m.context_merge_head`` saved in ``m.context_merge_from`` (see ``ModelConfig``), after checking that it fits
+    the U-Net, the text layers and the text encoder it is applied to; with ``m.context_merge_up_std > 0`` also
+    ``"context_merge/up/kernel"`` [r, D], Gaussian of that std drawn from ``seed``."""
+    from jaxt2i.train.clip_trainer import load_parse_heads
+
+    where = f"model.context_merge_from={m.context_merge_from}"
+    rank = configs["unet"].context_merge_rank
+    if not rank:
+        raise ValueError(f"{where}: the U-Net does not merge text layers; set model.unet_config.context_merge_rank "
+                         f"(and model.text_layer=[0, -1]).")
+    heads, head_config = load_parse_heads(m.context_merge_from)
+    if m.context_merge_head not in heads:
+        raise ValueError(f"{where}: no parse head {m.context_merge_head!r}; it has {sorted(heads)} "
+                         f"(model.context_merge_head).")
+    kernel = np.asarray(heads[m.context_merge_head]["kernel"], np.float32)
+    bias = np.asarray(heads[m.context_merge_head]["bias"], np.float32)
+    if kernel.shape[1] != rank:
+        raise ValueError(f"{where}: head {m.context_merge_head!r} has {kernel.shape[1]} classes "
+                         f"({head_config['classes'][m.context_merge_head]}); set "
+                         f"model.unet_config.context_merge_rank={kernel.shape[1]} (now {rank}).")
+    layers = configs["text_encoder"].num_layers
+    if text_layer[-1] not in (-1, layers):
+        raise ValueError(f"{where}: the head reads the text encoder's last layer; the merged layer is {text_layer[-1]}."
+                         f" Use model.text_layer=[0, -1].")
+    own = Path(m.context_merge_from) / "text_encoder"
+    te = (params or {}).get("text_encoder")
+    if te is None or not own.is_dir():
+        raise ValueError(f"{where}: the head belongs to the text encoder in {own}; set model.text_encoder_from={own}.")
+    _, head_te = read_component_folder(str(own), "text_encoder")
+    same = jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a, np.float32), b), te, head_te))
+    if not same:
+        raise ValueError(f"{where}: the run's text encoder is not the one the head was trained on; set "
+                         f"model.text_encoder_from={own}.")
+    values = {"context_merge/down/kernel": kernel, "context_merge/down/bias": bias}
+    if m.context_merge_up_std < 0:
+        raise ValueError(f"model.context_merge_up_std must be >= 0; got {m.context_merge_up_std}")
+    if m.context_merge_up_std:
+        width = configs["unet"].cross_attention_dim
+        noise = np.random.default_rng([seed, 0x6D65]).standard_normal((rank, width))
+        values["context_merge/up/kernel"] = (m.context_merge_up_std * noise).astype(np.float32)
+    return values
 
 
 def read_component_folder(folder: str, name: str):
@@ -155,7 +234,9 @@ def _replace_components(m, configs: dict, params: dict | None) -> dict | None:
     if m.unet_config is not None:
         if not isinstance(m.unet_config, dict):
             raise ValueError(f"model.unet_config must be a mapping of UNetConfig fields, got {m.unet_config!r}")
-        configs["unet"] = unet.UNetConfig(**m.unet_config)
+        from jaxt2i.train.config import from_dict
+
+        configs["unet"] = from_dict(unet.UNetConfig, m.unet_config, "model.unet_config.")  # YAML reads 1e-5 as text
         params.pop("unet", None)
     for name, folder in (("vae", m.vae_from), ("text_encoder", m.text_encoder_from)):
         if folder:
@@ -411,7 +492,7 @@ def export_checkpoint(cfg: TrainConfig, out: str | os.PathLike, step: int | None
                                     f"checkpoint_every={cfg.checkpoint_every} steps).")
         bundle = build_models(cfg)
         state, _ = init_train_state(bundle.models, bundle.params, cfg.optim, cfg.trainable, make_mesh(cfg.mesh),
-                                    seed=cfg.seed)
+                                    seed=cfg.seed, overrides=bundle.overrides)
         state, _ = checkpointer.restore(state, step)
     finally:
         checkpointer.close()
@@ -495,7 +576,8 @@ def _run(cfg: TrainConfig, on_step_end, guard: ckpt_lib.PreemptionGuard) -> RunR
                                          async_save=cfg.async_checkpoints)
 
     def init():
-        return init_train_state(bundle.models, bundle.params, cfg.optim, cfg.trainable, mesh, seed=cfg.seed)
+        return init_train_state(bundle.models, bundle.params, cfg.optim, cfg.trainable, mesh, seed=cfg.seed,
+                                overrides=bundle.overrides)
 
     state, shardings, data_item, restored = ckpt_lib.restore_or_init(checkpointer, init)
     start = 0 if restored is None else int(restored)

@@ -27,14 +27,16 @@ from jaxt2i.convert.native import flatten_params, unflatten_params
 
 
 def load_yaml_config(path: str | os.PathLike, cls, overrides: Mapping[str, Any] | None = None):
-    """A frozen train-config dataclass from a YAML file of its fields (unknown keys are an error), plus overrides."""
+    """A frozen train-config dataclass from a YAML file of its fields plus overrides; unknown keys and values of the
+    wrong type are errors, and values are coerced to the fields' types (YAML reads ``5e-4`` as a string)."""
+    from jaxt2i.train.config import from_dict
+
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     data.update(overrides or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown} for {cls.__name__}; known keys: {sorted(known)}.")
-    return cls(**data)
+    try:
+        return from_dict(cls, data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def script_main(argv: Sequence[str] | None, description: str, config_cls, train: Callable, out_help: str) -> None:

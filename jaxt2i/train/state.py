@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -38,15 +38,23 @@ TRAINABLE_MODES = ("full", "attention", "lora")
 
 @dataclass(frozen=True)
 class TrainableConfig:
-    """Which U-Net parameters the optimizer updates; see the module docstring."""
+    """Which U-Net parameters the optimizer updates; see the module docstring.
+
+    freeze: with mode "full", ``/``-path prefixes of U-Net parameters held at their initial values (e.g.
+    ``["context_merge/down"]``); they live in ``state.frozen["unet"]``: no update, no weight decay, no EMA.
+    """
 
     mode: str = "full"
     lora_rank: int = 4
     lora_alpha: float = 4.0
+    freeze: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.mode not in TRAINABLE_MODES:
             raise ValueError(f"TrainableConfig.mode={self.mode!r}; use one of {TRAINABLE_MODES}.")
+        if self.freeze and self.mode != "full":
+            raise ValueError(f"TrainableConfig.freeze={list(self.freeze)} holds U-Net parameters fixed in mode 'full' "
+                             f"only; mode {self.mode!r} already chooses what trains.")
         if self.mode == "lora" and self.lora_rank < 1:
             raise ValueError(f"TrainableConfig.lora_rank={self.lora_rank} must be >= 1.")
 
@@ -95,6 +103,30 @@ def split_attention(unet_params: Any) -> tuple[dict, dict]:
     return traverse_util.unflatten_dict(inside), traverse_util.unflatten_dict(outside)
 
 
+def paths_under(tree: Any, prefixes: Sequence[str], what: str = "parameter") -> set[str]:
+    """The ``/``-paths of ``tree``'s leaves that lie under one of ``prefixes`` (whole path components:
+    ``layers_1`` does not take ``layers_10``). Raises ValueError naming a prefix that matches no leaf."""
+    paths = ["/".join(str(getattr(k, "key", k)) for k in path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    chosen = set()
+    for prefix in prefixes:
+        prefix = prefix.strip("/")
+        found = {p for p in paths if p == prefix or p.startswith(prefix + "/")}
+        if not found:
+            tops = sorted({"/".join(p.split("/")[:2]) for p in paths})
+            raise ValueError(f"{prefix!r} names no {what}; paths start with one of {tops[:40]}.")
+        chosen |= found
+    return chosen
+
+
+def split_paths(tree: Any, paths: set[str]) -> tuple[dict, dict]:
+    """Nested dict -> (leaves not in ``paths``, leaves in ``paths``), two disjoint nested dicts."""
+    flat = traverse_util.flatten_dict(tree, sep="/")
+    inside = {k: v for k, v in flat.items() if k in paths}
+    outside = {k: v for k, v in flat.items() if k not in paths}
+    return traverse_util.unflatten_dict(outside, sep="/"), traverse_util.unflatten_dict(inside, sep="/")
+
+
 def join_trees(a: Any, b: Any) -> dict:
     """Union of two nested dicts with disjoint leaves (the inverse of :func:`split_attention`)."""
     flat = traverse_util.flatten_dict(a)
@@ -109,6 +141,8 @@ def join_trees(a: Any, b: Any) -> dict:
 def split_trainable(unet_params: Any, cfg: TrainableConfig, rng: jax.Array) -> tuple[Any, Any]:
     """U-Net tree -> (trainable params, frozen U-Net part or None)."""
     if cfg.mode == "full":
+        if cfg.freeze:
+            return split_paths(unet_params, paths_under(unet_params, cfg.freeze, "U-Net parameter (trainable.freeze)"))
         return unet_params, None
     if cfg.mode == "attention":
         return split_attention(unet_params)
@@ -117,9 +151,9 @@ def split_trainable(unet_params: Any, cfg: TrainableConfig, rng: jax.Array) -> t
 
 def unet_params(params: Any, frozen: Mapping[str, Any], cfg: TrainableConfig) -> Any:
     """The U-Net tree the forward pass uses: trainable and frozen parts joined, LoRA merged. Pure."""
-    if cfg.mode == "full":
+    if cfg.mode == "full" and not cfg.freeze:
         return params
-    if cfg.mode == "attention":
+    if cfg.mode in ("full", "attention"):
         return join_trees(params, frozen["unet"])
     return lora_lib.merge_lora(frozen["unet"], params, cfg.lora_alpha)
 
@@ -168,8 +202,23 @@ def _fp32_storage(module: nn.Module) -> nn.Module:
 # -- the state -------------------------------------------------------------------------------------------------------
 
 
+def override_leaves(tree: Any, values: Mapping[str, Any], what: str) -> dict:
+    """``tree`` with the leaves at the ``/``-paths of ``values`` replaced (float32); each path must exist and keep
+    its shape."""
+    flat = traverse_util.flatten_dict(tree, sep="/")
+    for path, value in values.items():
+        if path not in flat:
+            near = sorted(k for k in flat if k.split("/")[0] == path.split("/")[0])[:10]
+            raise ValueError(f"{what}: no parameter {path!r}; near it: {near}")
+        if tuple(np.shape(value)) != tuple(flat[path].shape):
+            raise ValueError(f"{what}: {path!r} has shape {tuple(flat[path].shape)}; the value given has "
+                             f"{tuple(np.shape(value))}.")
+        flat[path] = jnp.asarray(value, jnp.float32)
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
 def _build_state(given: dict, models: Models, optim_cfg: OptimConfig, trainable_cfg: TrainableConfig,
-                 seed: int) -> TrainState:
+                 seed: int, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> TrainState:
     root = jax.random.PRNGKey(seed)
     init_key, lora_key = jax.random.split(jax.random.fold_in(root, 0x1217))
     model_params = {}
@@ -178,6 +227,8 @@ def _build_state(given: dict, models: Models, optim_cfg: OptimConfig, trainable_
             model_params[name] = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), given[name])
         else:
             model_params[name] = _INITIALIZERS[name](_fp32_storage(module), jax.random.fold_in(init_key, i))
+        if (overrides or {}).get(name):
+            model_params[name] = override_leaves(model_params[name], overrides[name], f"initial {name} values")
     params, frozen_unet = split_trainable(model_params.pop("unet"), trainable_cfg, lora_key)
     frozen = dict(model_params)
     if frozen_unet is not None:
@@ -213,12 +264,14 @@ def init_train_state(
     mesh: Mesh,
     rules: LogicalRules = DEFAULT_RULES,
     seed: int = 0,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> tuple[TrainState, TrainState]:
     """Builds the sharded train state -> (state, state_shardings).
 
     model_params: {"unet": tree, "vae": tree, "text_encoder": tree} with any entry missing or None (or the
     whole dict None) meaning a fresh random init of that model (training from scratch). Trees may be numpy or
-    jax arrays; they are stored as float32 master weights. Shapes come from ``jax.eval_shape``; the state is then
+    jax arrays; they are stored as float32 master weights. overrides: ``{model: {"/"-path: array}}`` leaves set
+    after init or loading (e.g. a fresh U-Net's ``context_merge/down/kernel`` from a CLIP's parse head). Shapes come from ``jax.eval_shape``; the state is then
     created directly in its sharded layout by a jit with ``out_shardings`` (no host-side full copy).
     """
     given = {k: v for k, v in (model_params or {}).items() if v is not None}
@@ -232,12 +285,13 @@ def init_train_state(
     if fresh:
         log.info("initialising %s from scratch (seed %d)", ", ".join(fresh), seed)
 
-    def build(given_params):
-        return _build_state(given_params, models, optim_cfg, trainable_cfg, seed)
+    def build(given_params, override_values):
+        return _build_state(given_params, models, optim_cfg, trainable_cfg, seed, override_values)
 
-    abstract = jax.eval_shape(build, given)
+    overrides = {k: {p: np.asarray(v, np.float32) for p, v in d.items()} for k, d in (overrides or {}).items() if d}
+    abstract = jax.eval_shape(build, given, overrides)
     shardings = state_shardings_for(abstract, mesh, rules)
-    state = jax.jit(build, out_shardings=shardings)(_place_on_mesh(given, mesh, rules))
+    state = jax.jit(build, out_shardings=shardings)(_place_on_mesh(given, mesh, rules), overrides)
     return state, shardings
 
 

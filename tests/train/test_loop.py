@@ -232,3 +232,106 @@ def test_a_merging_unet_needs_two_text_layers():
     for layer in ("-1", "[0, 1, -1]"):
         with pytest.raises(ValueError, match=r"model.text_layer: .* this U-Net merges two \(context_merge_rank=2\)"):
             loop.build_models(load_config(TINY, [MERGING_UNET, f"model.text_layer={layer}"]))
+
+
+def _merging_tiny_unet(rank: int) -> str:
+    """``model.unet_config`` override: the tiny_sd1 U-Net with a rank-``rank`` context merge."""
+    import dataclasses
+
+    from jaxt2i.models.unet import PRESETS
+
+    return "model.unet_config=" + json.dumps(dataclasses.asdict(
+        dataclasses.replace(PRESETS["tiny_sd1"], context_merge_rank=rank)))
+
+
+@pytest.fixture(scope="module")
+def parse_clip(tmp_path_factory):
+    """A CLIP output folder as the CLIP trainer writes it with the parsing loss: text_encoder/ (tiny_sd1's text
+    tower, random weights) and parse_heads/ (side and role); plus a second text encoder that differs."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from jaxt2i import presets
+    from jaxt2i.train import clip_trainer
+    from jaxt2i.train.small import save_model_folder
+
+    root = tmp_path_factory.mktemp("parse_clip")
+    config = presets.get("tiny_sd1").configs()["text_encoder"]
+    rng = np.random.default_rng(0)
+    for name in ("clip", "other"):
+        params = jax.tree.map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(np.float32),
+                              presets.abstract_params("text_encoder", config))
+        save_model_folder(root / name / "text_encoder", params, dataclasses.asdict(config))
+    heads = clip_trainer.init_parse_heads(config.hidden_size, jax.random.key(0), ["side", "role"])
+    clip_trainer.save_parse_heads(root / "clip", heads)
+    return root, heads
+
+
+def test_a_merge_starts_from_a_parse_head_of_its_own_text_encoder(parse_clip):
+    import numpy as np
+
+    root, heads = parse_clip
+    common = [f"model.text_encoder_from={root / 'clip' / 'text_encoder'}", "model.text_layer=[0, -1]",
+              f"model.context_merge_from={root / 'clip'}"]
+    bundle = loop.build_models(load_config(TINY, [_merging_tiny_unet(6), *common]))
+    values = bundle.overrides["unet"]
+    np.testing.assert_array_equal(values["context_merge/down/kernel"], np.asarray(heads["role"]["kernel"]))
+    np.testing.assert_array_equal(values["context_merge/down/bias"], np.asarray(heads["role"]["bias"]))
+    assert "context_merge/up/kernel" not in values  # a zero-initialised up: the merge starts as layer 0 alone
+    noisy = loop.build_models(load_config(TINY, [_merging_tiny_unet(6), *common, "model.context_merge_up_std=0.5"]))
+    up = noisy.overrides["unet"]["context_merge/up/kernel"]
+    assert up.shape == (6, 32) and 0.3 < up.std() < 0.7
+    with pytest.raises(ValueError, match="context_merge_up_std must be >= 0"):
+        loop.build_models(load_config(TINY, [_merging_tiny_unet(6), *common, "model.context_merge_up_std=-1"]))
+    side = loop.build_models(load_config(TINY, [_merging_tiny_unet(4), *common, "model.context_merge_head=side"]))
+    np.testing.assert_array_equal(side.overrides["unet"]["context_merge/down/kernel"], np.asarray(heads["side"]["kernel"]))
+    with pytest.raises(ValueError, match="has 6 classes .* set model.unet_config.context_merge_rank=6 \\(now 4\\)"):
+        loop.build_models(load_config(TINY, [_merging_tiny_unet(4), *common]))
+    with pytest.raises(ValueError, match="no parse head 'color'; it has \\['role', 'side'\\]"):
+        loop.build_models(load_config(TINY, [_merging_tiny_unet(6), *common, "model.context_merge_head=color"]))
+    with pytest.raises(ValueError, match="does not merge text layers"):
+        loop.build_models(load_config(TINY, [*common[:1], "model.text_layer=-1", common[2]]))
+    with pytest.raises(ValueError, match="not the one the head was trained on; set model.text_encoder_from="):
+        loop.build_models(load_config(TINY, [_merging_tiny_unet(6), *common[1:],
+                                             f"model.text_encoder_from={root / 'other' / 'text_encoder'}"]))
+    with pytest.raises(ValueError, match="set model.text_encoder_from="):
+        loop.build_models(load_config(TINY, [_merging_tiny_unet(6), *common[1:]]))
+
+
+def test_unet_init_from_copies_what_fits_and_refuses_other_shapes(tiny_model):
+    import numpy as np
+
+    from jaxt2i.convert.load import read_any
+    from jaxt2i.convert.native import flatten_params
+
+    source = flatten_params(read_any(tiny_model).params["unet"])
+    grown = loop.build_models(load_config(TINY, [_merging_tiny_unet(2), "model.text_layer=[0, -1]",
+                                                 f"model.unet_init_from={tiny_model}"]))
+    values = grown.overrides["unet"]
+    assert values.keys() == source.keys()  # everything but the new merge
+    np.testing.assert_array_equal(values["conv_in/kernel"], source["conv_in/kernel"])
+    with pytest.raises(ValueError, match="differ in shape from this run's U-Net"):
+        loop.build_models(load_config(TINY, [MERGING_UNET, "model.text_layer=[0, -1]",
+                                             f"model.unet_init_from={tiny_model}"]))
+
+
+def test_a_run_keeps_a_frozen_merge_at_its_parse_head(parse_clip, tmp_path):
+    import numpy as np
+
+    from jaxt2i.convert.load import read_any
+    from jaxt2i.convert.native import flatten_params
+
+    root, heads = parse_clip
+    cfg = load_config(TINY, [f"workdir={tmp_path / 'run'}", "steps=3", "checkpoint_every=3", "progress=false",
+                             "tensorboard=false", _merging_tiny_unet(6), "model.text_layer=[0, -1]",
+                             f"model.text_encoder_from={root / 'clip' / 'text_encoder'}",
+                             f"model.context_merge_from={root / 'clip'}", "trainable.freeze=[context_merge/down]",
+                             "optim.warmup_steps=0", "optim.lr=1e-2"])
+    loop.run(cfg)
+    final = read_any(str(tmp_path / "run" / "final"))
+    unet_params = flatten_params(final.params["unet"])
+    np.testing.assert_array_equal(unet_params["context_merge/down/kernel"], np.asarray(heads["role"]["kernel"]))
+    assert np.abs(unet_params["context_merge/up/kernel"]).max() > 0  # the rest trained
+    assert final.text_layer == (0, -1)

@@ -234,6 +234,43 @@ def test_attention_mode_trains_only_attention():
     assert full.keys() == frozen_before.keys() | params_before.keys()
 
 
+def test_freeze_holds_the_named_parameters_and_trains_the_rest():
+    trainable = TrainableConfig("full", freeze=("conv_in",))
+    values = {"conv_in/bias": np.full((32,), 0.25, np.float32)}  # set at init (e.g. a parse head), then held
+    module = denoiser("stand_in")
+    models, mesh = Models(unet=module), _mesh()
+    state, shardings = init_train_state(models, {"unet": denoiser_params(module, 0)}, OPTIM, trainable, mesh,
+                                        overrides={"unet": values})
+    step = make_train_step(models, ScheduleConfig(), LossConfig(), OPTIM, trainable, mesh=mesh,
+                           state_shardings=shardings)
+    assert set(flat_numpy(state.frozen["unet"])) == {"conv_in/bias", "conv_in/kernel"}
+    np.testing.assert_array_equal(flat_numpy(state.frozen["unet"])["conv_in/bias"], values["conv_in/bias"])
+    assert not any(k.startswith("conv_in/") for k in flat_numpy(state.params))
+    frozen_before, params_before = flat_numpy(state.frozen["unet"]), flat_numpy(state.params)
+    for _ in range(3):
+        state, _ = step(state, cached_batch(4))
+    for k, v in frozen_before.items():
+        np.testing.assert_array_equal(flat_numpy(state.frozen["unet"])[k], v, err_msg=k)
+    assert all(not np.array_equal(flat_numpy(state.params)[k], v) for k, v in params_before.items())
+    full = flat_numpy(trained_unet_params(state, trainable, ema=True))
+    assert full.keys() == frozen_before.keys() | params_before.keys()
+    np.testing.assert_array_equal(full["conv_in/bias"], values["conv_in/bias"])
+
+
+def test_freeze_and_overrides_refuse_what_does_not_fit():
+    module = denoiser("stand_in")
+    models, mesh, given = Models(unet=module), _mesh(), {"unet": denoiser_params(module, 0)}
+    with pytest.raises(ValueError, match="'conv_inn' names no U-Net parameter"):
+        init_train_state(models, given, OPTIM, TrainableConfig("full", freeze=("conv_inn",)), mesh)
+    with pytest.raises(ValueError, match="mode 'full' only"):
+        TrainableConfig("attention", freeze=("conv_in",))
+    with pytest.raises(ValueError, match="no parameter 'conv_in/weight'"):
+        init_train_state(models, given, OPTIM, TrainableConfig(), mesh, overrides={"unet": {"conv_in/weight": 0}})
+    with pytest.raises(ValueError, match="'conv_in/bias' has shape"):
+        init_train_state(models, given, OPTIM, TrainableConfig(), mesh,
+                         overrides={"unet": {"conv_in/bias": np.zeros((3, 3))}})
+
+
 def test_split_attention_on_real_unet_tree():
     from jaxt2i.models.unet import PRESETS, abstract_params
 
