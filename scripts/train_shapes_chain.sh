@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Trains the whole shapes-world chain -- KL-VAE, small CLIP, latent U-Net -- and assembles the model folder, timing
-# each stage:
+# Trains the whole shapes-world chain -- KL-VAE, small CLIP, the CLIP's role fine-tune, latent U-Net -- and
+# assembles the model folder, timing each stage:
 #
 #     bash scripts/train_shapes_chain.sh RUNS_DIR [MODEL_OUT]
 #
-# RUNS_DIR receives shapes_vae/, shapes_clip/, shapes_unet/ (the U-Net's checkpoints, metrics and final/) and
+# RUNS_DIR receives shapes_vae/, shapes_clip/, shapes_clip_role/, shapes_unet/ (the U-Net's checkpoints, metrics and final/) and
 # chain_times.tsv (stage, seconds); MODEL_OUT (default RUNS_DIR/shapes_model) receives the float16 model folder
 # that scripts/build_shapes_model.py writes -- pass jaxt2i/assets/shapes_model to replace the shipped default.
 # A stage whose output already exists is not run again (the U-Net stage resumes from its newest checkpoint), so
@@ -46,11 +46,15 @@ stage vae "$runs/shapes_vae/metrics.json" \
     python "$here/scripts/train_shapes_vae.py" --config "$here/configs/shapes_vae.yaml" --out "$runs/shapes_vae"
 stage clip "$runs/shapes_clip/metrics.json" \
     python "$here/scripts/train_shapes_clip.py" --config "$here/configs/shapes_clip.yaml" --out "$runs/shapes_clip"
+stage clip_role "$runs/shapes_clip_role/metrics.json" \
+    python "$here/scripts/train_shapes_clip.py" --config "$here/configs/shapes_clip_role.yaml" \
+    --out "$runs/shapes_clip_role" --set "init_from=$runs/shapes_clip"
 stage unet "$runs/shapes_unet/final" \
     jaxt2i train "$here/configs/shapes_unet.yaml" "workdir=$runs/shapes_unet" \
-    "model.vae_from=$runs/shapes_vae" "model.text_encoder_from=$runs/shapes_clip/text_encoder"
+    "model.vae_from=$runs/shapes_vae" "model.text_encoder_from=$runs/shapes_clip_role/text_encoder" \
+    "model.context_merge_from=$runs/shapes_clip_role"
 stage build "" \
     python "$here/scripts/build_shapes_model.py" --unet "$runs/shapes_unet/final" --vae "$runs/shapes_vae" \
-    --clip "$runs/shapes_clip" --out "$model_out"
+    --clip "$runs/shapes_clip_role" --out "$model_out"
 echo "== stage times (s):"
 cat "$times"

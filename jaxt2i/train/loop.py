@@ -128,10 +128,11 @@ def unet_weights_that_fit(folder: str, config) -> dict[str, np.ndarray]:
     """``{"/"-path: float32 array}`` of the U-Net weights in model folder ``folder`` whose path and shape exist in
     a U-Net of ``config`` (``model.unet_init_from``); logs what stays freshly initialised. Raises ValueError when
     the folder's U-Net shares no parameter with it, or when a shared path has another shape."""
+    from flax import traverse_util
+
     from jaxt2i import presets
     from jaxt2i.convert.load import read_any
     from jaxt2i.convert.native import flatten_params
-    from flax import traverse_util
 
     where = f"model.unet_init_from={folder}"
     source = flatten_params(read_any(folder).params["unet"])
@@ -159,6 +160,8 @@ def merge_from_parse_head(m, configs: dict, params: dict | None, text_layer, see
     from jaxt2i.train.clip_trainer import load_parse_heads
 
     where = f"model.context_merge_from={m.context_merge_from}"
+    if m.context_merge_up_std < 0:
+        raise ValueError(f"model.context_merge_up_std must be >= 0; got {m.context_merge_up_std}")
     rank = configs["unet"].context_merge_rank
     if not rank:
         raise ValueError(f"{where}: the U-Net does not merge text layers; set model.unet_config.context_merge_rank "
@@ -187,8 +190,6 @@ def merge_from_parse_head(m, configs: dict, params: dict | None, text_layer, see
         raise ValueError(f"{where}: the run's text encoder is not the one the head was trained on; set "
                          f"model.text_encoder_from={own}.")
     values = {"context_merge/down/kernel": kernel, "context_merge/down/bias": bias}
-    if m.context_merge_up_std < 0:
-        raise ValueError(f"model.context_merge_up_std must be >= 0; got {m.context_merge_up_std}")
     if m.context_merge_up_std:
         width = configs["unet"].cross_attention_dim
         noise = np.random.default_rng([seed, 0x6D65]).standard_normal((rank, width))

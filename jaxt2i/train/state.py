@@ -270,9 +270,10 @@ def init_train_state(
 
     model_params: {"unet": tree, "vae": tree, "text_encoder": tree} with any entry missing or None (or the
     whole dict None) meaning a fresh random init of that model (training from scratch). Trees may be numpy or
-    jax arrays; they are stored as float32 master weights. overrides: ``{model: {"/"-path: array}}`` leaves set
-    after init or loading (e.g. a fresh U-Net's ``context_merge/down/kernel`` from a CLIP's parse head). Shapes come from ``jax.eval_shape``; the state is then
-    created directly in its sharded layout by a jit with ``out_shardings`` (no host-side full copy).
+    jax arrays; they are stored as float32 master weights. overrides: ``{model: {"/"-path: array}}``, leaves set
+    after init or loading (e.g. a fresh U-Net's ``context_merge/down/kernel`` from a CLIP's parse head). Shapes
+    come from ``jax.eval_shape``; the state is then created directly in its sharded layout by a jit with
+    ``out_shardings`` (no host-side full copy).
     """
     given = {k: v for k, v in (model_params or {}).items() if v is not None}
     unknown = set(given) - set(_INITIALIZERS)
