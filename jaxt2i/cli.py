@@ -34,8 +34,11 @@ def _add_sampling_args(p: argparse.ArgumentParser, default_strength: float | Non
                    "(default: the small shapes model shipped with jaxt2i)")
     p.add_argument("--config", default=None, help="architecture of a single file: preset name or diffusers folder")
     p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50; 25 for the shapes model)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (<= 1 turns it off)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: the model's recommendation in its jaxt2i.json, else 50)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale, <= 1 turns it off (default: the model's recommendation in "
+                        "its jaxt2i.json, else 7.5)")
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="sampler (default: ddim)")
     p.add_argument("--karras", action="store_true", help="Karras sigmas (lms, euler, heun, dpmpp_2m)")
     p.add_argument("--seed", type=int, default=0)
@@ -117,10 +120,14 @@ def _ranking_clip(args, model: str, pipe):
     return clip
 
 
-def _model_defaults(model: str, args) -> tuple[int, float]:
-    shipped = os.path.abspath(model) == os.path.abspath(DEFAULT_MODEL)
-    steps = args.steps if args.steps is not None else (25 if shipped else 50)
-    guidance = args.guidance if args.guidance is not None else (3.0 if shipped else 7.5)
+FALLBACK_STEPS, FALLBACK_GUIDANCE = 50, 7.5  # Stable Diffusion's usual settings, for models that recommend none
+
+
+def _model_defaults(pipe, args) -> tuple[int, float]:
+    """(steps, guidance): the command line's, else the model's recommendation (jaxt2i.json "sampling"), else
+    Stable Diffusion's usual 50 steps at guidance 7.5."""
+    steps = args.steps if args.steps is not None else pipe.sampling.get("steps", FALLBACK_STEPS)
+    guidance = args.guidance if args.guidance is not None else pipe.sampling.get("guidance", FALLBACK_GUIDANCE)
     return steps, guidance
 
 
@@ -155,7 +162,7 @@ def _run_sampling(args, kind: str) -> int:
         raise CLIError("--candidates must be >= 1.")
     pipe, model = _load(args)
     clip = _ranking_clip(args, model, pipe) if args.candidates > 1 else None
-    steps, guidance = _model_defaults(model, args)
+    steps, guidance = _model_defaults(pipe, args)
     prompts = [args.prompt] * args.num
     common = dict(negative_prompt=args.negative, steps=steps, guidance_scale=guidance, sampler=args.sampler,
                   use_karras_sigmas=args.karras, progress=_Progress())

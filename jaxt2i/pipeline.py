@@ -232,7 +232,8 @@ class Pipeline:
 
     Attributes:
       models: :class:`Models` (linen modules); params: ``{"text_encoder", "vae", "unet"}`` -> parameter trees;
-      configs: component configs; schedule: the noise schedule; tokenizer: the CLIP tokenizer.
+      configs: component configs; schedule: the noise schedule; tokenizer: the CLIP tokenizer;
+      sampling: the model's recommended ``{"steps", "guidance"}`` (from its jaxt2i.json; may be empty).
     """
 
     def __init__(self, loaded: LoadedModel, dtype: str | Any = "float32"):
@@ -240,6 +241,7 @@ class Pipeline:
         self.configs = dict(loaded.configs)
         self.schedule = loaded.schedule
         self.source = loaded.source
+        self.sampling = dict(loaded.sampling)
         self.tokenizer = _tokenizer_for(loaded)
         self._tokenizer_settings = dict(loaded.tokenizer)
         vae_dtype = jnp.float32 if self.dtype == jnp.float16 else self.dtype  # the SD VAE overflows in float16
@@ -273,7 +275,7 @@ class Pipeline:
         """The pipeline's configs and parameters (as numpy) in the format-independent form, for export."""
         params = {k: jax.tree.map(np.asarray, v) for k, v in self.params.items()}
         return LoadedModel(self.configs, params, self.schedule, self._tokenizer_settings, self.source,
-                           self.models.text_layer)
+                           self.models.text_layer, dict(self.sampling))
 
     # ------------------------------------------------------------------------------ functional pieces
     def tokenize(self, prompts: str | Sequence[str]) -> np.ndarray:

@@ -31,6 +31,11 @@ from jaxt2i.eval.report import CLIP_VISION_DIR, write_clip_vision
 from jaxt2i.train.loop import read_component_folder
 
 
+# The shipped model's sampling defaults (docs/shapes_model.md "Session 16": the guidance was chosen on training
+# prompts and confirmed on held-out draws not used to choose it).
+SAMPLING = {"steps": 25, "guidance": 3.0}
+
+
 def _cast(tree, dtype):
     return {k: _cast(v, dtype) if isinstance(v, dict) else np.asarray(v).astype(dtype) for k, v in tree.items()}
 
@@ -57,6 +62,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join("jaxt2i", "assets", "shapes_model"))
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     p.add_argument("--max-mb", type=float, default=20.0)
+    p.add_argument("--steps", type=int, default=SAMPLING["steps"],
+                   help=f"recommended sampling steps, stored in jaxt2i.json (default {SAMPLING['steps']})")
+    p.add_argument("--guidance", type=float, default=SAMPLING["guidance"],
+                   help=f"recommended guidance scale, stored in jaxt2i.json: `jaxt2i generate`'s default "
+                        f"(default {SAMPLING['guidance']})")
     args = p.parse_args(argv)
 
     run = read_any(args.unet)
@@ -70,7 +80,8 @@ def main(argv=None) -> int:
     dtype = np.dtype(args.dtype)
     model = LoadedModel(configs=configs, params={k: _cast(v, dtype) for k, v in params.items()},
                         schedule=run.schedule, tokenizer={"pad": run.tokenizer.get("pad") or "eos", "folder": None},
-                        source=args.unet, text_layer=run.text_layer)
+                        source=args.unet, text_layer=run.text_layer,
+                        sampling={"steps": args.steps, "guidance": args.guidance})
     write_native(args.out, model, overwrite=True)
     if args.clip:
         flat = read_safetensors(os.path.join(args.clip, "params.safetensors"))

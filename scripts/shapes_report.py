@@ -151,13 +151,21 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines + [line]
 
 
+def _sampling(pipe, args) -> tuple[int, float]:
+    """(steps, guidance): --steps / --guidance, else the model's recommendation (jaxt2i.json "sampling"), else 25 / 3."""
+    steps = args.steps if args.steps is not None else pipe.sampling.get("steps", 25)
+    guidance = args.guidance if args.guidance is not None else pipe.sampling.get("guidance", 3.0)
+    return steps, guidance
+
+
 def grid(args) -> None:
     from jaxt2i.cli import DEFAULT_MODEL
     from jaxt2i.pipeline import load_pipeline
 
     pipe = load_pipeline(args.model or DEFAULT_MODEL)
+    steps, guidance = _sampling(pipe, args)
     prompts = [p for p, _ in GRID_PROMPTS]
-    images = pipe.text_to_image(prompts, steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
+    images = pipe.text_to_image(prompts, steps=steps, guidance_scale=guidance, seed=args.seed)
     cols, cell, scale, text_h = 4, 200, 2, 56
     rows = math.ceil(len(prompts) / cols)
     sheet = Image.new("RGB", (cols * cell, rows * (cell - 64 + text_h)), (255, 255, 255))
@@ -173,7 +181,7 @@ def grid(args) -> None:
             draw.text((x + 6, y + 8 + 64 * scale + 13 * k), line, fill=(150, 0, 0) if held else (0, 0, 0), font=font)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     sheet.save(args.out)
-    print(f"wrote {args.out} ({len(prompts)} prompts, {args.steps} steps, guidance {args.guidance}, seed {args.seed})")
+    print(f"wrote {args.out} ({len(prompts)} prompts, {steps} steps, guidance {guidance}, seed {args.seed})")
 
 
 def timing(args) -> None:
@@ -194,12 +202,13 @@ def timing(args) -> None:
             print(label, result[label], flush=True)
     os.environ["JAXT2I_CACHE_DIR"] = "off"
     pipe = load_pipeline(args.model or DEFAULT_MODEL)
-    pipe.text_to_image("a red circle", steps=25, guidance_scale=3.0)
+    steps, guidance = pipe.sampling.get("steps", 25), pipe.sampling.get("guidance", 3.0)  # what generate uses
+    pipe.text_to_image("a red circle", steps=steps, guidance_scale=guidance)
     for batch in (1, 8):
         prompts = ["a red circle above a blue square"] * batch
-        pipe.text_to_image(prompts, steps=25, guidance_scale=3.0)  # compile this batch size
+        pipe.text_to_image(prompts, steps=steps, guidance_scale=guidance)  # compile this batch size
         t0 = time.perf_counter()
-        pipe.text_to_image(prompts, steps=25, guidance_scale=3.0, seed=1)
+        pipe.text_to_image(prompts, steps=steps, guidance_scale=guidance, seed=1)
         result[f"warm_per_image_batch{batch}_s"] = round((time.perf_counter() - t0) / batch, 3)
         print(f"warm_per_image_batch{batch}_s", result[f"warm_per_image_batch{batch}_s"], flush=True)
     print(json.dumps(result))
@@ -255,8 +264,9 @@ def pairs(args) -> None:
     from jaxt2i.pipeline import load_pipeline
 
     pipe = load_pipeline(args.model or DEFAULT_MODEL)
+    steps, guidance = _sampling(pipe, args)
     prompts = report.eval_prompt_set(args.n, seed=args.seed)
-    images = report.generate(pipe, [p.prompt for p in prompts], args.guidance, args.steps, args.seed)
+    images = report.generate(pipe, [p.prompt for p in prompts], guidance, steps, args.seed)
     outcomes: dict = collections.defaultdict(collections.Counter)
     by_size: dict = collections.defaultdict(collections.Counter)
     for p, image in zip(prompts, images):
@@ -274,7 +284,7 @@ def pairs(args) -> None:
             kind = "neither"
         outcomes[(p.split, obj.color, obj.shape)][kind] += 1
         by_size[(p.split, obj.shape, obj.size)][kind == "right"] += 1
-    print(f"one-object prompts, guidance {args.guidance:g}, {args.steps} steps, seed {args.seed}:")
+    print(f"one-object prompts, guidance {guidance:g}, {steps} steps, seed {args.seed}:")
     for (split, color, shape), counts in sorted(outcomes.items()):
         n = sum(counts.values())
         others = ", ".join(f"{k} {v}" for k, v in counts.most_common() if k != "right")
@@ -587,8 +597,8 @@ def main(argv=None) -> int:
                     help="copy the VAE and CLIP panels from an earlier picture instead of drawing them from logs")
     gr = sub.add_parser("grid")
     gr.add_argument("--model", default=None)
-    gr.add_argument("--steps", type=int, default=25)
-    gr.add_argument("--guidance", type=float, default=3.0)
+    gr.add_argument("--steps", type=int, default=None, help="default: the model's recommendation (else 25)")
+    gr.add_argument("--guidance", type=float, default=None, help="default: the model's recommendation (else 3)")
     gr.add_argument("--seed", type=int, default=0)
     gr.add_argument("--out", default="docs/images/shapes_grid.png")
     ti = sub.add_parser("timing")
@@ -601,8 +611,8 @@ def main(argv=None) -> int:
     pa = sub.add_parser("pairs")
     pa.add_argument("--model", default=None)
     pa.add_argument("--n", type=int, default=50, help="prompts per split and prompt type (as jaxt2i eval --n)")
-    pa.add_argument("--guidance", type=float, default=3.0)
-    pa.add_argument("--steps", type=int, default=25)
+    pa.add_argument("--guidance", type=float, default=None, help="default: the model's recommendation (else 3)")
+    pa.add_argument("--steps", type=int, default=None, help="default: the model's recommendation (else 25)")
     pa.add_argument("--seed", type=int, default=0)
     co = sub.add_parser("compare")
     co.add_argument("reports", nargs="+", help="jaxt2i eval --out JSON files (draws with other seeds are pooled)")

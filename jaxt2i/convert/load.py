@@ -38,6 +38,8 @@ class LoadedModel:
     text_layer: which hidden state of the text encoder conditions the U-Net (``CLIPTextModel.encode``'s
     ``layer``: -1 the last, as in every diffusers and single-file checkpoint; 0 the token + position embeddings).
     Only jaxt2i's own format can store another value.
+    sampling: the model's recommended sampling settings (``{"steps": int, "guidance": float}``, either may be
+    absent; ``jaxt2i generate``'s defaults), stored only by jaxt2i's own format.
     """
 
     configs: dict[str, Any]
@@ -46,6 +48,7 @@ class LoadedModel:
     tokenizer: dict
     source: str
     text_layer: int | tuple[int, ...] = -1
+    sampling: dict = dataclasses.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------- diffusers folders
@@ -269,7 +272,8 @@ def read_native(path: str, *, dtype: Any = None) -> LoadedModel:
             unet.check_text_layers(configs["unet"], text_layer)
     except ValueError as e:
         raise ConversionError(f"{path}: jaxt2i.json \"text_layer\": {e}") from None
-    return LoadedModel(configs, params, schedule, tokenizer, path, text_layer)
+    sampling = native.sampling_settings(manifest.get("sampling", {}), path)
+    return LoadedModel(configs, params, schedule, tokenizer, path, text_layer, sampling)
 
 
 def _identity_rule(flat_key: str):
@@ -283,7 +287,7 @@ def write_native(path: str, model: LoadedModel, *, overwrite: bool = False) -> N
     native.save_native(
         path, configs=model.configs, params=model.params, schedule=model.schedule,
         tokenizer={"pad": model.tokenizer.get("pad")}, tokenizer_files=model.tokenizer.get("folder"),
-        text_layer=model.text_layer, overwrite=overwrite)
+        text_layer=model.text_layer, sampling=model.sampling, overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------------------------- diffusers export

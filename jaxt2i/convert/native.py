@@ -69,6 +69,7 @@ def save_native(
     tokenizer: Mapping[str, Any],
     tokenizer_files: str | os.PathLike | None = None,
     text_layer: int | Sequence[int] = -1,
+    sampling: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> None:
     """Writes a jaxt2i folder.
@@ -81,7 +82,10 @@ def save_native(
       tokenizer: tokenizer settings (JSON-ready), e.g. ``{"pad": "eos"}``.
       tokenizer_files: optional folder with vocab.json/merges.txt to copy to ``tokenizer/``.
       text_layer: the text-encoder hidden state(s) the U-Net is conditioned on (``CLIPTextModel.encode``'s ``layer``).
+      sampling: the model's recommended sampling settings, ``{"steps": int, "guidance": float}`` (either may be
+        absent; :func:`sampling_settings` checks them); ``jaxt2i generate`` uses them when not told otherwise.
     """
+    sampling = sampling_settings(sampling or {}, str(folder))
     with atomic_folder(folder, overwrite=overwrite) as staging:
         for name, tree in params.items():
             write_safetensors(os.path.join(staging, f"{name}.safetensors"), flatten_params(tree),
@@ -94,10 +98,39 @@ def save_native(
             "tokenizer": dict(tokenizer),
             "text_layer": list(text_layer) if isinstance(text_layer, (list, tuple)) else int(text_layer),
         }
+        if sampling:
+            manifest["sampling"] = sampling
         with open(os.path.join(staging, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
         if tokenizer_files is not None:
             shutil.copytree(tokenizer_files, os.path.join(staging, "tokenizer"))
+
+
+SAMPLING_KEYS = ("steps", "guidance")
+
+
+def sampling_settings(raw: Any, source: str) -> dict:
+    """Checks a manifest's ``"sampling"`` entry -- ``{"steps": int >= 1, "guidance": float}``, either key optional --
+    and returns it as a plain dict (``steps`` int, ``guidance`` float). Raises ConversionError naming ``source``."""
+    if not isinstance(raw, Mapping):
+        raise ConversionError(f"{source}: jaxt2i.json \"sampling\" must be an object like "
+                              f"{{\"steps\": 25, \"guidance\": 3.0}}, got {raw!r}.")
+    unknown = sorted(set(raw) - set(SAMPLING_KEYS))
+    if unknown:
+        raise ConversionError(f"{source}: jaxt2i.json \"sampling\" has unknown keys {unknown}; "
+                              f"known: {list(SAMPLING_KEYS)}.")
+    out = {}
+    steps, guidance = raw.get("steps"), raw.get("guidance")
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ConversionError(f"{source}: jaxt2i.json \"sampling\".steps must be an integer >= 1, got {steps!r}.")
+        out["steps"] = int(steps)
+    if guidance is not None:
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(guidance):
+            raise ConversionError(f"{source}: jaxt2i.json \"sampling\".guidance must be a number, got {guidance!r}.")
+        out["guidance"] = float(guidance)
+    return out
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:

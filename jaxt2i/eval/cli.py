@@ -21,6 +21,9 @@ class EvalError(Exception):
     """A user error: printed without a traceback, exit status 2."""
 
 
+DEFAULT_GUIDANCE, DEFAULT_STEPS = (1.0, 3.0, 5.0), 25
+
+
 def _parse_guidance(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -36,9 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="jaxt2i eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help=f"model folder or file (default: the shipped {DEFAULT_MODEL})")
-    p.add_argument("--guidance", default="1,3,5", help="comma-separated guidance scales (default 1,3,5)")
+    p.add_argument("--guidance", default=None, help="comma-separated guidance scales (default 1,3,5 and the "
+                                                    "model's recommended scale, from its jaxt2i.json)")
     p.add_argument("--n", type=int, default=25, help="prompts per split and prompt type (default 25: 100 prompts)")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's recommendation, "
+                                                           "else 25)")
     p.add_argument("--sampler", default="ddim", help="sampler (default ddim)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and the starting noise")
     p.add_argument("--batch-size", type=int, default=16, help="images generated per call (default 16)")
@@ -93,13 +98,13 @@ def _run(args) -> int:
 
     if args.n < 1:
         raise EvalError("--n must be >= 1")
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise EvalError("--steps must be >= 1")
     if args.batch_size < 1:
         raise EvalError("--batch-size must be >= 1")
     if args.candidates < 1:
         raise EvalError("--candidates must be >= 1")
-    guidance = _parse_guidance(args.guidance)
+    guidance = _parse_guidance(args.guidance) if args.guidance is not None else None
     if args.save_images and not args.save_images.endswith(".npz"):
         raise EvalError(f"--save-images {args.save_images!r}: give a path ending in .npz")
     given = _read_given_images(args) if args.from_images else None
@@ -118,6 +123,10 @@ def _run(args) -> int:
 
     t0 = time.perf_counter()
     pipe = load_pipeline(model, dtype=args.dtype)
+    if guidance is None:
+        recommended = {pipe.sampling["guidance"]} if "guidance" in pipe.sampling else set()
+        guidance = sorted(set(DEFAULT_GUIDANCE) | recommended)
+    steps = args.steps if args.steps is not None else pipe.sampling.get("steps", DEFAULT_STEPS)
     clip_path = args.clip or (model if os.path.isdir(model) else None)
     clip = report.load_eval_clip(clip_path, pipe.params["text_encoder"])
     if clip is None:
@@ -125,7 +134,7 @@ def _run(args) -> int:
             raise EvalError(f"--candidates {args.candidates} needs a small CLIP to rank the images, and none was found "
                             f"in {clip_path}; pass --clip FOLDER (a CLIP folder or a model folder with clip_vision/)")
         log("no small CLIP found (pass --clip FOLDER): CLIP score and Frechet distance are reported as missing")
-    result = report.evaluate_pipeline(pipe, guidance_scales=guidance, n=args.n, steps=args.steps, seed=args.seed,
+    result = report.evaluate_pipeline(pipe, guidance_scales=guidance, n=args.n, steps=steps, seed=args.seed,
                                       batch_size=args.batch_size, sampler=args.sampler, clip=clip,
                                       n_real=args.n_real, candidates=args.candidates,
                                       save_images=args.save_images, given_images=given, log=log)

@@ -41,7 +41,7 @@ from jaxt2i.models.clip_vision import (CLIPConfig, CLIPModel, clipped_scale, con
                                        init_params, l2_normalize, preset)
 from jaxt2i.tokenizer import CLIPTokenizer
 from jaxt2i.train.optim import OptimConfig, make_optimizer
-from jaxt2i.train.state import paths_under
+from jaxt2i.train.state import leaf_paths, paths_under
 from jaxt2i.train.small import (count_params, epoch_batches, load_model_folder, run_logged_steps,
                                 save_model_folder)
 
@@ -177,9 +177,7 @@ def frozen_labels(params: Any, prefixes: Sequence[str]) -> Any:
     :func:`jaxt2i.train.state.paths_under`), ``"train"`` elsewhere. Raises ValueError for a prefix that matches
     nothing."""
     frozen = paths_under(params, prefixes, "CLIP parameter (frozen)")
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    labels = ["frozen" if "/".join(str(getattr(k, "key", k)) for k in path) in frozen else "train"
-              for path, _ in leaves]
+    labels = ["frozen" if path in frozen else "train" for path in leaf_paths(params)]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), labels)
 
 

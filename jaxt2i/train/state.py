@@ -103,11 +103,17 @@ def split_attention(unet_params: Any) -> tuple[dict, dict]:
     return traverse_util.unflatten_dict(inside), traverse_util.unflatten_dict(outside)
 
 
+def leaf_paths(tree: Any) -> list[str]:
+    """The ``/``-path of every leaf of the nested dict ``tree`` (its keys joined by ``/``), in ``jax.tree_util``
+    leaf order."""
+    return ["/".join(str(getattr(k, "key", k)) for k in path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def paths_under(tree: Any, prefixes: Sequence[str], what: str = "parameter") -> set[str]:
     """The ``/``-paths of ``tree``'s leaves that lie under one of ``prefixes`` (whole path components:
     ``layers_1`` does not take ``layers_10``). Raises ValueError naming a prefix that matches no leaf."""
-    paths = ["/".join(str(getattr(k, "key", k)) for k in path)
-             for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    paths = leaf_paths(tree)
     chosen = set()
     for prefix in prefixes:
         prefix = prefix.strip("/")
