@@ -114,7 +114,9 @@ def test_generate_with_candidates_writes_the_draw_the_clip_scores_best(tmp_path,
     png = Image.open(out)
     assert png.text["candidates"] == "2"
     pipe = load_pipeline(DEFAULT_MODEL)
-    draws = np.stack([pipe.text_to_image(["a red circle"], steps=2, guidance_scale=3.0, seed=rerank.candidate_seed(5, c))
+    guidance = pipe.sampling["guidance"]  # what generate uses without --guidance
+    draws = np.stack([pipe.text_to_image(["a red circle"], steps=2, guidance_scale=guidance,
+                                         seed=rerank.candidate_seed(5, c))
                       for c in range(2)])  # [N=2, P=1, 64, 64, 3]
     best, chosen = rerank.pick_best(draws, rerank.clip_scores(shipped_clip, draws, ["a red circle"]))
     written = np.asarray(png.convert("RGB")).astype(int)
