@@ -120,17 +120,6 @@ def _ranking_clip(args, model: str, pipe):
     return clip
 
 
-FALLBACK_STEPS, FALLBACK_GUIDANCE = 50, 7.5  # Stable Diffusion's usual settings, for models that recommend none
-
-
-def _model_defaults(pipe, args) -> tuple[int, float]:
-    """(steps, guidance): the command line's, else the model's recommendation (jaxt2i.json "sampling"), else
-    Stable Diffusion's usual 50 steps at guidance 7.5."""
-    steps = args.steps if args.steps is not None else pipe.sampling.get("steps", FALLBACK_STEPS)
-    guidance = args.guidance if args.guidance is not None else pipe.sampling.get("guidance", FALLBACK_GUIDANCE)
-    return steps, guidance
-
-
 class _Progress:
     """A one-line progress display over the model calls of a sampling run (stderr), called as fn(done, total)."""
 
@@ -162,7 +151,7 @@ def _run_sampling(args, kind: str) -> int:
         raise CLIError("--candidates must be >= 1.")
     pipe, model = _load(args)
     clip = _ranking_clip(args, model, pipe) if args.candidates > 1 else None
-    steps, guidance = _model_defaults(pipe, args)
+    steps, guidance = pipe.sampling_defaults(args.steps, args.guidance)
     prompts = [args.prompt] * args.num
     common = dict(negative_prompt=args.negative, steps=steps, guidance_scale=guidance, sampler=args.sampler,
                   use_karras_sigmas=args.karras, progress=_Progress())

@@ -227,6 +227,9 @@ def _run_with_progress(spec: _Spec, params, inputs, guidance, rescale, key, prog
 
 
 # --------------------------------------------------------------------------------------------------- Pipeline
+SD_SAMPLING = (50, 7.5)  # (steps, guidance): Stable Diffusion's usual settings, for models that recommend none
+
+
 class Pipeline:
     """A loaded Stable-Diffusion-style model: CLIP text encoder, KL-VAE and U-Net with their parameters.
 
@@ -266,6 +269,14 @@ class Pipeline:
         """(height, width) the U-Net was trained at."""
         side = self.configs["unet"].sample_size * self.vae_scale_factor
         return side, side
+
+    def sampling_defaults(self, steps: int | None = None, guidance: float | None = None, *,
+                          fallback: tuple[int, float] = SD_SAMPLING) -> tuple[int, float]:
+        """``(steps, guidance)``: the given values, else the model's recommendation (``self.sampling``, from its
+        jaxt2i.json), else ``fallback`` (Stable Diffusion's usual 50 steps at guidance 7.5)."""
+        steps = steps if steps is not None else self.sampling.get("steps", fallback[0])
+        guidance = guidance if guidance is not None else self.sampling.get("guidance", fallback[1])
+        return steps, guidance
 
     @property
     def is_inpainting_model(self) -> bool:

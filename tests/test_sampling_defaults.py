@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -42,8 +43,6 @@ def test_sampling_settings_round_trip_and_bad_ones_are_refused(tiny_model, tmp_p
         (tmp_path / "m" / "jaxt2i.json").write_text(json.dumps({**manifest, "sampling": bad}))
         with pytest.raises(ConversionError, match=why):
             load.read_any(folder)
-    import dataclasses
-
     with pytest.raises(ConversionError, match="steps must be an integer >= 1"):
         load.write_native(str(tmp_path / "never"), dataclasses.replace(model, sampling={"steps": -1}))
     assert not (tmp_path / "never").exists()  # refused before anything was written

@@ -126,7 +126,7 @@ def _run(args) -> int:
     if guidance is None:
         recommended = {pipe.sampling["guidance"]} if "guidance" in pipe.sampling else set()
         guidance = sorted(set(DEFAULT_GUIDANCE) | recommended)
-    steps = args.steps if args.steps is not None else pipe.sampling.get("steps", DEFAULT_STEPS)
+    steps, _ = pipe.sampling_defaults(args.steps, fallback=(DEFAULT_STEPS, None))
     clip_path = args.clip or (model if os.path.isdir(model) else None)
     clip = report.load_eval_clip(clip_path, pipe.params["text_encoder"])
     if clip is None:
