@@ -110,7 +110,7 @@ def _load(args):
 
 def _ranking_clip(args, model: str, pipe):
     """The CLIP encoders that rank ``--candidates``: ``--clip``, else the model folder's ``clip_vision/``."""
-    from jaxt2i.eval.report import load_eval_clip
+    from jaxt2i.shapes.report import load_eval_clip
 
     path = args.clip or (model if os.path.isdir(model) else None)
     clip = load_eval_clip(path, pipe.params["text_encoder"]) if path else None
@@ -220,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return train_main(argv[1:])
     if argv and argv[0] == "eval":
-        from jaxt2i.eval.cli import eval_main
+        from jaxt2i.shapes.cli import eval_main
 
         return eval_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -219,7 +219,7 @@ def clip(args) -> None:
     """Per kind of contradiction (color, shape, size, relation, binding), how often an image is closer to its
     caption than to the contradicting one, on train and held-out scenes; and the cosines between the text
     embeddings of one scene's caption with the relation reversed (1.0 = the relation word is ignored)."""
-    from jaxt2i.data import shapes
+    from jaxt2i.shapes import world as shapes
     from jaxt2i.eval import clip_metrics
     from jaxt2i.tokenizer import CLIPTokenizer
     from jaxt2i.train.clip_trainer import load_clip
@@ -256,8 +256,8 @@ def pairs(args) -> None:
     import collections
 
     from jaxt2i.cli import DEFAULT_MODEL
-    from jaxt2i.data import shapes
-    from jaxt2i.eval import detector, report
+    from jaxt2i.shapes import world as shapes
+    from jaxt2i.shapes import detector, report
     from jaxt2i.pipeline import load_pipeline
 
     pipe = load_pipeline(args.model or DEFAULT_MODEL)
@@ -327,7 +327,7 @@ def side_probe(args) -> None:
     import jax.numpy as jnp
 
     from jaxt2i.cli import DEFAULT_MODEL
-    from jaxt2i.data import shapes
+    from jaxt2i.shapes import world as shapes
     from jaxt2i.models import clip as clip_model
     from jaxt2i.pipeline import load_pipeline
     from jaxt2i.train.clip_trainer import caption_parse_targets, load_text_encoder
@@ -391,7 +391,7 @@ def parse_heads(args) -> None:
     tokenised to the full 77 positions (what a U-Net sees; the CLIP trained on the first ``text_length``)."""
     import jax.numpy as jnp
 
-    from jaxt2i.data import shapes
+    from jaxt2i.shapes import world as shapes
     from jaxt2i.models import clip as clip_model
     from jaxt2i.tokenizer import CLIPTokenizer
     from jaxt2i.train.clip_trainer import PARSE_TARGETS, caption_parse_targets, load_parse_heads, load_text_encoder
@@ -417,8 +417,8 @@ def parse_heads(args) -> None:
 
 
 def compare(args) -> None:
-    """``jaxt2i.eval.report.markdown_comparison`` of eval reports: several draws pooled, --against in brackets."""
-    from jaxt2i.eval.report import markdown_comparison
+    """``jaxt2i.shapes.report.markdown_comparison`` of eval reports: several draws pooled, --against in brackets."""
+    from jaxt2i.shapes.report import markdown_comparison
 
     def read(path):
         with open(path) as f:
@@ -429,7 +429,7 @@ def compare(args) -> None:
 
 def _two_object_failure(target, detections) -> str:
     """What went wrong with one two-object prompt's image (or "correct"), from the detector's findings."""
-    from jaxt2i.eval import adherence
+    from jaxt2i.shapes import adherence
 
     if adherence.score(target, detections).correct:
         return "correct"
@@ -454,7 +454,7 @@ def _placement(target, detections, key: str) -> tuple[bool, bool] | None:
     """Where the two drawn objects are, whatever their other attribute: with exactly two detections, each matching
     one target object by ``key`` ("shape" or "color") alone, ``(axis right, relation right)`` -- the axis is
     horizontal for "left of" / "right of"; None when the objects cannot be told apart that way."""
-    from jaxt2i.eval import detector
+    from jaxt2i.shapes import detector
 
     if len(detections) != 2:
         return None
@@ -474,7 +474,7 @@ def failures(args) -> None:
     axis and direction, objects told apart by shape alone and by color alone)."""
     import collections
 
-    from jaxt2i.eval import detector, report
+    from jaxt2i.shapes import detector, report
 
     counts: dict = collections.defaultdict(collections.Counter)
     placed: dict = collections.defaultdict(collections.Counter)
@@ -508,7 +508,7 @@ def failures(args) -> None:
 
 
 def _detector_at(revision: str):
-    """``jaxt2i.eval.detector`` as it was at git revision ``revision`` of this repository, as a module."""
+    """``jaxt2i.shapes.detector`` as it was at git revision ``revision`` of this repository, as a module."""
     import importlib.util
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -530,7 +530,7 @@ def flips(args) -> None:
     """Saved evaluation images (``jaxt2i eval --save-images``) scored by this checkout's detector and by the one
     at ``--detector-from``: accuracy per guidance, split and prompt type under both, and a sheet of every image
     whose verdict differs, labelled with what each detector found."""
-    from jaxt2i.eval import adherence, detector, report
+    from jaxt2i.shapes import adherence, detector, report
 
     old = _detector_at(args.detector_from)
     counts: dict = {}

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from jaxt2i.data import shapes as S
-from jaxt2i.eval import adherence as A
-from jaxt2i.eval.detector import Detection
+from jaxt2i.shapes import world as S
+from jaxt2i.shapes import adherence as A
+from jaxt2i.shapes.detector import Detection
 
 
 def det(color, shape, x, y, size="small"):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from jaxt2i.data import shapes as S
-from jaxt2i.eval import detector as D
+from jaxt2i.shapes import world as S
+from jaxt2i.shapes import detector as D
 
 
 def _scenes(split, n, seed=21):

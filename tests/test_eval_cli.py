@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 
-from jaxt2i.data import shapes
-from jaxt2i.eval import report
-from jaxt2i.eval.cli import eval_main
+from jaxt2i.shapes import world as shapes
+from jaxt2i.shapes import report
+from jaxt2i.shapes.cli import eval_main
 
 
 def test_eval_command_writes_json_and_markdown(tiny_model, tmp_path, capsys):

@@ -1,9 +1,9 @@
-"""jaxt2i.eval.report.pooled_adherence / markdown_comparison: pooling `jaxt2i eval` reports of independent draws
+"""jaxt2i.shapes.report.pooled_adherence / markdown_comparison: pooling `jaxt2i eval` reports of independent draws
 (what `scripts/shapes_report.py compare` prints for docs/shapes_model.md's tables)."""
 
 import pytest
 
-from jaxt2i.eval.report import markdown_comparison, pooled_adherence
+from jaxt2i.shapes.report import markdown_comparison, pooled_adherence
 
 
 def _cell(n, right, objects, count, relation=None):

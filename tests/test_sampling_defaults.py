@@ -14,7 +14,7 @@ from PIL import Image
 from jaxt2i.cli import DEFAULT_MODEL, main
 from jaxt2i.convert import load
 from jaxt2i.convert.core import ConversionError
-from jaxt2i.eval.cli import eval_main
+from jaxt2i.shapes.cli import eval_main
 
 
 def _with_sampling(tiny_model: str, folder, sampling) -> str:

@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from jaxt2i.data import shapes as S
+from jaxt2i.shapes import world as S
 
 N_SPLIT_SAMPLES = 4000
 

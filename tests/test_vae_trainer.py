@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxt2i.data import shapes
+from jaxt2i.shapes import world as shapes
 from jaxt2i.models.vae import VAEConfig
 from jaxt2i.train import small
 from jaxt2i.train import vae_trainer as vt

@@ -213,7 +213,7 @@ def make_source(cfg, seed: int = 0):
 
         return CachedSource(cfg.cache_dir)
     if cfg.source == "synthetic":
-        from jaxt2i.data.synthetic import SyntheticSource
+        from jaxt2i.shapes.data import SyntheticSource
 
         return SyntheticSource(seed=cfg.synthetic_seed, num_examples=cfg.num_examples, split=cfg.split or "train",
                                two_object_probability=cfg.synthetic_two_object_probability)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxt2i.data import shapes
+from jaxt2i.shapes import world as shapes
 from jaxt2i.models.clip_vision import CLIPConfig, CLIPModel
 
 ImageEncoder = Callable[[np.ndarray], np.ndarray]  # images [N, H, W, 3] in [0, 1] -> unit-norm [N, P]

@@ -2,7 +2,7 @@
 
 This is the reranking step of DALL-E (Ramesh et al., 2021), which drew many samples per caption and kept those a
 contrastive model scored best against the caption. Here the scorer is any CLIP given as a pair of encoders
-``(encode_images, encode_texts)`` (``jaxt2i.eval.report.load_eval_clip``; the shipped shapes model carries its
+``(encode_images, encode_texts)`` (``jaxt2i.shapes.report.load_eval_clip``; the shipped shapes model carries its
 small CLIP's image tower in ``clip_vision/``).
 
 Candidate ``c`` of a generation with seed ``s`` is drawn with seed ``candidate_seed(s, c)``; candidate 0 uses ``s``

@@ -1,6 +1,6 @@
 """Contrastive training of the small shapes-world CLIP (:mod:`jaxt2i.models.clip_vision`).
 
-Each step takes a batch of (image, caption) pairs from a fixed pool of training scenes (``jaxt2i.data.shapes``,
+Each step takes a batch of (image, caption) pairs from a fixed pool of training scenes (``jaxt2i.shapes.world``,
 ``split="train"``), encodes both with :class:`CLIPModel` and minimises the symmetric InfoNCE loss with the learned
 temperature (clipped at 100). Captions are redrawn every epoch from the scene's caption templates
 (``shapes.caption`` with a seeded generator), so the text tower sees the paraphrases of every scene. Captions are
@@ -33,9 +33,9 @@ from flax import struct
 
 from jaxt2i.convert.io import read_safetensors
 from jaxt2i.convert.native import unflatten_params
-from jaxt2i.data import shapes
+from jaxt2i.shapes import world as shapes
 from jaxt2i.eval import clip_metrics, frechet
-from jaxt2i.eval.report import CLIP_VISION_DIR
+from jaxt2i.shapes.report import CLIP_VISION_DIR
 from jaxt2i.models.clip import CLIPTextConfig
 from jaxt2i.models.clip_vision import (CLIPConfig, CLIPModel, clipped_scale, contrastive_loss,
                                        init_params, l2_normalize, preset)

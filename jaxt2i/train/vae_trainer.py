@@ -1,4 +1,4 @@
-"""Training a small KL-VAE on the shapes world (``jaxt2i.data.shapes``) with the ELBO.
+"""Training a small KL-VAE on the shapes world (``jaxt2i.shapes.world``) with the ELBO.
 
 Loss per batch (images ``x`` in [-1, 1], ``D = H * W * 3`` pixel values per image)::
 
@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from jaxt2i.data import shapes
+from jaxt2i.shapes import world as shapes
 from jaxt2i.models.vae import AutoencoderKL, VAEConfig
 from jaxt2i.train.optim import OptimConfig, make_optimizer
 from jaxt2i.train.small import (count_params, epoch_batches, load_model_folder, run_logged_steps,

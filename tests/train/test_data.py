@@ -14,9 +14,9 @@ from jaxt2i.data.cache import (CacheMismatchError, CachedSource, cache_fingerpri
                                read_fingerprint, write_cache)
 from jaxt2i.data.folder import ImageCaptionFolder, read_captions_csv, read_metadata_jsonl
 from jaxt2i.data.pipeline import BatchIterator, Example, UnreadableExample, make_source
-from jaxt2i.data import shapes
-from jaxt2i.data.shapes import parse_caption
-from jaxt2i.data.synthetic import SyntheticSource
+from jaxt2i.shapes import world as shapes
+from jaxt2i.shapes.world import parse_caption
+from jaxt2i.shapes.data import SyntheticSource
 from jaxt2i.data.transforms import preprocess
 from jaxt2i.train.config import DataConfig
 

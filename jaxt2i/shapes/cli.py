@@ -4,7 +4,7 @@
                 [--save-images F.npz] [--from-images F.npz]
 
 Generates ``4 * N`` images (N prompts per split -- train / held-out -- and prompt type -- one / two objects) at each
-guidance scale and scores them (``jaxt2i.eval.report``). Writes the JSON report to ``--out`` and the same numbers
+guidance scale and scores them (``jaxt2i.shapes.report``). Writes the JSON report to ``--out`` and the same numbers
 as markdown tables to ``--out`` with ``.md`` (and prints the tables). The default model is the shipped one.
 """
 
@@ -75,7 +75,7 @@ def eval_main(argv=None) -> int:
 
 def _read_given_images(args) -> dict:
     """--from-images: the saved images by guidance key; sets args' n, seed, steps and sampler to the file's."""
-    from jaxt2i.eval import report
+    from jaxt2i.shapes import report
 
     if not os.path.isfile(args.from_images):
         raise EvalError(f"--from-images {args.from_images}: no such file (write one with --save-images)")
@@ -116,7 +116,7 @@ def _run(args) -> int:
         raise EvalError(f"no model at {model}{hint}; pass --model PATH")
 
     from jaxt2i.pipeline import load_pipeline
-    from jaxt2i.eval import report
+    from jaxt2i.shapes import report
 
     def log(msg: str) -> None:
         print(f"[jaxt2i eval] {msg}", file=sys.stderr, flush=True)

@@ -1,7 +1,7 @@
 """Prompt-adherence scoring for the shapes world: did the image show what the prompt asked for?
 
-A prompt's target is a ``jaxt2i.data.shapes.Scene``; an image's content is the list of
-``jaxt2i.eval.detector.Detection`` found in it. Rules (GenEval-style, presence-based):
+A prompt's target is a ``jaxt2i.shapes.world.Scene``; an image's content is the list of
+``jaxt2i.shapes.detector.Detection`` found in it. Rules (GenEval-style, presence-based):
 
 * one object: correct when some detection has the target's color and shape;
 * two objects: correct when both targets are found (as two different detections with the right
@@ -20,8 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxt2i.data import shapes
-from jaxt2i.eval import detector
+from jaxt2i.shapes import world as shapes
+from jaxt2i.shapes import detector
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@
 splits, one- and two-object prompts) at each guidance scale -- with the same starting noise at every scale, so
 scales are compared on the same draws -- and reports, per guidance scale:
 
-* prompt adherence (``jaxt2i.eval.adherence``: the deterministic detector's verdict) per split and prompt type;
+* prompt adherence (``jaxt2i.shapes.adherence``: the deterministic detector's verdict) per split and prompt type;
 * CLIP score (``100 * max(cos, 0)`` of image and prompt embeddings of the small shapes CLIP) per split;
 * the same adherence for the prompts' real target renders passed through the VAE (encode -> decode): the ceiling
   that any latent model on this VAE can reach (reported once, as ``vae_roundtrip``);
@@ -26,8 +26,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from jaxt2i.data import shapes
-from jaxt2i.eval import adherence, frechet
+from jaxt2i.shapes import world as shapes
+from jaxt2i.eval import frechet
+from jaxt2i.shapes import adherence
 
 CLIP_VISION_DIR = "clip_vision"
 REAL_SEED_OFFSET = 3_000_017  # the held-out real images' scene stream, apart from training and prompt streams
@@ -54,7 +55,7 @@ def write_clip_vision(folder: str, flat_clip: dict, clip_config: dict, dtype: st
 
 
 def load_eval_clip(path: str | None, text_encoder_params: dict | None = None):
-    """``(encode_images, encode_texts)`` of the small CLIP (``jaxt2i.eval.clip_metrics``), or None when absent.
+    """``(encode_images, encode_texts)`` of the small CLIP (``jaxt2i.shapes.clip_metrics``), or None when absent.
 
     path: a full CLIP folder (params with ``text_model/``), or an image-tower folder (``clip_vision/``) whose
     text tower is ``text_encoder_params`` (the model's text encoder), or a model folder holding ``clip_vision/``.

@@ -1,4 +1,4 @@
-"""A deterministic object detector for the shapes world (``jaxt2i.data.shapes``).
+"""A deterministic object detector for the shapes world (``jaxt2i.shapes.world``).
 
 Steps, for an image [H, W, 3] (uint8, or float in [0, 1]):
 
@@ -32,7 +32,7 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-from jaxt2i.data import shapes
+from jaxt2i.shapes import world as shapes
 
 SIZE_THRESHOLD = 17.0  # px at 64x64: between small (<= 14) and large (>= 20)
 MIN_AREA = 24  # px at 64x64; the smallest object (a 10 px triangle) covers 60

@@ -1,6 +1,6 @@
 """A synthetic captioned image set for tests and benchmarks, built on the shapes world.
 
-Example ``i`` is ``jaxt2i.data.shapes``' scene ``(seed, i, split)``: a 64x64 image of one or two
+Example ``i`` is ``jaxt2i.shapes.world``' scene ``(seed, i, split)``: a 64x64 image of one or two
 coloured shapes and several captions of it (the world's own caption followed by paraphrases drawn
 from the same scene), so the pipeline's "draw one caption per use" path is exercised too. Nothing
 is stored: every example is regenerated from its index.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxt2i.data import shapes
+from jaxt2i.shapes import world as shapes
 from jaxt2i.data.pipeline import Example
 
 _PARAPHRASE_STREAM = 0xC2B2AE35

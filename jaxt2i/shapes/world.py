@@ -47,7 +47,7 @@ scenes with at least one (``heldout_reasons`` names them):
 
 Every color, shape, size and relation still appears in train; only the combinations are new.
 ``eval_prompts`` yields prompts with their target scenes per prompt type ("one_object",
-"two_object") and split, for scoring with ``jaxt2i.eval.adherence``.
+"two_object") and split, for scoring with ``jaxt2i.shapes.adherence``.
 """
 
 from __future__ import annotations

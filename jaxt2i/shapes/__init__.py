@@ -1,0 +1,1 @@
+"""The shapes world: the synthetic benchmark every model family is trained and scored on."""
