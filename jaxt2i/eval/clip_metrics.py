@@ -1,61 +1,31 @@
-"""Metrics built on the small shapes-world CLIP (:mod:`jaxt2i.models.clip_vision`).
+"""CLIP-based metrics for any text-to-image model: CLIP score, retrieval accuracy, image features for the Frechet
+distance, and the CLIP encoders themselves (from parameters, a CLIP folder or a model folder's ``clip_vision``).
 
-* Zero-shot classification: every image is scored against one prompt per class ("a red circle" for each of the
-  21 color-shape pairs); the best prompt is the prediction. Color accuracy counts the color of the predicted pair,
-  shape accuracy its shape, so a held-out combination (e.g. "a blue triangle", never seen in training) is judged
-  on each attribute and on the pair.
 * CLIP score: ``100 * max(cos(image, text), 0)`` averaged over pairs (the usual definition, w = 100).
 * Image features for the Frechet distance (:mod:`jaxt2i.eval.frechet`): the unit-norm image embeddings.
 
 The encoders come in as functions (``encode_images``, ``encode_texts``) so that the maths here is testable on
-hand-made embeddings; :func:`clip_encoders` builds them from trained parameters.
+hand-made embeddings; :func:`clip_encoders` builds them from trained parameters and :func:`load_clip` from a folder.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxt2i.shapes import world as shapes
+from jaxt2i.convert.io import read_safetensors, write_safetensors
+from jaxt2i.convert.native import unflatten_params
 from jaxt2i.models.clip_vision import CLIPConfig, CLIPModel
+from jaxt2i.tokenizer import CLIPTokenizer
 
 ImageEncoder = Callable[[np.ndarray], np.ndarray]  # images [N, H, W, 3] in [0, 1] -> unit-norm [N, P]
 TextEncoder = Callable[[Sequence[str]], np.ndarray]  # prompts -> unit-norm [N, P]
-
-
-def pair_prompts(template: str = "a {color} {shape}") -> tuple[list[str], list[tuple[str, str]]]:
-    """One prompt per color-shape pair (21 in the shapes world) and the (color, shape) labels, same order."""
-    labels = [(c, s) for c in shapes.COLORS for s in shapes.SHAPES]
-    return [template.format(color=c, shape=s) for c, s in labels], labels
-
-
-def zero_shot_predict(image_features: np.ndarray, class_features: np.ndarray) -> np.ndarray:
-    """Index of the most similar class for each image: ``[N, P]``, ``[K, P]`` (unit-norm) -> ``[N]`` int."""
-    return np.argmax(np.asarray(image_features) @ np.asarray(class_features).T, axis=1)
-
-
-def zero_shot_accuracy(image_features: np.ndarray, class_features: np.ndarray,
-                       labels: Sequence[tuple[str, str]], targets: Sequence[tuple[str, str]]) -> dict:
-    """Color, shape and pair accuracy of zero-shot pair classification.
-
-    Args:
-      image_features: ``[N, P]`` unit-norm image embeddings.
-      class_features: ``[K, P]`` unit-norm embeddings of the K class prompts.
-      labels: the (color, shape) of each class prompt (K entries).
-      targets: the true (color, shape) of each image (N entries).
-    Returns: {"color": acc, "shape": acc, "pair": acc, "n": N}.
-    """
-    if len(targets) != len(image_features) or len(labels) != len(class_features):
-        raise ValueError(f"got {len(image_features)} images for {len(targets)} targets and {len(class_features)} "
-                         f"class prompts for {len(labels)} labels; each list must match its features.")
-    predicted = [labels[i] for i in zero_shot_predict(image_features, class_features)]
-    color = np.mean([p[0] == t[0] for p, t in zip(predicted, targets)])
-    shape = np.mean([p[1] == t[1] for p, t in zip(predicted, targets)])
-    pair = np.mean([p == t for p, t in zip(predicted, targets)])
-    return {"color": float(color), "shape": float(shape), "pair": float(pair), "n": len(targets)}
+CLIP_VISION_DIR = "clip_vision"  # a model folder's CLIP image tower (its text tower is the model's text encoder)
 
 
 def clip_score(image_features: np.ndarray, text_features: np.ndarray) -> float:
@@ -72,51 +42,9 @@ def retrieval_accuracy(image_features: np.ndarray, text_features: np.ndarray) ->
             "text_to_image": float(np.mean(np.argmax(sims, 0) == target))}
 
 
-def hard_negative_report(encode_images: ImageEncoder, encode_texts: TextEncoder, images: np.ndarray,
-                         scenes: Sequence[shapes.Scene], seed: int = 0) -> dict:
-    """How often an image is closer to a true caption than to one it contradicts, per kind of contradiction.
-
-    For each kind in ``shapes.NEGATIVE_KINDS`` (color / shape / size / relation / binding) and each scene where it
-    applies: is ``cos(image, caption) > cos(image, hard negative of that kind)``? True captions name every size
-    (size negatives always do). ``{kind: accuracy, ..., "n_<kind>": count}``; 0.5 is chance.
-    """
-    rng = np.random.default_rng(seed)
-    image_feats = encode_images(images)
-    report = {}
-    for kind in shapes.NEGATIVE_KINDS:
-        rows, true_caps, neg_caps = [], [], []
-        for i, scene in enumerate(scenes):
-            negative = shapes.hard_negative_caption(scene, rng, kind)
-            if negative is not None:
-                rows.append(i)
-                true_caps.append(shapes.caption(scene, rng, name_sizes=True))
-                neg_caps.append(negative)
-        if rows:
-            feats = image_feats[rows]
-            true_sim = np.sum(feats * encode_texts(true_caps), axis=1)
-            neg_sim = np.sum(feats * encode_texts(neg_caps), axis=1)
-            report[kind] = float(np.mean(true_sim > neg_sim))
-        report[f"n_{kind}"] = len(rows)
-    return report
-
-
-def one_object_eval_set(split: str, n: int, seed: int = 0) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """``n`` one-object images of ``split`` ([n, 64, 64, 3] in [0, 1]) and their (color, shape).
-
-    Uses its own scene stream (``seed + 2_000_003``), apart from training streams. In ``"heldout"`` every image
-    is one of the held-out color-shape pairs, which the training split never shows.
-    """
-    scenes = [shapes.scene(seed + 2_000_003, i, split, n_objects=1) for i in range(n)]
-    images = np.stack([shapes.render(s) for s in scenes]).astype(np.float32) / 255.0
-    return images, [(s.objects[0].color, s.objects[0].shape) for s in scenes]
-
-
-def zero_shot_report(encode_images: ImageEncoder, encode_texts: TextEncoder, split: str, n: int,
-                     seed: int = 0) -> dict:
-    """Zero-shot color / shape / pair accuracy over the 21 "a {color} {shape}" prompts on one-object images."""
-    images, targets = one_object_eval_set(split, n, seed)
-    prompts, labels = pair_prompts()
-    return zero_shot_accuracy(encode_images(images), encode_texts(prompts), labels, targets)
+def image_features(encode_images: ImageEncoder, images: np.ndarray) -> np.ndarray:
+    """Features for :func:`jaxt2i.eval.frechet.frechet_distance_from_features`: unit-norm ``[N, P]`` float64."""
+    return np.asarray(encode_images(images), np.float64)
 
 
 def clip_encoders(params: Any, config: CLIPConfig, tokenizer, batch_size: int = 128
@@ -139,6 +67,51 @@ def clip_encoders(params: Any, config: CLIPConfig, tokenizer, batch_size: int = 
     return encode_images, encode_texts
 
 
-def image_features(encode_images: ImageEncoder, images: np.ndarray) -> np.ndarray:
-    """Features for :func:`jaxt2i.eval.frechet.frechet_distance_from_features`: unit-norm ``[N, P]`` float64."""
-    return np.asarray(encode_images(images), np.float64)
+def write_clip_vision(folder: str, flat_clip: dict, clip_config: dict, dtype: str = "float16") -> None:
+    """Stores the image tower (+ ``logit_scale``) of a full CLIP flat tree in ``folder`` (a model's ``clip_vision``).
+
+    flat_clip: ``{"vision_model/...": array, "text_model/...": array, "logit_scale": array}`` (``/``-flattened);
+    clip_config: the CLIP's config dict ``{"text": {...}, "vision": {...}}``.
+    """
+    os.makedirs(folder, exist_ok=True)
+    kept = {k: np.asarray(v).astype(dtype) for k, v in flat_clip.items() if not k.startswith("text_model/")}
+    if not any(k.startswith("vision_model/") for k in kept):
+        raise ValueError("the CLIP parameters have no vision_model/ entries; pass a full CLIP folder.")
+    write_safetensors(os.path.join(folder, "params.safetensors"), kept, metadata={"format": "jaxt2i-flax-flat"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(clip_config, f, indent=2)
+
+
+def find_clip(path: str | None) -> str | None:
+    """The CLIP folder at ``path``: itself when it holds ``params.safetensors`` + ``config.json``, its
+    ``clip_vision/`` when it is a model folder with one, else None."""
+    if path is None or not os.path.isdir(path):
+        return None
+    for folder in (os.path.join(path, CLIP_VISION_DIR), path):
+        if all(os.path.isfile(os.path.join(folder, f)) for f in ("params.safetensors", "config.json")):
+            return folder
+    return None
+
+
+def load_clip(path: str | None, text_encoder_params: dict | None = None) -> tuple[ImageEncoder, TextEncoder] | None:
+    """``(encode_images, encode_texts)`` of the CLIP at ``path`` (see :func:`find_clip`), or None when there is none.
+
+    A full CLIP folder holds both towers (``text_model/`` and ``vision_model/``). A model's ``clip_vision/`` holds
+    the image tower only; its text tower is the model's text encoder, ``text_encoder_params`` (CLIP text-model
+    parameters), which must then be given.
+    """
+    folder = find_clip(path)
+    if folder is None:
+        return None
+    params = unflatten_params({k: np.asarray(v, np.float32)
+                               for k, v in read_safetensors(os.path.join(folder, "params.safetensors")).items()})
+    if "text_model" not in params:
+        if text_encoder_params is None:
+            raise ValueError(f"{folder} holds only a CLIP image tower and no text encoder was given; pass a full CLIP "
+                             "folder, or load it with the model's text encoder parameters.")
+        params["text_model"] = jax.tree.map(lambda a: np.asarray(a, np.float32), text_encoder_params)
+    if "logit_scale" in params:
+        params["logit_scale"] = np.asarray(params["logit_scale"]).reshape(())
+    with open(os.path.join(folder, "config.json")) as f:
+        config = CLIPConfig.from_dict(json.load(f))
+    return clip_encoders(params, config, CLIPTokenizer.default())

@@ -1,15 +1,18 @@
 """Prompt-adherence scoring for the shapes world: did the image show what the prompt asked for?
 
-A prompt's target is a ``jaxt2i.shapes.world.Scene``; an image's content is the list of
-``jaxt2i.shapes.detector.Detection`` found in it. Rules (GenEval-style, presence-based):
+A prompt's target is a ``jaxt2i.world.world.Scene``; an image's content is the list of
+``jaxt2i.world.detector.Detection`` found in it. Rules (GenEval-style, presence-based):
 
 * one object: correct when some detection has the target's color and shape;
 * two objects: correct when both targets are found (as two different detections with the right
   color and shape) and, for some such pair, ``relation(first, second)`` is the target relation.
 
-Sizes are not part of correctness (prompts may omit them); ``size_correct`` and
-``count_correct`` (exactly as many detections as target objects) are reported on the side.
-``report`` aggregates per group (e.g. "train/one_object") and averages the per-type accuracies.
+Extra objects do not make a GenEval-style verdict wrong; the **exact** verdict is stricter: correct, and no object
+besides the targets (exactly as many detections as target objects, objects of unknown shape included), so a third
+object drawn beside two right ones fails it. Sizes are not part of correctness (prompts may omit them);
+``size_correct``, ``count_correct`` (exactly as many detections as target objects) and ``unknown_shapes`` (objects
+whose shape is no world shape) are reported on the side. ``report`` aggregates per group (e.g. "train/one_object")
+and averages the per-type accuracies.
 """
 
 from __future__ import annotations
@@ -20,8 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxt2i.shapes import world as shapes
-from jaxt2i.shapes import detector
+from jaxt2i.shapes import detector, world
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,25 +37,33 @@ class PromptScore:
     relation_correct: bool | None
     count_correct: bool
     size_correct: bool | None  # None when a target object was not found
+    unknown_shapes: int = 0  # detections whose shape is no world shape
+
+    @property
+    def exact(self) -> bool:
+        """Correct, with nothing drawn besides the target objects."""
+        return self.correct and self.count_correct
 
 
-def _matches(obj: shapes.Obj, detections: Sequence[detector.Detection]) -> list[int]:
+def _matches(obj: world.Obj, detections: Sequence[detector.Detection]) -> list[int]:
     return [i for i, d in enumerate(detections) if (d.color, d.shape) == (obj.color, obj.shape)]
 
 
-def _size_ok(objects: Sequence[shapes.Obj], chosen: Sequence[detector.Detection]) -> bool:
+def _size_ok(objects: Sequence[world.Obj], chosen: Sequence[detector.Detection]) -> bool:
     return all(o.size == d.size for o, d in zip(objects, chosen))
 
 
-def score(target: shapes.Scene, detections: Sequence[detector.Detection]) -> PromptScore:
+def score(target: world.Scene, detections: Sequence[detector.Detection]) -> PromptScore:
     """Score one image's detections against its prompt's target scene."""
     count_ok = len(detections) == len(target.objects)
+    unknown = sum(d.shape == detector.UNKNOWN for d in detections)
     if len(target.objects) == 1:
         found = _matches(target.objects[0], detections)
         size_ok = any(detections[i].size == target.objects[0].size for i in found) if found else None
-        return PromptScore("one_object", bool(found), int(bool(found)), bool(found), None, count_ok, size_ok)
-    if len(target.objects) != 2 or target.relation not in shapes.RELATIONS:
-        raise ValueError(f"target must hold one object, or two with a relation in {shapes.RELATIONS}: {target}")
+        return PromptScore("one_object", bool(found), int(bool(found)), bool(found), None, count_ok, size_ok,
+                           unknown)
+    if len(target.objects) != 2 or target.relation not in world.RELATIONS:
+        raise ValueError(f"target must hold one object, or two with a relation in {world.RELATIONS}: {target}")
     a, b = target.objects
     pairs = [(i, j) for i in _matches(a, detections) for j in _matches(b, detections) if i != j]
     n_found = 2 if pairs else int(bool(_matches(a, detections)) or bool(_matches(b, detections)))
@@ -68,6 +78,7 @@ def score(target: shapes.Scene, detections: Sequence[detector.Detection]) -> Pro
         relation_correct=bool(good),
         count_correct=count_ok,
         size_correct=size_ok,
+        unknown_shapes=unknown,
     )
 
 
@@ -81,9 +92,11 @@ def _group_stats(scores: Sequence[PromptScore]) -> dict:
     stats = {
         "n": len(scores),
         "accuracy": _mean([s.correct for s in scores]),
+        "exact_accuracy": _mean([s.exact for s in scores]),
         "objects_accuracy": _mean([s.objects_correct for s in scores]),
         "count_accuracy": _mean([s.count_correct for s in scores]),
         "size_accuracy": _mean([s.size_correct for s in scores]),
+        "unknown_shape_share": _mean([s.unknown_shapes > 0 for s in scores]),
     }
     if scores and scores[0].prompt_type == "two_object":
         stats["relation_accuracy_given_objects"] = _mean([s.relation_correct for s in found])
@@ -94,7 +107,7 @@ def report(scores: Sequence[PromptScore], groups: Sequence[str] | None = None) -
     """Aggregate scores: {group: {prompt_type: stats}, ..., "overall": ..., "n": ...}.
 
     ``groups`` (e.g. the split of each prompt) labels each score; without it everything is one
-    group "all". Each group's "overall" is the mean of its per-type accuracies, so one- and
+    group "all". Each group's "overall" ("overall_exact") is the mean of its per-type (exact) accuracies, so one- and
     two-object prompts weigh equally whatever their counts; the top-level "overall" is the same
     mean over all scores regardless of group.
     """
@@ -104,11 +117,12 @@ def report(scores: Sequence[PromptScore], groups: Sequence[str] | None = None) -
 
     def by_type(subset: Sequence[PromptScore]) -> dict:
         out = {}
-        for prompt_type in shapes.PROMPT_TYPES:
+        for prompt_type in world.PROMPT_TYPES:
             typed = [s for s in subset if s.prompt_type == prompt_type]
             if typed:
                 out[prompt_type] = _group_stats(typed)
-        out["overall"] = _mean([out[t]["accuracy"] for t in shapes.PROMPT_TYPES if t in out])
+        out["overall"] = _mean([out[t]["accuracy"] for t in world.PROMPT_TYPES if t in out])
+        out["overall_exact"] = _mean([out[t]["exact_accuracy"] for t in world.PROMPT_TYPES if t in out])
         out["n"] = len(subset)
         return out
 
@@ -117,12 +131,12 @@ def report(scores: Sequence[PromptScore], groups: Sequence[str] | None = None) -
         members[g].append(s)
     result = {g: by_type(members[g]) for g in sorted(members)}
     total = by_type(scores)
-    result["overall"], result["n"] = total["overall"], total["n"]
+    result["overall"], result["overall_exact"], result["n"] = total["overall"], total["overall_exact"], total["n"]
     return result
 
 
 def evaluate(
-    targets: Sequence[shapes.Scene],
+    targets: Sequence[world.Scene],
     images: Sequence[np.ndarray],
     groups: Sequence[str] | None = None,
 ) -> tuple[dict, list[PromptScore]]:
@@ -134,7 +148,7 @@ def evaluate(
 
 
 def evaluate_prompts(
-    prompts: Sequence[shapes.EvalPrompt], images: Sequence[np.ndarray]
+    prompts: Sequence[world.EvalPrompt], images: Sequence[np.ndarray]
 ) -> tuple[dict, list[PromptScore]]:
-    """``evaluate`` for ``shapes.eval_prompts`` output; groups are the prompts' splits."""
+    """``evaluate`` for ``world.eval_prompts`` output; groups are the prompts' splits."""
     return evaluate([p.target for p in prompts], images, [p.split for p in prompts])

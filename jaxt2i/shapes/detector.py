@@ -1,28 +1,29 @@
-"""A deterministic object detector for the shapes world (``jaxt2i.shapes.world``).
+"""A deterministic object detector for the shapes world (``jaxt2i.shapes.world``) that decides shapes by geometry.
 
 Steps, for an image [H, W, 3] (uint8, or float in [0, 1]):
 
 1. Every pixel is classified to the nearest palette color or the black background (RGB distance).
-2. Foreground pixels (not background) form 8-connected components; components smaller than
-   ``min_area`` (noise specks) are dropped.
-3. A component's color is the palette color nearest to the median RGB of its interior (the
-   component eroded by one pixel), which ignores blurred or off-color rims. A component in which a
-   second color holds a large share of the interior (two touching objects) is split by color.
-4. Shape comes from three invariants of the mask. The fill ratio (area / bounding-box area: square 1,
-   circle pi/4, triangle 1/2) and the share of the area in the top half of the bounding box (1/2 for
-   circle and square, ~1/4 for the upright triangle) tell the triangle from the other two: nearest
-   prototype. Square or circle is then decided by the corner reach -- how far the mask extends along
-   the two diagonals, relative to its bounding box: 1 when it reaches all four corners (square),
-   1/sqrt(2) for a disc; the midpoint splits them. (The fill ratio alone reads a square with slightly
-   concave sides, which the U-Net draws for small squares, as a circle: its fill is ~0.8, a disc's, but
-   its corners still reach the bounding box.)
-5. Size: ``large`` when the longer bounding-box side is at least ``SIZE_THRESHOLD`` (17 px at
-   64x64; small objects span 10..14 px, large ones 20..24 px). Thresholds scale with image width.
+2. Foreground pixels (not background) form 8-connected components; components smaller than ``min_area`` (noise
+   specks) are dropped, and holes smaller than ``min_area`` inside a component are filled.
+3. A component's color is the palette color nearest to the median RGB of its interior (the component eroded by one
+   pixel), which ignores blurred or off-color rims. A component in which a second color holds a large share of the
+   interior (two touching objects) is split by color.
+4. Shape: the component's mask is compared with ideal shapes drawn by the world's own geometry
+   (``world.shape_inside``) -- a circle, and squares and triangles at every orientation in steps of
+   ``ANGLE_STEP`` degrees -- each fitted (center and extent) to maximise the intersection over union (IoU) with the
+   mask. The best fit names the shape when (a) it is a circle, or a square or triangle in the world's orientation
+   (axis-aligned squares, triangles apex up: rotations within +-ANGLE_STEP/2 degrees), (b) its IoU is at least
+   ``MATCH_IOU``, and (c) it beats the best fit of every other kind of shape by at least ``MARGIN``. Otherwise the
+   shape is ``"unknown"``: a diamond (a square rotated 45 degrees) fits a rotated square best, an apex-down triangle
+   a rotated triangle, a star or an ellipse nothing well, a shape halfway between a rounded diamond and a disc
+   two kinds equally -- none of them is counted as a world shape.
+5. Size: ``large`` when the longer bounding-box side is at least ``SIZE_THRESHOLD`` (17 px at 64x64; small objects
+   span 10..14 px, large ones 20..24 px). Thresholds scale with image width.
 6. ``relation(a, b)`` compares bounding-box centers along the dominant axis.
 
-Generated images are tolerated: noise is averaged out by the median and dropped by ``min_area``,
-slightly-off colors still go to the nearest palette entry, and blurred edges are cut at about
-half intensity (where the nearest class flips to background).
+``MATCH_IOU`` and ``MARGIN`` come from renders with known answers only (``tests/test_detector.py``: the world's
+shapes under blur, noise, small rotations, rounded corners and concave sides must pass; diamonds, rotated rounded
+squares, stars, rotated triangles, ellipses and rectangles must not).
 """
 
 from __future__ import annotations
@@ -32,28 +33,47 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-from jaxt2i.shapes import world as shapes
+from jaxt2i.shapes import world
 
 SIZE_THRESHOLD = 17.0  # px at 64x64: between small (<= 14) and large (>= 20)
 MIN_AREA = 24  # px at 64x64; the smallest object (a 10 px triangle) covers 60
 SPLIT_SHARE = 0.3  # a second color owning this share of a component's interior splits it
-
-# (fill ratio, top-half share) of the ideal shapes: finds triangles
-SHAPE_PROTOTYPES: dict[str, tuple[float, float]] = {
-    "square": (1.0, 0.5),
-    "circle": (np.pi / 4, 0.5),
-    "triangle": (0.5, 0.25),
-}
-# corner reach of a square (1) and of a disc (1 / sqrt(2)); square above the midpoint
-SQUARE_CORNER_REACH = (1.0 + 1.0 / np.sqrt(2.0)) / 2
-_CLASS_NAMES: tuple[str, ...] = ("background",) + shapes.COLORS
-_CLASS_RGB = np.array([shapes.BACKGROUND] + [shapes.PALETTE[c] for c in shapes.COLORS], np.float32) / 255.0
+UNKNOWN = "unknown"
+ANGLE_STEP = 15  # degrees between the orientations fitted; the world's orientation is 0
+MATCH_IOU = 0.85  # the best fit must cover the mask at least this well
+MARGIN = 0.02  # ... and beat every other kind of shape by this much IoU
+_FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}  # area / extent^2 of the world's shapes
+_PERIOD = {"circle": ANGLE_STEP, "square": 90, "triangle": 360}  # rotational symmetry (degrees)
+FAMILY: tuple[tuple[str, int], ...] = tuple(
+    (shape, angle) for shape in world.SHAPES for angle in range(0, _PERIOD[shape], ANGLE_STEP))
+_CLASS_NAMES: tuple[str, ...] = ("background",) + world.COLORS
+_CLASS_RGB = np.array([world.BACKGROUND] + [world.PALETTE[c] for c in world.COLORS], np.float32) / 255.0
 _EIGHT_CONNECTED = np.ones((3, 3), bool)
+_PAD = 4  # px around a mask's bounding box in which ideal shapes are drawn
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """An ideal shape fitted to a mask: ``angle`` in degrees (0 = the world's orientation), ``center`` (x, y) and
+    ``extent`` in pixels, ``iou`` its intersection over union with the mask."""
+
+    shape: str
+    angle: int
+    iou: float
+    center: tuple[float, float]
+    extent: float
+
+    @property
+    def in_world_orientation(self) -> bool:
+        return self.shape == "circle" or self.angle == 0
 
 
 @dataclasses.dataclass(frozen=True)
 class Detection:
-    """One detected object. ``center`` is (x, y) of the bounding box; ``bbox`` is (y0, x0, y1, x1), end-exclusive."""
+    """One detected object. ``center`` is (x, y) of the bounding box; ``bbox`` is (y0, x0, y1, x1), end-exclusive.
+
+    ``shape`` is one of ``world.SHAPES`` or ``"unknown"``; ``fit`` is the best-fitting ideal shape (``shape@angle``)
+    and ``iou`` its IoU with the object's mask."""
 
     color: str
     shape: str
@@ -61,9 +81,8 @@ class Detection:
     center: tuple[float, float]
     bbox: tuple[int, int, int, int]
     area: int
-    fill: float  # area / bounding-box area
-    top_share: float  # share of the area in the top half of the bounding box
-    corner_reach: float  # diagonal extent / bounding-box extent (see shape_features)
+    fit: str
+    iou: float
     color_error: float  # RGB distance (0..sqrt(3)) from the median color to its palette entry
 
 
@@ -78,7 +97,7 @@ def to_float_image(image: np.ndarray) -> np.ndarray:
 
 
 def classify_pixels(image: np.ndarray) -> np.ndarray:
-    """Nearest class per pixel: [H, W] int, 0 = background, k = shapes.COLORS[k - 1]."""
+    """Nearest class per pixel: [H, W] int, 0 = background, k = world.COLORS[k - 1]."""
     d2 = ((image[:, :, None, :] - _CLASS_RGB[None, None]) ** 2).sum(-1)  # [H, W, classes]
     return np.argmin(d2, axis=-1)
 
@@ -87,7 +106,7 @@ def nearest_color(rgb: np.ndarray) -> tuple[str, float]:
     """Nearest palette color (never background) to one RGB triple in [0, 1], and its distance."""
     d = np.sqrt(((_CLASS_RGB[1:] - rgb[None]) ** 2).sum(-1))
     k = int(np.argmin(d))
-    return shapes.COLORS[k], float(d[k])
+    return world.COLORS[k], float(d[k])
 
 
 def _interior(mask: np.ndarray) -> np.ndarray:
@@ -113,61 +132,103 @@ def _split_by_color(image: np.ndarray, classes: np.ndarray, mask: np.ndarray, mi
     return parts
 
 
-def shape_features(mask: np.ndarray) -> tuple[tuple[int, int, int, int], float, float, float]:
-    """bbox (y0, x0, y1, x1), fill ratio, share of the area in the top half of the bbox, and corner reach.
+def fill_small_holes(mask: np.ndarray, max_hole: float) -> np.ndarray:
+    """``mask`` [H, W] bool with its holes (background enclosed by it) smaller than ``max_hole`` pixels filled."""
+    holes, n = ndimage.label(ndimage.binary_fill_holes(mask) & ~mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(holes.ravel(), minlength=n + 1)
+    small = sizes < max_hole
+    small[0] = False
+    return mask | small[holes]
 
-    Corner reach: the mask's extent along the two diagonals (x + y and x - y, each pixel a unit square),
-    summed, over the same extents of its bounding box (2 (w + h)). It is 1 exactly when the mask reaches all
-    four corners of its bounding box, and falls by how far each corner is cut off: 1/sqrt(2) for a disc, 3/4
-    for an upright isosceles triangle (apex at the top middle, both bottom corners reached).
-    """
+
+def _search(crop: np.ndarray, gx: np.ndarray, gy: np.ndarray, shape: str, angle: int, cx: np.ndarray,
+            cy: np.ndarray, extents: np.ndarray) -> tuple[float, float, float, float]:
+    """Best (iou, cx, cy, extent) over the grid cx x cy x extents (1-D arrays) of ``shape`` rotated by ``angle``."""
+    cxs, cys, es = (a.reshape(-1, 1, 1).astype(np.float32) for a in np.meshgrid(cx, cy, extents, indexing="ij"))
+    t = np.deg2rad(angle)
+    c, s = np.float32(np.cos(t)), np.float32(np.sin(t))
+    dx, dy = gx[None] - cxs, gy[None] - cys
+    u, v = (dx, dy) if angle == 0 else (c * dx + s * dy, c * dy - s * dx)
+    ideal = world.shape_inside(shape, u, v, es / 2)  # [K, h, w]
+    inter = np.count_nonzero(ideal & crop, axis=(1, 2))
+    union = np.count_nonzero(ideal | crop, axis=(1, 2))
+    k = int(np.argmax(inter / union))
+    return float(inter[k] / union[k]), float(cxs.ravel()[k]), float(cys.ravel()[k]), float(es.ravel()[k])
+
+
+_COARSE_OFFSETS, _COARSE_EXTENTS = np.arange(-1.0, 1.1, 1.0), np.arange(-2.0, 2.1, 1.0)  # px around the guess
+_FINE_OFFSETS, _FINE_EXTENTS = np.arange(-0.5, 0.6, 0.25), np.arange(-0.5, 0.6, 0.25)  # px around the coarse best
+_REFINED = 4  # members of the family refined after the coarse search (the best ones)
+
+
+def fit_shapes(mask: np.ndarray) -> list[Fit]:
+    """Every member of ``FAMILY`` fitted to ``mask`` [H, W] bool, best first: center and extent by a coarse grid
+    search for maximum IoU around a guess from the mask's area and centroid, then a finer one for the best
+    ``_REFINED`` members. Coordinates are pixels of ``mask``, (x, y) with y down."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        raise ValueError("the mask is empty; fit_shapes needs at least one pixel")
+    y0, x0 = ys.min() - _PAD, xs.min() - _PAD
+    crop = np.zeros((ys.max() - y0 + 1 + _PAD, xs.max() - x0 + 1 + _PAD), bool)
+    crop[ys - y0, xs - x0] = True
+    gy, gx = (np.mgrid[0:crop.shape[0], 0:crop.shape[1]] + 0.5).astype(np.float32)
+    mx, my = xs.mean() + 0.5 - x0, ys.mean() + 0.5 - y0
+    coarse = []
+    for shape, angle in FAMILY:
+        e0 = np.sqrt(len(ys) / _FILL[shape])
+        t = np.deg2rad(angle)
+        lift = e0 / 6 if shape == "triangle" else 0.0  # a triangle's centroid lies e/6 below its box center
+        cx, cy = mx + np.sin(t) * lift, my - np.cos(t) * lift
+        coarse.append(((shape, angle), _search(crop, gx, gy, shape, angle, cx + _COARSE_OFFSETS,
+                                               cy + _COARSE_OFFSETS, e0 + _COARSE_EXTENTS)))
+    coarse.sort(key=lambda r: (-r[1][0], FAMILY.index(r[0])))
+    fits = []
+    for rank, ((shape, angle), (iou, cx, cy, e)) in enumerate(coarse):
+        if rank < _REFINED:
+            iou, cx, cy, e = _search(crop, gx, gy, shape, angle, cx + _FINE_OFFSETS, cy + _FINE_OFFSETS,
+                                     e + _FINE_EXTENTS)
+        fits.append(Fit(shape, angle, iou, (cx + x0, cy + y0), e))
+    return sorted(fits, key=lambda f: (-f.iou, FAMILY.index((f.shape, f.angle))))
+
+
+def decide_shape(fits: list[Fit]) -> str:
+    """The world shape that ``fits`` (``fit_shapes``' output, best first) name, or ``"unknown"``: the best fit must
+    be in the world's orientation, reach ``MATCH_IOU`` and beat every other kind of shape by ``MARGIN``."""
+    best = fits[0]
+    other = max((f.iou for f in fits if f.shape != best.shape), default=0.0)
+    if best.in_world_orientation and best.iou >= MATCH_IOU and best.iou - other >= MARGIN:
+        return best.shape
+    return UNKNOWN
+
+
+def _describe(image: np.ndarray, mask: np.ndarray, scale: float, min_area: float) -> Detection:
     ys, xs = np.nonzero(mask)
     y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
-    h, w = y1 - y0, x1 - x0
-    area = len(ys)
-    rows = np.bincount(ys - y0, minlength=h).astype(np.float64)  # [h]
-    weight = np.clip(h / 2 - np.arange(h), 0.0, 1.0)  # 1 above the middle, 0.5 on an odd middle row
-    diagonal_extent = sum(int(d.max() - d.min()) + 2 for d in (xs + ys, xs - ys))  # a pixel spans 2 along each
-    return (y0, x0, y1, x1), area / (h * w), float((rows * weight).sum() / area), diagonal_extent / (2 * (h + w))
-
-
-def classify_shape(fill: float, top_share: float, corner_reach: float) -> str:
-    """Triangle when (fill, top-half share) is nearest the triangle's prototype; otherwise square when the corner
-    reach is past the midpoint between a disc's and a square's, else circle."""
-    nearest = min(
-        SHAPE_PROTOTYPES,
-        key=lambda s: (fill - SHAPE_PROTOTYPES[s][0]) ** 2 + (top_share - SHAPE_PROTOTYPES[s][1]) ** 2,
-    )
-    if nearest == "triangle":
-        return "triangle"
-    return "square" if corner_reach >= SQUARE_CORNER_REACH else "circle"
-
-
-def _describe(image: np.ndarray, mask: np.ndarray, scale: float) -> Detection:
-    bbox, fill, top_share, corner_reach = shape_features(mask)
     color, err = nearest_color(np.median(image[_interior(mask)], axis=0))
-    y0, x0, y1, x1 = bbox
+    fits = fit_shapes(fill_small_holes(mask, min_area))
     return Detection(
         color=color,
-        shape=classify_shape(fill, top_share, corner_reach),
+        shape=decide_shape(fits),
         size="large" if max(y1 - y0, x1 - x0) >= SIZE_THRESHOLD * scale else "small",
         center=((x0 + x1) / 2, (y0 + y1) / 2),
-        bbox=bbox,
-        area=int(mask.sum()),
-        fill=float(fill),
-        top_share=top_share,
-        corner_reach=float(corner_reach),
+        bbox=(y0, x0, y1, x1),
+        area=len(ys),
+        fit=f"{fits[0].shape}@{fits[0].angle}",
+        iou=round(fits[0].iou, 4),
         color_error=err,
     )
 
 
 def detect(image: np.ndarray, min_area: float | None = None) -> list[Detection]:
-    """Objects in one image [H, W, 3] (uint8 or float in [0, 1]), largest first.
+    """Objects in one image [H, W, 3] (uint8 or float in [0, 1]), largest first; every object found is listed,
+    including those whose shape is ``"unknown"``.
 
     ``min_area`` (pixels) defaults to ``MIN_AREA`` scaled by (W / 64)^2.
     """
     image = to_float_image(image)
-    scale = image.shape[1] / shapes.IMAGE_SIZE
+    scale = image.shape[1] / world.IMAGE_SIZE
     min_area = MIN_AREA * scale**2 if min_area is None else min_area
     classes = classify_pixels(image)
     labels, n = ndimage.label(classes > 0, structure=_EIGHT_CONNECTED)
@@ -177,11 +238,11 @@ def detect(image: np.ndarray, min_area: float | None = None) -> list[Detection]:
         if areas[i] < min_area:
             continue
         for part in _split_by_color(image, classes, labels == i, min_area):
-            found.append(_describe(image, part, scale))
+            found.append(_describe(image, part, scale, min_area))
     return sorted(found, key=lambda d: (-d.area, d.bbox))
 
 
-def relation(a: Detection | shapes.Obj, b: Detection | shapes.Obj) -> str:
+def relation(a: Detection | world.Obj, b: Detection | world.Obj) -> str:
     """Where ``a`` is relative to ``b``: 'left of', 'right of', 'above' or 'below' (dominant axis)."""
     dx = b.center[0] - a.center[0]
     dy = b.center[1] - a.center[1]  # y grows downwards

@@ -291,25 +291,31 @@ def scene(seed: int, index: int, split: str = "train", n_objects: int | None = N
 # ----------------------------------------------------------------------------- rendering
 
 
+def shape_inside(shape: str, dx: np.ndarray, dy: np.ndarray, half) -> np.ndarray:
+    """Whether points at offsets ``(dx, dy)`` (any broadcastable arrays, y down) from an object's center lie inside
+    the world's ``shape`` of extent ``2 * half`` in its world orientation (squares axis-aligned, triangles apex up).
+
+    The one definition of the shapes' geometry: :func:`object_mask` draws with it and the detector fits it.
+    A triangle row keeps the points within the triangle's width at the row's lower edge, so the apex row is drawn.
+    """
+    if shape == "circle":
+        return dx * dx + dy * dy < half * half
+    if shape == "square":
+        return (np.abs(dx) < half) & (np.abs(dy) < half)
+    if shape == "triangle":
+        depth_below_row = dy + half + 0.5  # 1 for the apex row, extent for the base row
+        return (dy > -half) & (dy < half) & (np.abs(dx) <= depth_below_row / 2)
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
 def object_mask(obj: Obj, size: int = IMAGE_SIZE) -> np.ndarray:
     """Boolean mask [size, size] of ``obj``: exactly ``extent`` x ``extent`` pixels of bounding box.
 
     Pixel (i, j) is sampled at its centre (j + 0.5, i + 0.5); scene centers keep the bounding box
-    pixel-aligned, so no pixel centre ever falls on a shape's edge. A triangle row keeps the pixels
-    whose centres lie within the triangle's width at the row's lower edge, so the apex row is drawn.
+    pixel-aligned, so no pixel centre ever falls on a shape's edge (geometry: :func:`shape_inside`).
     """
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
-    cx, cy = obj.center
-    half = obj.extent / 2
-    dx, dy = xs - cx, ys - cy
-    if obj.shape == "circle":
-        return dx * dx + dy * dy < half * half
-    if obj.shape == "square":
-        return (np.abs(dx) < half) & (np.abs(dy) < half)
-    if obj.shape == "triangle":
-        depth_below_row = dy + half + 0.5  # 1 for the apex row, extent for the base row
-        return (dy > -half) & (dy < half) & (np.abs(dx) <= depth_below_row / 2)
-    raise ValueError(f"unknown shape {obj.shape!r}; expected one of {SHAPES}")
+    return shape_inside(obj.shape, xs - obj.center[0], ys - obj.center[1], obj.extent / 2)
 
 
 def render(scene: Scene) -> np.ndarray:
