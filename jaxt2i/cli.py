@@ -8,7 +8,12 @@ import sys
 import time
 from typing import Sequence
 
-DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "shapes_model")
+from jaxt2i.eval import clip_metrics
+from jaxt2i.eval.rerank import best_of
+from jaxt2i.shapes import SHIPPED_MODEL
+from jaxt2i.shapes.cli import eval_main
+
+DEFAULT_MODEL = SHIPPED_MODEL
 
 
 class CLIError(Exception):
@@ -110,10 +115,7 @@ def _load(args):
 
 def _ranking_clip(args, model: str, pipe):
     """The CLIP encoders that rank ``--candidates``: ``--clip``, else the model folder's ``clip_vision/``."""
-    from jaxt2i.shapes.report import load_eval_clip
-
-    path = args.clip or (model if os.path.isdir(model) else None)
-    clip = load_eval_clip(path, pipe.params["text_encoder"]) if path else None
+    clip, path = clip_metrics.clip_for_model(pipe, model, args.clip)
     if clip is None:
         raise CLIError(f"--candidates {args.candidates} needs a CLIP to rank the images and {path or model} has none "
                        "(no clip_vision/); pass --clip FOLDER, or leave --candidates at 1.")
@@ -174,8 +176,6 @@ def _run_sampling(args, kind: str) -> int:
 
             def draw(seed):
                 return pipe.inpaint(prompts, image, mask, strength=args.strength, seed=seed, **common)
-    from jaxt2i.eval.rerank import best_of
-
     t0 = time.perf_counter()
     out, _ = best_of(draw, prompts, args.candidates, args.seed, clip)
     elapsed = time.perf_counter() - t0
@@ -220,8 +220,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return train_main(argv[1:])
     if argv and argv[0] == "eval":
-        from jaxt2i.shapes.cli import eval_main
-
         return eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:

@@ -27,7 +27,7 @@ import numpy as np
 from jaxt2i.convert import native
 from jaxt2i.convert.io import read_safetensors
 from jaxt2i.convert.load import LoadedModel, read_any, write_native
-from jaxt2i.shapes.report import CLIP_VISION_DIR, write_clip_vision
+from jaxt2i.eval.clip_metrics import CLIP_VISION_DIR, write_clip_vision
 from jaxt2i.train.loop import read_component_folder
 
 

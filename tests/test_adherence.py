@@ -9,7 +9,7 @@ from jaxt2i.shapes.detector import Detection
 
 
 def det(color, shape, x, y, size="small"):
-    return Detection(color, shape, size, (float(x), float(y)), (0, 0, 1, 1), 100, 1.0, 0.5, 1.0, 0.0)
+    return Detection(color, shape, size, (float(x), float(y)), (0, 0, 1, 1), 100, f"{shape}@0", 1.0, 0.0)
 
 
 def obj(color, shape, size="small"):
@@ -35,9 +35,23 @@ def test_one_object_failures(dets):
     assert not s.correct and s.objects_found == 0 and s.size_correct is None
 
 
-def test_one_object_extra_objects_are_not_failures_but_count_is_reported():
+def test_one_object_extra_objects_are_not_failures_but_fail_the_exact_score():
     s = A.score(ONE, [det("green", "square", 10, 10), det("red", "circle", 40, 40, "large")])
-    assert s.correct and not s.count_correct and s.size_correct is False
+    assert s.correct and not s.count_correct and not s.exact and s.size_correct is False
+    assert A.score(ONE, [det("red", "circle", 40, 40)]).exact
+
+
+def test_a_third_object_fails_the_exact_score_even_of_unknown_shape():
+    right = [det("blue", "square", 50, 30, "large"), det("red", "circle", 10, 35)]
+    assert A.score(TWO, right).exact
+    for third in (det("green", "triangle", 30, 60), det("white", "unknown", 30, 60)):
+        s = A.score(TWO, right + [third])
+        assert s.correct and not s.exact and s.unknown_shapes == (third.shape == "unknown")
+
+
+def test_an_unknown_shape_never_matches_a_target():
+    s = A.score(ONE, [det("red", "unknown", 30, 30)])
+    assert not s.correct and s.unknown_shapes == 1 and s.count_correct
 
 
 def test_two_objects_correct():
@@ -87,6 +101,7 @@ def test_report_aggregates_per_group_and_type():
     ]
     r = A.report(scores, ["train", "train", "train", "heldout", "heldout"])
     assert r["train"]["one_object"]["accuracy"] == 0.5 and r["train"]["one_object"]["n"] == 2
+    assert r["train"]["one_object"]["exact_accuracy"] == 0.5 and r["train"]["overall_exact"] == 0.75
     assert r["train"]["two_object"]["accuracy"] == 1.0
     assert r["train"]["overall"] == 0.75 and r["train"]["n"] == 3
     h = r["heldout"]
@@ -103,8 +118,8 @@ def test_end_to_end_rendered_targets_score_perfectly_and_shuffled_ones_do_not():
     prompts = [p for t in S.PROMPT_TYPES for sp in S.SPLITS for p in S.eval_prompts(sp, t, 30, seed=4)]
     images = [S.render(p.target) for p in prompts]
     rep, scores = A.evaluate_prompts(prompts, images)
-    assert all(s.correct and s.count_correct and s.size_correct for s in scores)
-    assert rep["overall"] == 1.0 and rep["heldout"]["two_object"]["n"] == 30
+    assert all(s.correct and s.exact and s.size_correct and not s.unknown_shapes for s in scores)
+    assert rep["overall"] == 1.0 and rep["overall_exact"] == 1.0 and rep["heldout"]["two_object"]["n"] == 30
     rng = np.random.default_rng(0)
     noisy = [np.clip(im / 255.0 + rng.normal(0, 0.05, im.shape), 0, 1) for im in images]
     assert A.evaluate_prompts(prompts, noisy)[0]["overall"] == 1.0

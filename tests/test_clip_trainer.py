@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from jaxt2i.shapes import world as shapes
-from jaxt2i.eval import clip_metrics as cm
 from jaxt2i.models import clip_vision as cv
 from jaxt2i.tokenizer import CLIPTokenizer
 from jaxt2i.train import clip_trainer as ct
@@ -62,36 +61,6 @@ def test_one_step_is_deterministic_from_the_seed(pairs):
     assert not np.array_equal(a.params["logit_scale"], s1.params["logit_scale"])  # the temperature is learned
 
 
-def test_zero_shot_accuracy_hand_made():
-    # 3 classes along the axes; images 0, 1 point at classes 0, 1; image 2 is nearest class 0 but is class 2.
-    labels = [("red", "circle"), ("red", "square"), ("blue", "circle")]
-    classes = np.eye(3)
-    images = np.array([[1.0, 0.1, 0.0], [0.0, 1.0, 0.2], [0.9, 0.0, 0.5]])
-    targets = [("red", "circle"), ("red", "square"), ("blue", "circle")]
-    np.testing.assert_array_equal(cm.zero_shot_predict(images, classes), [0, 1, 0])
-    got = cm.zero_shot_accuracy(images, classes, labels, targets)
-    assert got == {"color": pytest.approx(2 / 3), "shape": pytest.approx(1.0), "pair": pytest.approx(2 / 3), "n": 3}
-    with pytest.raises(ValueError, match="must match"):
-        cm.zero_shot_accuracy(images, classes, labels, targets[:2])
-
-
-def test_clip_score_and_retrieval_hand_made():
-    img = np.array([[1.0, 0.0], [0.0, 1.0]])
-    txt = np.array([[0.6, 0.8], [-1.0, 0.0]])  # cos 0.6 and 0 (clipped from 0)
-    assert cm.clip_score(img, txt) == pytest.approx(30.0)
-    assert cm.retrieval_accuracy(img, txt) == {"image_to_text": 0.5, "text_to_image": 0.5}
-
-
-def test_pair_prompts_and_eval_sets():
-    prompts, labels = cm.pair_prompts()
-    assert len(prompts) == 21 and prompts[0] == "a red circle" and labels[0] == ("red", "circle")
-    images, targets = cm.one_object_eval_set("heldout", 12)
-    assert images.shape == (12, 64, 64, 3)
-    assert all(t in shapes.HELDOUT_COLOR_SHAPES for t in targets)
-    _, train_targets = cm.one_object_eval_set("train", 30)
-    assert not any(t in shapes.HELDOUT_COLOR_SHAPES for t in train_targets)
-
-
 def test_tokenize_checked_refuses_truncation(tokenizer):
     ids = ct.tokenize_checked(tokenizer, ["a red circle"], 8)
     assert ids.shape == (1, 8) and ids[0, 0] == tokenizer.bos_token_id
@@ -127,7 +96,7 @@ def test_a_model_folder_is_read_as_its_clip(tmp_path):
     """The shipped layout: the text tower as text_encoder.safetensors, the rest in clip_vision/."""
     from jaxt2i.convert.io import write_safetensors
     from jaxt2i.convert.native import flatten_params
-    from jaxt2i.shapes.report import write_clip_vision
+    from jaxt2i.eval.clip_metrics import write_clip_vision
 
     params = cv.init_params(TINY, jax.random.key(0))
     flat = flatten_params(params)
@@ -200,25 +169,6 @@ def test_hard_negative_step_learns_to_reject_contradictions(tokenizer):
     assert set(metrics) >= {"beats_hard_negative", "loss", "i2t_accuracy"}
     assert float(metrics["loss"]) < 0.8 * float(first["loss"])
     assert float(metrics["beats_hard_negative"]) > float(first["beats_hard_negative"])
-
-
-def test_hard_negative_report_hand_made():
-    scenes = [shapes.scene(0, i, "train", n_objects=2) for i in range(6)]
-    images = np.zeros((6, 1))
-
-    def perfect_texts(captions):  # +1 for any caption the image agrees with, -1 otherwise (image i is scene i)
-        return np.array([[1.0] if text in truths else [-1.0] for text in captions])
-
-    truths = set()
-    for sc in scenes:  # every caption that describes a scene exactly, with all sizes named
-        rng = np.random.default_rng(0)
-        for _ in range(200):
-            truths.add(shapes.caption(sc, rng, name_sizes=True))
-    report = cm.hard_negative_report(lambda x: np.ones((len(x), 1)), perfect_texts, images, scenes)
-    assert report["relation"] == 1.0 and 3 <= report["n_relation"] <= 6  # some reversals are held-out layouts
-    assert report["n_binding"] >= 3 and report["binding"] == 1.0 and report["color"] == 1.0
-    blind = cm.hard_negative_report(lambda x: np.ones((len(x), 1)), lambda c: np.ones((len(c), 1)), images, scenes)
-    assert blind["relation"] == 0.0  # ties are not wins
 
 
 def test_relation_negatives_and_canonical_curriculum_captions():

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 
-from jaxt2i.shapes import world as shapes
 from jaxt2i.shapes import report
+from jaxt2i.shapes import world as shapes
 from jaxt2i.shapes.cli import eval_main
 
 
@@ -25,9 +25,9 @@ def test_eval_command_writes_json_and_markdown(tiny_model, tmp_path, capsys):
         for kind in shapes.PROMPT_TYPES:
             assert rep[split][kind]["n"] == 1
             assert 0.0 <= rep[split][kind]["accuracy"] <= 1.0
-    assert entry["clip_score"] is None and entry["frechet"] is None  # no small CLIP beside a random model
+    assert entry["clip_score"] is None and entry["frechet"] is None  # no CLIP beside a random model
     md = (tmp_path / "r" / "report.md").read_text()
-    assert "| 1 | heldout |" in md and "missing" in md and "through the VAE" in md
+    assert "| 1 | heldout |" in md and "missing" in md and "through the autoencoder" in md
     assert set(result["vae_roundtrip"]) >= set(shapes.SPLITS)
     assert "| guidance |" in capsys.readouterr().out
     # the saved images are the scored ones: scoring them again gives the report's adherence
@@ -72,4 +72,35 @@ def test_real_images_score_perfectly_and_frechet_floor_is_small():
     assert entry["adherence"]["overall"] == 1.0
     result = {"settings": {"n_per_group": 4, "n_prompts": 16, "steps": 0, "sampler": "real", "seed": 1},
               "guidance": {"real": entry}}
-    assert "| real | heldout | 100.0% | 100.0% |" in report.markdown_report(result)
+    assert "| real | heldout | 100.0% | 100.0% | 100.0% | 100.0% |" in report.markdown_report(result)
+
+
+class _Painter:
+    """A model of no family: ``text_to_image`` paints each prompt's scene (read back from its text) at the middle.
+    It has no sampler, no autoencoder and no parameters; ``jaxt2i.shapes.report`` must score it all the same."""
+
+    def __init__(self):
+        self.calls = []
+
+    def text_to_image(self, prompts, *, seed, steps, guidance_scale):
+        self.calls.append((len(prompts), seed, steps, guidance_scale))
+        out = []
+        for text in prompts:
+            objects, relation = shapes.parse_caption(text)
+            offsets = [(0, 0)] if relation is None else {
+                "left of": [(-14, 0), (14, 0)], "right of": [(14, 0), (-14, 0)],
+                "above": [(0, -14), (0, 14)], "below": [(0, 14), (0, -14)]}[relation]
+            scene = shapes.Scene(tuple(shapes.Obj(c, s, z or "small", (32.0 + dx, 32.0 + dy), 12)
+                                       for (c, s, z), (dx, dy) in zip(objects, offsets)), relation)
+            out.append(shapes.render(scene).astype(np.float32) / 255.0)
+        return np.stack(out)
+
+
+def test_any_model_with_text_to_image_is_scored():
+    painter = _Painter()
+    result = report.evaluate_pipeline(painter, guidance_scales=(2.0,), n=2, steps=3, seed=0, batch_size=3)
+    assert result["vae_roundtrip"] is None and result["settings"]["sampler"] is None
+    rep = result["guidance"]["2"]["adherence"]
+    assert rep["overall"] == 1.0 and rep["overall_exact"] == 1.0
+    assert painter.calls[0] == (3, 0, 3, 2.0) and [c[1] for c in painter.calls] == [0, 1, 2]
+    assert "| 2 | train | 100.0% | 100.0% | 100.0% | 100.0% |" in report.markdown_report(result)

@@ -11,7 +11,8 @@ from PIL import Image
 
 from jaxt2i.cli import DEFAULT_MODEL, main
 from jaxt2i.shapes import world as shapes
-from jaxt2i.eval import rerank
+from jaxt2i.eval import clip_metrics, rerank
+from jaxt2i.pipeline import load_pipeline
 from jaxt2i.shapes.cli import eval_main
 
 COLORS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0)}
@@ -84,10 +85,7 @@ def test_best_of_draws_candidate_seeds_and_keeps_the_plain_draw_as_candidate_0()
 
 @pytest.fixture(scope="module")
 def shipped_clip():
-    from jaxt2i.shapes.report import load_eval_clip
-    from jaxt2i.pipeline import load_pipeline
-
-    return load_eval_clip(DEFAULT_MODEL, load_pipeline(DEFAULT_MODEL).params["text_encoder"])
+    return clip_metrics.clip_for_model(load_pipeline(DEFAULT_MODEL), DEFAULT_MODEL)[0]
 
 
 def test_the_shipped_clip_ranks_the_render_of_the_prompt_first(shipped_clip):

@@ -115,3 +115,14 @@ def load_clip(path: str | None, text_encoder_params: dict | None = None) -> tupl
     with open(os.path.join(folder, "config.json")) as f:
         config = CLIPConfig.from_dict(json.load(f))
     return clip_encoders(params, config, CLIPTokenizer.default())
+
+
+def clip_for_model(pipe, model: str | None, clip: str | None = None) -> tuple[tuple[ImageEncoder, TextEncoder] | None,
+                                                                                str | None]:
+    """The CLIP that scores or ranks a model's images, and where it was found: ``clip`` (a CLIP folder or a model
+    folder with ``clip_vision/``) when given, else the model folder's own ``clip_vision/``; (None, path) when there
+    is none. An image tower alone takes the model's text encoder (``pipe.params["text_encoder"]``) as its text
+    tower, when the model has one."""
+    path = clip or (model if model is not None and os.path.isdir(model) else None)
+    text_encoder = getattr(pipe, "params", {}).get("text_encoder")
+    return load_clip(path, text_encoder), path

@@ -1,11 +1,12 @@
 """``jaxt2i eval``: the shapes-world evaluation of a model (prompt adherence, CLIP score, Frechet distance).
 
     jaxt2i eval [--model PATH] [--guidance 1,3,5] [--n N] [--steps S] [--seed SEED] [--candidates N] [--out F]
-                [--save-images F.npz] [--from-images F.npz]
+                [--save-images F.npz] [--from-images F.npz] [--clip FOLDER]
 
 Generates ``4 * N`` images (N prompts per split -- train / held-out -- and prompt type -- one / two objects) at each
-guidance scale and scores them (``jaxt2i.shapes.report``). Writes the JSON report to ``--out`` and the same numbers
-as markdown tables to ``--out`` with ``.md`` (and prints the tables). The default model is the shipped one.
+guidance scale with the model's ``text_to_image`` and scores them (``jaxt2i.shapes.report``), whatever the model's
+family. Writes the JSON report to ``--out`` and the same numbers as markdown tables to ``--out`` with ``.md`` (and
+prints the tables). The default model is the shipped one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import json
 import os
 import sys
 import time
+
+from jaxt2i.eval import clip_metrics
+from jaxt2i.pipeline import load_pipeline
+from jaxt2i.shapes import SHIPPED_MODEL, report
 
 
 class EvalError(Exception):
@@ -35,24 +40,23 @@ def _parse_guidance(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jaxt2i.cli import DEFAULT_MODEL
-
     p = argparse.ArgumentParser(prog="jaxt2i eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help=f"model folder or file (default: the shipped {DEFAULT_MODEL})")
+    p.add_argument("--model", default=None, help=f"model folder or file (default: the shipped {SHIPPED_MODEL})")
     p.add_argument("--guidance", default=None, help="comma-separated guidance scales (default 1,3,5 and the "
                                                     "model's recommended scale, from its jaxt2i.json)")
     p.add_argument("--n", type=int, default=25, help="prompts per split and prompt type (default 25: 100 prompts)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's recommendation, "
                                                            "else 25)")
-    p.add_argument("--sampler", default="ddim", help="sampler (default ddim)")
+    p.add_argument("--sampler", default=None, help="sampler of a diffusion model (default: the model's, "
+                                                "ddim for the latent diffusion pipeline)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and the starting noise")
     p.add_argument("--batch-size", type=int, default=16, help="images generated per call (default 16)")
-    p.add_argument("--clip", default=None, help="small CLIP folder for CLIP score / Frechet distance (default: the "
-                                                "model folder's clip_vision/)")
+    p.add_argument("--clip", default=None, help="CLIP folder for CLIP score / Frechet distance (default: the "
+                                                "model folder's clip_vision/, if it has one)")
     p.add_argument("--n-real", type=int, default=None, help="held-out real images for the Frechet distance "
                                                             "(default max(256, 4N))")
     p.add_argument("--candidates", type=int, default=1,
-                   help="score the best of N images per prompt, ranked by the small CLIP (DALL-E's reranking; "
+                   help="score the best of N images per prompt, ranked by the CLIP (DALL-E's reranking; "
                         "default 1: the plain draw)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--out", default="report.json", help="JSON report path; the markdown goes beside it (.md)")
@@ -75,8 +79,6 @@ def eval_main(argv=None) -> int:
 
 def _read_given_images(args) -> dict:
     """--from-images: the saved images by guidance key; sets args' n, seed, steps and sampler to the file's."""
-    from jaxt2i.shapes import report
-
     if not os.path.isfile(args.from_images):
         raise EvalError(f"--from-images {args.from_images}: no such file (write one with --save-images)")
     if args.candidates != 1:
@@ -94,8 +96,6 @@ def _read_given_images(args) -> dict:
 
 
 def _run(args) -> int:
-    from jaxt2i.cli import DEFAULT_MODEL
-
     if args.n < 1:
         raise EvalError("--n must be >= 1")
     if args.steps is not None and args.steps < 1:
@@ -110,30 +110,27 @@ def _run(args) -> int:
     given = _read_given_images(args) if args.from_images else None
     if given is not None:
         guidance = [float(k) for k in given]
-    model = args.model or DEFAULT_MODEL
+    model = args.model or SHIPPED_MODEL
     if not os.path.exists(model):
         hint = " (the shipped model is missing: run scripts/build_shapes_model.py)" if args.model is None else ""
         raise EvalError(f"no model at {model}{hint}; pass --model PATH")
-
-    from jaxt2i.pipeline import load_pipeline
-    from jaxt2i.shapes import report
 
     def log(msg: str) -> None:
         print(f"[jaxt2i eval] {msg}", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
     pipe = load_pipeline(model, dtype=args.dtype)
+    recommended = getattr(pipe, "sampling", {})  # the model folder's recommended settings (jaxt2i.json)
     if guidance is None:
-        recommended = {pipe.sampling["guidance"]} if "guidance" in pipe.sampling else set()
-        guidance = sorted(set(DEFAULT_GUIDANCE) | recommended)
-    steps, _ = pipe.sampling_defaults(args.steps, fallback=(DEFAULT_STEPS, None))
-    clip_path = args.clip or (model if os.path.isdir(model) else None)
-    clip = report.load_eval_clip(clip_path, pipe.params["text_encoder"])
+        guidance = sorted(set(DEFAULT_GUIDANCE) | ({recommended["guidance"]} if "guidance" in recommended else set()))
+    steps = args.steps or recommended.get("steps", DEFAULT_STEPS)
+    clip, clip_path = clip_metrics.clip_for_model(pipe, model, args.clip)
     if clip is None:
         if args.candidates > 1:
-            raise EvalError(f"--candidates {args.candidates} needs a small CLIP to rank the images, and none was found "
-                            f"in {clip_path}; pass --clip FOLDER (a CLIP folder or a model folder with clip_vision/)")
-        log("no small CLIP found (pass --clip FOLDER): CLIP score and Frechet distance are reported as missing")
+            raise EvalError(f"--candidates {args.candidates} needs a CLIP to rank the images, and none was found "
+                            f"in {clip_path or model}; pass --clip FOLDER (a CLIP folder or a model folder with "
+                            f"clip_vision/)")
+        log("no CLIP found (pass --clip FOLDER): CLIP score and Frechet distance are reported as missing")
     result = report.evaluate_pipeline(pipe, guidance_scales=guidance, n=args.n, steps=steps, seed=args.seed,
                                       batch_size=args.batch_size, sampler=args.sampler, clip=clip,
                                       n_real=args.n_real, candidates=args.candidates,

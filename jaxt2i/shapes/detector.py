@@ -12,7 +12,8 @@ Steps, for an image [H, W, 3] (uint8, or float in [0, 1]):
    (``world.shape_inside``) -- a circle, and squares and triangles at every orientation in steps of
    ``ANGLE_STEP`` degrees -- each fitted (center and extent) to maximise the intersection over union (IoU) with the
    mask. The best fit names the shape when (a) it is a circle, or a square or triangle in the world's orientation
-   (axis-aligned squares, triangles apex up: rotations within +-ANGLE_STEP/2 degrees), (b) its IoU is at least
+   (standing on an edge within +-ANGLE_STEP/2 degrees of horizontal: axis-aligned squares, triangles apex up), (b)
+   its IoU is at least
    ``MATCH_IOU``, and (c) it beats the best fit of every other kind of shape by at least ``MARGIN``. Otherwise the
    shape is ``"unknown"``: a diamond (a square rotated 45 degrees) fits a rotated square best, an apex-down triangle
    a rotated triangle, a star or an ellipse nothing well, a shape halfway between a rounded diamond and a disc
@@ -41,11 +42,33 @@ SPLIT_SHARE = 0.3  # a second color owning this share of a component's interior 
 UNKNOWN = "unknown"
 ANGLE_STEP = 15  # degrees between the orientations fitted; the world's orientation is 0
 MATCH_IOU = 0.85  # the best fit must cover the mask at least this well
-MARGIN = 0.02  # ... and beat every other kind of shape by this much IoU
+MARGIN = 0.03  # ... and beat every other kind of shape by this much IoU
 _FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}  # area / extent^2 of the world's shapes
 _PERIOD = {"circle": ANGLE_STEP, "square": 90, "triangle": 360}  # rotational symmetry (degrees)
 FAMILY: tuple[tuple[str, int], ...] = tuple(
     (shape, angle) for shape in world.SHAPES for angle in range(0, _PERIOD[shape], ANGLE_STEP))
+
+
+def _bottom_edge_tilt(shape: str, angle: float) -> float:
+    """Degrees (0..90) between the horizontal and the lowest edge of ``shape`` rotated by ``angle`` (0 for a
+    circle): the edge whose midpoint lies lowest, with the shape's interior above it."""
+    if shape == "circle":
+        return 0.0
+    corners = {"square": [(-1, -1), (1, -1), (1, 1), (-1, 1)], "triangle": [(0, -1), (1, 1), (-1, 1)]}[shape]
+    t = np.deg2rad(angle)
+    c, s = np.cos(t), np.sin(t)
+    points = [(c * u - s * v, s * u + c * v) for u, v in corners]  # shape frame -> image offsets (y down)
+    edges = list(zip(points, points[1:] + points[:1]))
+    (x0, y0), (x1, y1) = max(edges, key=lambda e: e[0][1] + e[1][1])
+    tilt = abs(np.degrees(np.arctan2(y1 - y0, x1 - x0))) % 180
+    return float(min(tilt, 180 - tilt))
+
+
+# the members drawn in the world's orientation: a circle, squares and triangles standing on a horizontal edge (within
+# half an angle step). The world's triangle (base = height) is nearly equilateral: turned by 120 or 240 degrees it
+# still stands on a near-horizontal edge, apex up, and counts as upright.
+WORLD_ORIENTED: frozenset[tuple[str, int]] = frozenset(
+    m for m in FAMILY if _bottom_edge_tilt(*m) <= ANGLE_STEP / 2)
 _CLASS_NAMES: tuple[str, ...] = ("background",) + world.COLORS
 _CLASS_RGB = np.array([world.BACKGROUND] + [world.PALETTE[c] for c in world.COLORS], np.float32) / 255.0
 _EIGHT_CONNECTED = np.ones((3, 3), bool)
@@ -65,7 +88,7 @@ class Fit:
 
     @property
     def in_world_orientation(self) -> bool:
-        return self.shape == "circle" or self.angle == 0
+        return (self.shape, self.angle) in WORLD_ORIENTED
 
 
 @dataclasses.dataclass(frozen=True)
