@@ -22,7 +22,8 @@ from jaxt2i.shapes.report import markdown_comparison
 
 
 def losses(args) -> None:
-    model_card.loss_chart([("KL-VAE: reconstruction + KL (log)", args.vae), ("CLIP: symmetric InfoNCE (log)", args.clip),
+    model_card.loss_chart([("KL-VAE: reconstruction + KL (log)", args.vae),
+                           ("CLIP: symmetric InfoNCE (log)", args.clip),
                            ("U-Net: min-SNR eps MSE (log; green: mean)", args.unet)], args.out)
     print(f"wrote {args.out}")
 

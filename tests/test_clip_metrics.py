@@ -24,7 +24,8 @@ def test_clip_folders_load_with_their_own_or_the_models_text_tower(tmp_path):
     flat = flatten_params(params)
     config = {"text": vars(TINY.text), "vision": vars(TINY.vision)}
     cm.write_clip_vision(str(tmp_path / "model" / cm.CLIP_VISION_DIR), flat, config, dtype="float32")
-    images = np.random.default_rng(0).uniform(size=(3, TINY.vision.image_size, TINY.vision.image_size, 3)).astype(np.float32)
+    side = TINY.vision.image_size
+    images = np.random.default_rng(0).uniform(size=(3, side, side, 3)).astype(np.float32)
     prompts = ["a red circle", "a blue square", "a green triangle"]
     with pytest.raises(ValueError, match="image tower"):
         cm.load_clip(str(tmp_path / "model"))

@@ -78,3 +78,19 @@ def test_rank_deficient_covariances_stay_finite_and_non_negative():
 def test_shape_mismatch_is_explained():
     with pytest.raises(ValueError, match="same feature extractor"):
         F.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_running_statistics_equal_the_batch_ones():
+    x = np.random.default_rng(3).normal(5.0, 2.0, (101, 6))  # far from zero: a naive sum would lose digits
+    stats = F.empty_statistics(6)
+    for start in range(0, 101, 17):
+        stats = F.accumulate(stats, x[start:start + 17])
+    mu, sigma = F.finalize(stats)
+    ref_mu, ref_sigma = F.feature_statistics(x)
+    np.testing.assert_allclose(mu, ref_mu, rtol=1e-12)
+    np.testing.assert_allclose(sigma, ref_sigma, rtol=1e-10, atol=1e-12)
+    assert F.accumulate(stats, np.zeros((0, 6))) is stats
+    with pytest.raises(ValueError, match="at least 2"):
+        F.finalize(F.accumulate(F.empty_statistics(6), x[:1]))
+    with pytest.raises(ValueError, match=r"\[N, 6\]"):
+        F.accumulate(stats, x[:, :5])

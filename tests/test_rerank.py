@@ -130,7 +130,7 @@ def test_candidates_without_a_clip_is_a_clear_error(tiny_model, tmp_path, capsys
     assert main(["generate", "a cat", "--model", model, "--candidates", "2", "--out", str(out)]) == 2
     assert "needs a CLIP" in capsys.readouterr().err and not out.exists()
     assert eval_main(["--model", model, "--candidates", "2", "--out", str(tmp_path / "r.json")]) == 2
-    assert "needs a small CLIP" in capsys.readouterr().err and not os.path.exists(tmp_path / "r.json")
+    assert "needs a CLIP" in capsys.readouterr().err and not os.path.exists(tmp_path / "r.json")
 
 
 def test_eval_with_candidates_reports_the_reranked_share(tmp_path):

@@ -6,11 +6,54 @@
 A = S1^(1/2) (symmetric, from an eigen-decomposition), S1 S2 = A (A S2 A) A^(-1) is similar to
 the symmetric PSD matrix A S2 A, so the trace is the sum of the square roots of its eigenvalues.
 Everything runs in float64; tiny negative eigenvalues from round-off are clipped to zero.
+
+The statistics can be gathered batch by batch (``RunningStatistics``: ``empty_statistics``, ``accumulate``,
+``finalize``), so a Frechet distance over many generated images never holds all their features at once.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
+
+
+class RunningStatistics(NamedTuple):
+    """Feature statistics gathered so far: ``n`` rows, their ``mean`` [D] and ``m2`` [D, D] (the sum of outer
+    products of the rows' deviations from the mean), all float64."""
+
+    n: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+
+def empty_statistics(dim: int) -> RunningStatistics:
+    """Statistics of no features of dimension ``dim``."""
+    return RunningStatistics(0, np.zeros(dim), np.zeros((dim, dim)))
+
+
+def accumulate(stats: RunningStatistics, features: np.ndarray) -> RunningStatistics:
+    """``stats`` with the rows of ``features`` [N, D] added (Chan et al.'s pairwise update: exact, no cancellation
+    of large sums)."""
+    x = np.asarray(features, np.float64)
+    if x.ndim != 2 or x.shape[1] != stats.mean.shape[0]:
+        raise ValueError(f"features must be [N, {stats.mean.shape[0]}], got shape {x.shape}")
+    if len(x) == 0:
+        return stats
+    mean_b = x.mean(axis=0)
+    centered = x - mean_b
+    n = stats.n + len(x)
+    delta = mean_b - stats.mean
+    mean = stats.mean + delta * len(x) / n
+    m2 = stats.m2 + centered.T @ centered + np.outer(delta, delta) * stats.n * len(x) / n
+    return RunningStatistics(n, mean, m2)
+
+
+def finalize(stats: RunningStatistics) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [D] and unbiased covariance [D, D] of everything accumulated (at least two rows)."""
+    if stats.n < 2:
+        raise ValueError(f"need at least 2 feature rows for a covariance, got {stats.n}")
+    return stats.mean, stats.m2 / (stats.n - 1)
 
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -151,12 +151,13 @@ def first_image_seconds(prompt: str = "a red circle above a blue square") -> dic
     with an empty one and with a filled one."""
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, cache in (("fresh_process_no_cache_s", "off"), ("fresh_process_cold_cache_s", os.path.join(tmp, "xla")),
-                             ("fresh_process_warm_cache_s", os.path.join(tmp, "xla"))):
+        cache_dir = os.path.join(tmp, "xla")
+        for label, cache in (("fresh_process_no_cache_s", "off"), ("fresh_process_cold_cache_s", cache_dir),
+                             ("fresh_process_warm_cache_s", cache_dir)):
             env = dict(os.environ, JAXT2I_CACHE_DIR=cache)
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "jaxt2i.cli", "generate", prompt, "--out", os.path.join(tmp, "x.png")],
-                           env=env, check=True, capture_output=True)
+            subprocess.run([sys.executable, "-m", "jaxt2i.cli", "generate", prompt, "--out",
+                            os.path.join(tmp, "x.png")], env=env, check=True, capture_output=True)
             result[label] = round(time.perf_counter() - t0, 1)
     return result
 

@@ -104,7 +104,8 @@ def vae_roundtrip(pipe, prompts: Sequence[world.EvalPrompt], batch_size: int = 1
 
 
 def evaluate_pipeline(pipe, *, guidance_scales: Sequence[float] = (1.0, 3.0, 5.0), n: int = 25, steps: int = 25,
-                      seed: int = 0, batch_size: int = 16, sampler: str | None = None, clip=None, n_real: int | None = None,
+                      seed: int = 0, batch_size: int = 16, sampler: str | None = None, clip=None,
+                      n_real: int | None = None,
                       candidates: int = 1, save_images: str | None = None,
                       given_images: dict[str, np.ndarray] | None = None,
                       log: Callable[[str], None] = lambda s: None) -> dict:
@@ -272,8 +273,8 @@ def _counts(cell: dict) -> dict:
 
 def pooled_adherence(results: Sequence[dict], guidance: float | str) -> dict:
     """Adherence counts summed over ``evaluate_pipeline`` results (independent draws: other prompt seeds) at one
-    guidance scale: {(split, prompt_type): {"n", "right", "exact", "objects", "count"[, "relation"]}}. Results without that
-    scale are left out; raises ValueError if none has it."""
+    guidance scale: {(split, prompt_type): {"n", "right", "exact", "objects", "count"[, "relation"]}}. Results
+    without that scale are left out; raises ValueError if none has it."""
     key = _key(guidance)
     used = [r["guidance"][key]["adherence"] for r in results if key in r["guidance"]]
     if not used:
