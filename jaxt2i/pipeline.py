@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from jaxt2i.convert.load import LoadedModel, read_any
 from jaxt2i.diffusion import samplers
@@ -339,7 +340,7 @@ class Pipeline:
             inputs["masks"] = masks
         guidance, rescale = jnp.float32(guidance_scale), jnp.float32(guidance_rescale)
         if progress:
-            report = progress if callable(progress) else _print_progress
+            report = progress if callable(progress) else _ProgressBar()
             out = _run_with_progress(spec, self.params, inputs, guidance, rescale, program_key, report)
         else:
             out = _program(self.params, inputs, guidance, rescale, program_key, spec=spec)
@@ -422,9 +423,18 @@ class Pipeline:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def _print_progress(done: int, total: int) -> None:
-    end = "\n" if done == total else ""
-    print(f"\rsampling: {done}/{total} model calls", end=end, file=sys.stderr, flush=True)
+class _ProgressBar:
+    """``progress=True``: a tqdm bar (stderr) over the model calls of one sampling run."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = tqdm.tqdm(total=total, desc="sampling", unit="call", file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+        if done == total:
+            self.bar.close()
 
 
 def _as_dtype(dtype) -> Any:
