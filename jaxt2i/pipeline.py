@@ -81,17 +81,11 @@ class _Spec:
                     use_karras_sigmas=self.karras, start_step=self.start_step)
 
 
-_encode_text = latent_diffusion.encode_text
-_unet = latent_diffusion.predict
-_decode = latent_diffusion.decode
-_encode_latents = latent_diffusion.encode_images
-
-
 # The functional pieces, jitted once per distinct Models value (shared by every Pipeline of the same architecture).
-_jit_encode_text = jax.jit(_encode_text, static_argnums=0)
-_jit_unet = jax.jit(_unet, static_argnums=0)
-_jit_decode = jax.jit(_decode, static_argnums=0)
-_jit_encode_latents = jax.jit(_encode_latents, static_argnums=0)
+_jit_encode_text = jax.jit(latent_diffusion.encode_text, static_argnums=0)
+_jit_unet = jax.jit(latent_diffusion.predict, static_argnums=0)
+_jit_decode = jax.jit(latent_diffusion.decode, static_argnums=0)
+_jit_encode_latents = jax.jit(latent_diffusion.encode_images, static_argnums=0)
 
 
 def _setup(spec: _Spec, params, inputs: dict, key):
@@ -101,14 +95,14 @@ def _setup(spec: _Spec, params, inputs: dict, key):
     [B, H, W, 1] for img2img / inpaint. Returns (PreparedRun, cond) where cond holds what the denoiser and the
     inpainting blend need at every step.
     """
-    context = _encode_text(spec.models, params, inputs["ids"])
+    context = latent_diffusion.encode_text(spec.models, params, inputs["ids"])
     cond = {"context": context,
-            "uncond": _encode_text(spec.models, params, inputs["uncond_ids"]) if spec.use_cfg else None}
+            "uncond": latent_diffusion.encode_text(spec.models, params, inputs["uncond_ids"]) if spec.use_cfg else None}
     noise, start = inputs["noise"], spec.start_step
     x, noised = noise, False
     if spec.kind != "txt2img":
         encode_key, masked_key = jax.random.split(key)
-        x0 = _encode_latents(spec.models, params, inputs["images"], encode_key)
+        x0 = latent_diffusion.encode_images(spec.models, params, inputs["images"], encode_key)
         if spec.kind == "img2img" or start > 0:
             x, start = samplers.img2img_start(x0, noise, sampler=spec.sampler, steps=spec.steps,
                                               strength=spec.strength, schedule=spec.schedule,
@@ -123,7 +117,7 @@ def _setup(spec: _Spec, params, inputs: dict, key):
                 # The repainted region is blanked to mid-gray (0 in the VAE's [-1, 1] range), as SD's inpainting
                 # models were trained.
                 masked_images = jnp.where(masks < 0.5, inputs["images"], 0.5)
-                masked = _encode_latents(spec.models, params, masked_images, masked_key)
+                masked = latent_diffusion.encode_images(spec.models, params, masked_images, masked_key)
                 cond["extra"] = jnp.concatenate([latent_mask, masked], axis=-1)
             else:
                 cond["blend"] = {"x0": x0, "noise": noise, "mask": latent_mask}
@@ -139,7 +133,7 @@ def _denoiser(spec: _Spec, params, cond, guidance, rescale):
         if extra is not None:  # 9-channel inpainting U-Net: [x, mask, masked-image latents]
             reps = x.shape[0] // extra.shape[0]
             x = jnp.concatenate([x, jnp.tile(extra, (reps, 1, 1, 1)).astype(x.dtype)], axis=-1)
-        return _unet(spec.models, params, x, t, ctx)
+        return latent_diffusion.predict(spec.models, params, x, t, ctx)
 
     if spec.use_cfg:
         return cfg_denoise_fn(model_fn, cond["context"], cond["uncond"], guidance, rescale)
@@ -164,7 +158,7 @@ def _program(params, inputs, guidance, rescale, key, *, spec: _Spec):
     setup_key, sample_key = jax.random.split(key)
     run, cond = _setup(spec, params, inputs, setup_key)
     state = _run_segment(spec, params, run.state, run.xs, cond, guidance, rescale, sample_key)
-    return _decode(spec.models, params, state["x"])
+    return latent_diffusion.decode(spec.models, params, state["x"])
 
 
 # The same program in three stages, so a caller can watch progress between segments of model calls (each stage
