@@ -14,9 +14,11 @@ import glob
 import json
 import os
 import shutil
+import sys
 from typing import Any, Mapping
 
 import numpy as np
+from tqdm import tqdm
 
 from jaxt2i import presets
 from jaxt2i.convert import clip_keys, native, unet_keys, vae_keys
@@ -62,6 +64,12 @@ class LoadedModel:
     def component_type(self, name: str) -> str:
         """The ``jaxt2i.convert.components`` type of component ``name``."""
         return self.types.get(name, name)
+
+
+def _each(items, what: str):
+    """``items`` (components) with a progress bar on stderr when it is a terminal (tqdm stays silent otherwise)."""
+    items = list(items)
+    return tqdm(items, desc=f"{what} components", unit="component", disable=None, leave=False, file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------- diffusers folders
@@ -132,7 +140,7 @@ def read_diffusers_folder(path: str, *, variant: str | None = None, dtype: Any =
                               f"{', '.join(DIFFUSERS_PIPELINES)} folders.")
     configs = configs_from_folder(path)
     params = {}
-    for name in COMPONENT_NAMES:
+    for name in _each(COMPONENT_NAMES, "reading"):
         sd, source = _read_component_state_dict(os.path.join(path, name), component(name).weight_stem, variant)
         params[name] = params_from_torch(name, sd, configs[name], source=source, dtype=dtype)
     return LoadedModel(configs, params, schedule_from_folder(path), tokenizer_settings_from_folder(path), path)
@@ -217,7 +225,7 @@ def read_single_file(path: str, *, config: str | None = None, ema: bool = False,
         "text_encoder": clip_keys.original_to_diffusers(state_dict, configs["text_encoder"], text_prefix, source=path),
     }
     params = {}
-    for name in COMPONENT_NAMES:
+    for name in _each(COMPONENT_NAMES, "converting"):
         try:
             params[name] = params_from_torch(name, torch_layout[name], configs[name], source=path, dtype=dtype)
         except ConversionError as e:
@@ -266,7 +274,7 @@ def read_native(path: str, *, dtype: Any = None) -> LoadedModel:
     manifest = native.read_manifest(path)
     version = manifest.get("upgraded_from", native.FORMAT_VERSION)
     configs, params, types = {}, {}, {}
-    for name, entry in manifest["components"].items():
+    for name, entry in _each(manifest["components"].items(), "reading"):
         kind = entry["type"]
         config = native.config_from_dict(component(kind).config_cls, entry["config"], source=path)
         flat = native.read_component(path, name, version)
@@ -317,7 +325,7 @@ def write_native(path: str, model: LoadedModel, *, overwrite: bool = False) -> N
     if sampling:
         manifest["sampling"] = sampling
     with atomic_folder(path, overwrite=overwrite) as staging:
-        for name, tree in model.params.items():
+        for name, tree in _each(model.params.items(), "writing"):
             write_safetensors(os.path.join(staging, f"{name}.safetensors"), native.flatten_params(tree),
                               metadata={"format": "jaxt2i"})
         native.write_manifest(staging, manifest)
@@ -348,7 +356,7 @@ def write_diffusers_folder(path: str, model: LoadedModel, *, overwrite: bool = F
     _check_stable_diffusion_layout(model, "a diffusers folder")
     with atomic_folder(path, overwrite=overwrite) as staging:
         classes = {"text_encoder": "CLIPTextModel", "vae": "AutoencoderKL", "unet": "UNet2DConditionModel"}
-        for name in COMPONENT_NAMES:
+        for name in _each(COMPONENT_NAMES, "writing"):
             folder = os.path.join(staging, name)
             os.makedirs(folder)
             config = model.configs[name].to_diffusers()
