@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Sequence
 
+import tqdm
+
 from jaxt2i.eval import clip_metrics
 from jaxt2i.eval.rerank import best_of
 from jaxt2i.shapes import SHIPPED_MODEL
@@ -123,23 +125,25 @@ def _ranking_clip(args, model: str, pipe):
 
 
 class _Progress:
-    """A one-line progress display over the model calls of a sampling run (stderr), called as fn(done, total)."""
+    """A tqdm bar (stderr) over the model calls of each sampling run, called as fn(done, total). The first call
+    (compiling it, or loading it from the persistent compilation cache) is timed apart; the rate counts the rest."""
 
     def __init__(self):
-        self.start, self.first = time.perf_counter(), 0.0
+        self.start, self.bar = time.perf_counter(), None
         print("preparing (the first run of a shape compiles; later runs reuse the cache)...", file=sys.stderr,
               flush=True)
 
     def __call__(self, done: int, total: int):
         now = time.perf_counter()
-        if done <= 1:  # the first model call includes compiling it (or loading it from the cache)
-            self.first = now - self.start
+        if done == 0:  # a new run: its setup is done
             self.start = now
-        elapsed = now - self.start
-        rate = f"{(done - 1) / elapsed:.2f} calls/s" if done > 1 and elapsed > 0 else ""
-        end = "\n" if done == total else ""
-        print(f"\rsampling {done}/{total}  first call {self.first:.1f} s  {rate}   ", end=end, file=sys.stderr,
-              flush=True)
+        elif done == 1:
+            self.bar = tqdm.tqdm(total=total, initial=1, desc="sampling", unit="call", smoothing=0, file=sys.stderr,
+                                 postfix=f"first call {now - self.start:.1f} s")
+        else:
+            self.bar.update(done - self.bar.n)
+        if done == total and self.bar is not None:
+            self.bar.close()
 
 
 def _run_sampling(args, kind: str) -> int:
@@ -195,7 +199,7 @@ def _convert(args) -> int:
     import numpy as np
 
     from jaxt2i.convert import load
-    from jaxt2i.pipeline import DTYPES
+    from jaxt2i.dtypes import DTYPES
 
     if os.path.exists(args.dst):
         raise CLIError(f"{args.dst} already exists; choose a new destination (nothing was written).")
