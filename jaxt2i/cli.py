@@ -116,11 +116,11 @@ def _load(args):
 
 
 def _ranking_clip(args, model: str, pipe):
-    """The CLIP encoders that rank ``--candidates``: ``--clip``, else the model folder's ``clip_vision/``."""
-    clip, path = clip_metrics.clip_for_model(pipe, model, args.clip)
+    """The CLIP encoders that rank ``--candidates``: ``--clip``, else the model's ``clip_vision`` component."""
+    clip = clip_metrics.clip_for_model(pipe, args.clip)
     if clip is None:
-        raise CLIError(f"--candidates {args.candidates} needs a CLIP to rank the images and {path or model} has none "
-                       "(no clip_vision/); pass --clip FOLDER, or leave --candidates at 1.")
+        raise CLIError(f"--candidates {args.candidates} needs a CLIP to rank the images and {args.clip or model} has "
+                       "none (no clip_vision component); pass --clip FOLDER, or leave --candidates at 1.")
     return clip
 
 

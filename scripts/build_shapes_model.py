@@ -10,7 +10,7 @@ Takes the U-Net (and the schedule) from the training run's final folder (`jaxt2i
 the KL-VAE from `scripts/train_shapes_vae.py`'s output and the text encoder from `scripts/train_shapes_clip.py`'s
 output (OUT/text_encoder/), checks that the run's frozen copies are exactly those, and writes a jaxt2i folder with
 every weight stored in float16 (the loader casts to the pipeline's dtype). The small CLIP's image tower (for
-`jaxt2i eval`'s CLIP score and Frechet distance) goes beside it in clip_vision/; its text tower is the text encoder.
+`jaxt2i eval`'s CLIP score and Frechet distance) goes in as its clip_vision component; its text tower: the text encoder.
 Prints the sizes; fails when the folder would exceed --max-mb. scripts/train_shapes_chain.sh runs the three trainings
 and then this script.
 """
@@ -27,7 +27,7 @@ import numpy as np
 from jaxt2i.convert import native
 from jaxt2i.convert.io import read_safetensors
 from jaxt2i.convert.load import LoadedModel, read_any, write_native
-from jaxt2i.eval.clip_metrics import CLIP_VISION_DIR, write_clip_vision
+from jaxt2i.models.clip_vision import CLIPVisionConfig
 from jaxt2i.train.loop import read_component_folder
 
 
@@ -77,17 +77,17 @@ def main(argv=None) -> int:
     if args.clip:
         _, te_params = read_component_folder(os.path.join(args.clip, "text_encoder"), "text_encoder")
         _check_same("text_encoder", te_params, params["text_encoder"], os.path.join(args.clip, "text_encoder"))
+        # the CLIP's image tower rides along as the clip_vision component (its text tower is text_encoder)
+        clip = native.unflatten_params(read_safetensors(os.path.join(args.clip, "params.safetensors")))
+        with open(os.path.join(args.clip, "config.json")) as f:
+            configs["clip_vision"] = CLIPVisionConfig(**json.load(f)["vision"])
+        params["clip_vision"] = {"vision_model": clip["vision_model"], "logit_scale": clip["logit_scale"]}
     dtype = np.dtype(args.dtype)
     model = LoadedModel(configs=configs, params={k: _cast(v, dtype) for k, v in params.items()},
                         schedule=run.schedule, tokenizer={"pad": run.tokenizer.get("pad") or "eos", "folder": None},
                         source=args.unet, text_layer=run.text_layer,
                         sampling={"steps": args.steps, "guidance": args.guidance})
     write_native(args.out, model, overwrite=True)
-    if args.clip:
-        flat = read_safetensors(os.path.join(args.clip, "params.safetensors"))
-        with open(os.path.join(args.clip, "config.json")) as f:
-            clip_config = json.load(f)
-        write_clip_vision(os.path.join(args.out, CLIP_VISION_DIR), flat, clip_config, dtype=args.dtype)
     sizes = {name: os.path.getsize(os.path.join(args.out, f"{name}.safetensors")) for name in params}
     total = folder_bytes(args.out)
     for name, size in sizes.items():

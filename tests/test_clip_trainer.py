@@ -96,7 +96,7 @@ def test_a_model_folder_is_read_as_its_clip(tmp_path):
     """The shipped layout: the text tower as text_encoder.safetensors, the rest in clip_vision/."""
     from jaxt2i.convert.io import write_safetensors
     from jaxt2i.convert.native import flatten_params
-    from jaxt2i.eval.clip_metrics import write_clip_vision
+    from jaxt2i.shapes.report import write_clip_vision
 
     params = cv.init_params(TINY, jax.random.key(0))
     flat = flatten_params(params)

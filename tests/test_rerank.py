@@ -85,7 +85,7 @@ def test_best_of_draws_candidate_seeds_and_keeps_the_plain_draw_as_candidate_0()
 
 @pytest.fixture(scope="module")
 def shipped_clip():
-    return clip_metrics.clip_for_model(load_pipeline(DEFAULT_MODEL), DEFAULT_MODEL)[0]
+    return clip_metrics.clip_for_model(load_pipeline(DEFAULT_MODEL))
 
 
 def test_the_shipped_clip_ranks_the_render_of_the_prompt_first(shipped_clip):

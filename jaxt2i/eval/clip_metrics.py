@@ -1,31 +1,29 @@
 """CLIP-based metrics for any text-to-image model: CLIP score, retrieval accuracy, image features for the Frechet
-distance, and the CLIP encoders themselves (from parameters, a CLIP folder or a model folder's ``clip_vision``).
+distance, and the CLIP encoders themselves (from parameters, or a model folder's ``text_encoder`` + ``clip_vision``
+components).
 
 * CLIP score: ``100 * max(cos(image, text), 0)`` averaged over pairs (the usual definition, w = 100).
 * Image features for the Frechet distance (:mod:`jaxt2i.eval.frechet`): the unit-norm image embeddings.
 
 The encoders come in as functions (``encode_images``, ``encode_texts``) so that the maths here is testable on
-hand-made embeddings; :func:`clip_encoders` builds them from trained parameters and :func:`load_clip` from a folder.
+hand-made embeddings; :func:`clip_encoders` builds them from parameters, :func:`load_clip` from a model folder.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxt2i.convert.io import read_safetensors, write_safetensors
-from jaxt2i.convert.native import unflatten_params
+from jaxt2i.convert import native
+from jaxt2i.convert.load import read_any
 from jaxt2i.models.clip_vision import CLIPConfig, CLIPModel
 from jaxt2i.tokenizer import CLIPTokenizer
 
 ImageEncoder = Callable[[np.ndarray], np.ndarray]  # images [N, H, W, 3] in [0, 1] -> unit-norm [N, P]
 TextEncoder = Callable[[Sequence[str]], np.ndarray]  # prompts -> unit-norm [N, P]
-CLIP_VISION_DIR = "clip_vision"  # a model folder's CLIP image tower (its text tower is the model's text encoder)
 
 
 def clip_score(image_features: np.ndarray, text_features: np.ndarray) -> float:
@@ -67,62 +65,34 @@ def clip_encoders(params: Any, config: CLIPConfig, tokenizer, batch_size: int = 
     return encode_images, encode_texts
 
 
-def write_clip_vision(folder: str, flat_clip: dict, clip_config: dict, dtype: str = "float16") -> None:
-    """Stores the image tower (+ ``logit_scale``) of a full CLIP flat tree in ``folder`` (a model's ``clip_vision``).
-
-    flat_clip: ``{"vision_model/...": array, "text_model/...": array, "logit_scale": array}`` (``/``-flattened);
-    clip_config: the CLIP's config dict ``{"text": {...}, "vision": {...}}``.
-    """
-    os.makedirs(folder, exist_ok=True)
-    kept = {k: np.asarray(v).astype(dtype) for k, v in flat_clip.items() if not k.startswith("text_model/")}
-    if not any(k.startswith("vision_model/") for k in kept):
-        raise ValueError("the CLIP parameters have no vision_model/ entries; pass a full CLIP folder.")
-    write_safetensors(os.path.join(folder, "params.safetensors"), kept, metadata={"format": "jaxt2i-flax-flat"})
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(clip_config, f, indent=2)
-
-
-def find_clip(path: str | None) -> str | None:
-    """The CLIP folder at ``path``: itself when it holds ``params.safetensors`` + ``config.json``, its
-    ``clip_vision/`` when it is a model folder with one, else None."""
-    if path is None or not os.path.isdir(path):
+def clip_from_components(configs: Mapping[str, Any], params: Mapping[str, Any]
+                         ) -> tuple[ImageEncoder, TextEncoder] | None:
+    """Encoders of the CLIP made of a model's ``text_encoder`` and ``clip_vision`` components (config dataclasses
+    and parameter trees by component name, as a loaded model folder holds them), or None without both."""
+    if not all(name in params and name in configs for name in ("text_encoder", "clip_vision")):
         return None
-    for folder in (os.path.join(path, CLIP_VISION_DIR), path):
-        if all(os.path.isfile(os.path.join(folder, f)) for f in ("params.safetensors", "config.json")):
-            return folder
-    return None
+    config = CLIPConfig(text=configs["text_encoder"], vision=configs["clip_vision"])
+    tree = jax.tree.map(lambda a: np.asarray(a, np.float32),
+                        {**params["clip_vision"], "text_model": params["text_encoder"]})
+    tree["logit_scale"] = np.asarray(tree["logit_scale"]).reshape(())
+    return clip_encoders(tree, config, CLIPTokenizer.default())
 
 
-def load_clip(path: str | None, text_encoder_params: dict | None = None) -> tuple[ImageEncoder, TextEncoder] | None:
-    """``(encode_images, encode_texts)`` of the CLIP at ``path`` (see :func:`find_clip`), or None when there is none.
-
-    A full CLIP folder holds both towers (``text_model/`` and ``vision_model/``). A model's ``clip_vision/`` holds
-    the image tower only; its text tower is the model's text encoder, ``text_encoder_params`` (CLIP text-model
-    parameters), which must then be given.
-    """
-    folder = find_clip(path)
-    if folder is None:
-        return None
-    params = unflatten_params({k: np.asarray(v, np.float32)
-                               for k, v in read_safetensors(os.path.join(folder, "params.safetensors")).items()})
-    if "text_model" not in params:
-        if text_encoder_params is None:
-            raise ValueError(f"{folder} holds only a CLIP image tower and no text encoder was given; pass a full CLIP "
-                             "folder, or load it with the model's text encoder parameters.")
-        params["text_model"] = jax.tree.map(lambda a: np.asarray(a, np.float32), text_encoder_params)
-    if "logit_scale" in params:
-        params["logit_scale"] = np.asarray(params["logit_scale"]).reshape(())
-    with open(os.path.join(folder, "config.json")) as f:
-        config = CLIPConfig.from_dict(json.load(f))
-    return clip_encoders(params, config, CLIPTokenizer.default())
+def load_clip(path: str) -> tuple[ImageEncoder, TextEncoder] | None:
+    """Encoders of the CLIP in the model folder at ``path`` (its ``text_encoder`` and ``clip_vision`` components:
+    a text-to-image model that carries a CLIP image tower, or a CLIP that ``jaxt2i train`` wrote), or None when the
+    folder has no ``clip_vision``."""
+    if not native.is_native_folder(path):
+        raise FileNotFoundError(f"{path} is not a jaxt2i model folder (no {native.MANIFEST}); pass a model folder "
+                                "with text_encoder and clip_vision components.")
+    loaded = read_any(path)
+    return clip_from_components(loaded.configs, loaded.params)
 
 
-def clip_for_model(pipe, model: str | None, clip: str | None = None) -> tuple[tuple[ImageEncoder, TextEncoder] | None,
-                                                                                str | None]:
-    """The CLIP that scores or ranks a model's images, and where it was found: ``clip`` (a CLIP folder or a model
-    folder with ``clip_vision/``) when given, else the model folder's own ``clip_vision/``; (None, path) when there
-    is none. An image tower alone takes the model's text encoder (``pipe.params["text_encoder"]``) as its text
-    tower, when the model has one."""
-    path = clip or (model if model is not None and os.path.isdir(model) else None)
-    text_encoder = getattr(pipe, "params", {}).get("text_encoder")
-    return load_clip(path, text_encoder), path
+def clip_for_model(pipe, clip: str | None = None) -> tuple[ImageEncoder, TextEncoder] | None:
+    """The CLIP that scores or ranks a model's images: the model folder at ``clip`` when given, else the model's
+    own ``text_encoder`` + ``clip_vision`` components (``pipe.configs`` / ``pipe.params``, when it has them); None
+    when there is none."""
+    if clip is not None:
+        return load_clip(clip)
+    return clip_from_components(getattr(pipe, "configs", {}), getattr(pipe, "params", {}))

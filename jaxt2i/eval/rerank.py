@@ -2,8 +2,8 @@
 
 This is the reranking step of DALL-E (Ramesh et al., 2021), which drew many samples per caption and kept those a
 contrastive model scored best against the caption. Here the scorer is any CLIP given as a pair of encoders
-``(encode_images, encode_texts)`` (``jaxt2i.eval.clip_metrics.load_clip``: a CLIP folder, or a model folder that
-carries a CLIP image tower in ``clip_vision/``).
+``(encode_images, encode_texts)`` (``jaxt2i.eval.clip_metrics.clip_for_model``: a model's ``text_encoder`` and
+``clip_vision`` components).
 
 Candidate ``c`` of a generation with seed ``s`` is drawn with seed ``candidate_seed(s, c)``; candidate 0 uses ``s``
 itself, so the plain (N = 1) image is always among the candidates and best-of-N can only replace it by one the
@@ -66,8 +66,8 @@ def best_of(draw: Callable[[int], np.ndarray], prompts: Sequence[str], n: int, s
     if n == 1:
         return np.asarray(draw(seed)), {"chosen": np.zeros(len(prompts), int), "scores": None}
     if clip is None:
-        raise ValueError("best-of-N needs a CLIP to rank the candidates: a model folder's clip_vision/ or a CLIP "
-                         "folder")
+        raise ValueError("best-of-N needs a CLIP to rank the candidates: a model's clip_vision component or a "
+                         "CLIP model folder")
     candidates = np.stack([np.asarray(draw(candidate_seed(seed, c)), np.float32) for c in range(n)])
     scores = clip_scores(clip, candidates, prompts)
     images, chosen = pick_best(candidates, scores)

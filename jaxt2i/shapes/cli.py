@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "ddim for the latent diffusion pipeline)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and the starting noise")
     p.add_argument("--batch-size", type=int, default=16, help="images generated per call (default 16)")
-    p.add_argument("--clip", default=None, help="CLIP folder for CLIP score / Frechet distance (default: the "
-                                                "model folder's clip_vision/, if it has one)")
+    p.add_argument("--clip", default=None, help="model folder whose text_encoder + clip_vision make the CLIP "
+                                                "for CLIP score / Frechet distance (default: the model's own)")
     p.add_argument("--n-real", type=int, default=None, help="held-out real images for the Frechet distance "
                                                             "(default max(256, 4N))")
     p.add_argument("--candidates", type=int, default=1,
@@ -124,12 +124,12 @@ def _run(args) -> int:
     if guidance is None:
         guidance = sorted(set(DEFAULT_GUIDANCE) | ({recommended["guidance"]} if "guidance" in recommended else set()))
     steps = args.steps or recommended.get("steps", DEFAULT_STEPS)
-    clip, clip_path = clip_metrics.clip_for_model(pipe, model, args.clip)
+    clip_path = args.clip or model
+    clip = clip_metrics.clip_for_model(pipe, args.clip)
     if clip is None:
         if args.candidates > 1:
             raise EvalError(f"--candidates {args.candidates} needs a CLIP to rank the images, and none was found "
-                            f"in {clip_path or model}; pass --clip FOLDER (a CLIP folder or a model folder with "
-                            f"clip_vision/)")
+                            f"in {clip_path}; pass --clip FOLDER (a model folder with a clip_vision component)")
         log("no CLIP found (pass --clip FOLDER): CLIP score and Frechet distance are reported as missing")
     result = report.evaluate_pipeline(pipe, guidance_scales=guidance, n=args.n, steps=steps, seed=args.seed,
                                       batch_size=args.batch_size, sampler=args.sampler, clip=clip,

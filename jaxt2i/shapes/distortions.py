@@ -11,6 +11,7 @@ runs the detector over every case and extent; ``python -m jaxt2i.shapes.distorti
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Callable
 
 import numpy as np
@@ -214,6 +215,4 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    import sys
-
     print(markdown_table(validation_table(int(sys.argv[1]) if len(sys.argv) > 1 else 0)), end="")

@@ -123,7 +123,7 @@ def evaluate_pipeline(pipe, *, guidance_scales: Sequence[float] = (1.0, 3.0, 5.0
     itself, so it is biased upwards; adherence (the detector) and the Frechet distance stay independent of it.
     """
     if candidates > 1 and clip is None:
-        raise ValueError("candidates > 1 needs a CLIP to rank them (the model's clip_vision/ or --clip)")
+        raise ValueError("candidates > 1 needs a CLIP to rank them (the model's clip_vision component or --clip)")
     prompts = eval_prompt_set(n, seed=seed)
     texts = [p.prompt for p in prompts]
     result: dict[str, Any] = {
