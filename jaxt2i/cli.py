@@ -8,12 +8,20 @@ import sys
 import time
 from typing import Sequence
 
+import jax
+import numpy as np
 import tqdm
 
+from jaxt2i import images as imio
+from jaxt2i.convert import load
+from jaxt2i.diffusion.samplers import SAMPLERS
+from jaxt2i.dtypes import DTYPES
 from jaxt2i.eval import clip_metrics
 from jaxt2i.eval.rerank import best_of
 from jaxt2i.shapes import SHIPPED_MODEL
+from jaxt2i.pipeline import load_pipeline
 from jaxt2i.shapes.cli import eval_main
+from jaxt2i.train.cli import train_main
 
 DEFAULT_MODEL = SHIPPED_MODEL
 
@@ -34,8 +42,6 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, default_strength: float | None = None) -> None:
-    from jaxt2i.diffusion.samplers import SAMPLERS
-
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--model", default=None, help="diffusers folder, single .safetensors/.ckpt, or jaxt2i folder "
                    "(default: the small shapes model shipped with jaxt2i)")
@@ -101,8 +107,6 @@ def _free_path(path: str) -> str:
 
 
 def _load(args):
-    from jaxt2i.pipeline import load_pipeline
-
     model = args.model or DEFAULT_MODEL
     if args.model is None and not os.path.isdir(DEFAULT_MODEL):
         raise CLIError("No --model given and this jaxt2i install ships no default model; pass --model PATH "
@@ -147,8 +151,6 @@ class _Progress:
 
 
 def _run_sampling(args, kind: str) -> int:
-    from jaxt2i import images as imio
-
     if args.num < 1:
         raise CLIError("--num must be >= 1.")
     if args.steps is not None and args.steps < 1:
@@ -196,18 +198,11 @@ def _run_sampling(args, kind: str) -> int:
 
 
 def _convert(args) -> int:
-    import numpy as np
-
-    from jaxt2i.convert import load
-    from jaxt2i.dtypes import DTYPES
-
     if os.path.exists(args.dst):
         raise CLIError(f"{args.dst} already exists; choose a new destination (nothing was written).")
     t0 = time.perf_counter()
     model = load.read_any(args.src, config=args.config, ema=args.ema)
     if args.dtype:
-        import jax
-
         dtype = DTYPES[args.dtype]
         model.params = {k: jax.tree.map(lambda a: np.asarray(a, dtype), v) for k, v in model.params.items()}
     writer = {"jaxt2i": load.write_native, "diffusers": load.write_diffusers_folder,
@@ -220,8 +215,6 @@ def _convert(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
-        from jaxt2i.train.cli import train_main
-
         return train_main(argv[1:])
     if argv and argv[0] == "eval":
         return eval_main(argv[1:])

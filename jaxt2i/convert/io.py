@@ -10,9 +10,11 @@ import contextlib
 import json
 import mmap
 import os
+import pickle
 import shutil
 import struct
 import tempfile
+import zipfile
 from typing import Iterator, Mapping
 
 import ml_dtypes
@@ -128,8 +130,6 @@ def read_torch_pickle(path: str) -> dict[str, np.ndarray]:
         raise CheckpointReadError(
             f"{path}: reading PyTorch pickles needs torch (pip install 'jaxt2i[torch]'), "
             "or convert the file to .safetensors first.") from None
-    import pickle
-    import zipfile
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
