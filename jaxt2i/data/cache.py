@@ -27,11 +27,12 @@ import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
+import jax
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxt2i.data.pipeline import Example, UnreadableExample
+from jaxt2i.data.example import Example, UnreadableExample
 from jaxt2i.data.transforms import preprocess
 
 CACHE_META = "cache.json"
@@ -106,8 +107,6 @@ def cache_fingerprint(encoder_params, settings: dict) -> str:
     """A sha256 hex digest of the frozen encoders' parameters (any pytree of arrays, hashed leaf by leaf in
     flattening order with each leaf's path, dtype and shape) and of ``settings`` (a JSON-able dict: the data
     source and everything else that changes what gets cached)."""
-    import jax
-
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for path, leaf in jax.tree_util.tree_flatten_with_path(encoder_params)[0]:
         a = np.ascontiguousarray(np.asarray(leaf))
