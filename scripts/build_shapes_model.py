@@ -1,38 +1,37 @@
 """Assembles the shipped shapes-world model: jaxt2i/assets/shapes_model/ (what `jaxt2i generate` uses by default).
 
     python scripts/build_shapes_model.py \
-        --unet /work/runs/shapes_unet/final \
-        --vae /work/runs/shapes_vae \
-        --clip /work/runs/shapes_clip \
+        --unet runs/shapes_unet/final \
+        --vae runs/shapes_vae/final \
+        --clip runs/shapes_clip_role/final \
         --out jaxt2i/assets/shapes_model
 
-Takes the U-Net (and the schedule) from the training run's final folder (`jaxt2i train configs/shapes_unet.yaml`),
-the KL-VAE from `scripts/train_shapes_vae.py`'s output and the text encoder from `scripts/train_shapes_clip.py`'s
-output (OUT/text_encoder/), checks that the run's frozen copies are exactly those, and writes a jaxt2i folder with
+Takes the U-Net (and the schedule) from the U-Net run's final folder (`jaxt2i train configs/shapes_unet.yaml`),
+the KL-VAE from the VAE run's (configs/shapes_vae.yaml) and the text encoder from the CLIP run's
+(configs/shapes_clip_role.yaml), checks that the run's frozen copies are exactly those, and writes a jaxt2i folder with
 every weight stored in float16 (the loader casts to the pipeline's dtype). The small CLIP's image tower (for
 `jaxt2i eval`'s CLIP score and Frechet distance) goes beside it in clip_vision/; its text tower is the text encoder.
-Prints the sizes; fails when the folder would exceed --max-mb. scripts/train_shapes_chain.sh runs the three trainings
-and then this script.
+Prints the sizes; fails when the folder would exceed --max-mb. scripts/train_shapes_chain.sh runs the trainings and
+then this script.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import sys
 
 import numpy as np
 
 from jaxt2i.convert import native
-from jaxt2i.convert.io import read_safetensors
 from jaxt2i.convert.load import LoadedModel, read_any, write_native
 from jaxt2i.shapes.report import CLIP_VISION_DIR, write_clip_vision
-from jaxt2i.train.loop import read_component_folder
+from jaxt2i.train.kinds.base import read_folder_components
 
 
-# The shipped model's sampling defaults (docs/shapes_model.md "Session 16": the guidance was chosen on training
-# prompts and confirmed on held-out draws not used to choose it).
+# The shipped model's sampling defaults (docs/shapes_model.md: the guidance was chosen on training prompts and
+# confirmed on held-out draws not used to choose it).
 SAMPLING = {"steps": 25, "guidance": 4.0}
 
 
@@ -57,8 +56,8 @@ def folder_bytes(path: str) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--unet", required=True, help="the U-Net run's final/ folder (a jaxt2i model folder)")
-    p.add_argument("--vae", help="the VAE folder (params.safetensors + config.json); default: the run's copy")
-    p.add_argument("--clip", help="the small CLIP folder (params.safetensors + config.json + text_encoder/)")
+    p.add_argument("--vae", help="the VAE run's final/ folder; default: the U-Net run's copy")
+    p.add_argument("--clip", help="the CLIP run's final/ folder (text_encoder + clip_vision)")
     p.add_argument("--out", default=os.path.join("jaxt2i", "assets", "shapes_model"))
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     p.add_argument("--max-mb", type=float, default=20.0)
@@ -72,11 +71,11 @@ def main(argv=None) -> int:
     run = read_any(args.unet)
     configs, params = dict(run.configs), {k: dict(v) for k, v in run.params.items()}
     if args.vae:
-        _, vae_params = read_component_folder(args.vae, "vae")
-        _check_same("vae", vae_params, params["vae"], args.vae)
+        _, vae_params = read_folder_components(args.vae, ("vae",), "--vae")
+        _check_same("vae", vae_params["vae"], params["vae"], args.vae)
     if args.clip:
-        _, te_params = read_component_folder(os.path.join(args.clip, "text_encoder"), "text_encoder")
-        _check_same("text_encoder", te_params, params["text_encoder"], os.path.join(args.clip, "text_encoder"))
+        clip_configs, clip_params = read_folder_components(args.clip, ("text_encoder", "clip_vision"), "--clip")
+        _check_same("text_encoder", clip_params["text_encoder"], params["text_encoder"], args.clip)
     dtype = np.dtype(args.dtype)
     model = LoadedModel(configs=configs, params={k: _cast(v, dtype) for k, v in params.items()},
                         schedule=run.schedule, tokenizer={"pad": run.tokenizer.get("pad") or "eos", "folder": None},
@@ -84,9 +83,9 @@ def main(argv=None) -> int:
                         sampling={"steps": args.steps, "guidance": args.guidance})
     write_native(args.out, model, overwrite=True)
     if args.clip:
-        flat = read_safetensors(os.path.join(args.clip, "params.safetensors"))
-        with open(os.path.join(args.clip, "config.json")) as f:
-            clip_config = json.load(f)
+        flat = native.flatten_params(clip_params["clip_vision"])
+        clip_config = {"text": dataclasses.asdict(clip_configs["text_encoder"]),
+                       "vision": dataclasses.asdict(clip_configs["clip_vision"])}
         write_clip_vision(os.path.join(args.out, CLIP_VISION_DIR), flat, clip_config, dtype=args.dtype)
     sizes = {name: os.path.getsize(os.path.join(args.out, f"{name}.safetensors")) for name in params}
     total = folder_bytes(args.out)

@@ -4,10 +4,11 @@
 #
 #     bash scripts/train_shapes_chain.sh RUNS_DIR [MODEL_OUT]
 #
-# RUNS_DIR receives shapes_vae/, shapes_clip/, shapes_clip_role/, shapes_unet/ (the U-Net's checkpoints, metrics and final/) and
+# Every stage is `jaxt2i train CONFIG workdir=RUNS_DIR/NAME ...`; RUNS_DIR receives shapes_vae/, shapes_clip/,
+# shapes_clip_role/, shapes_unet/ (each with checkpoints/, metrics.jsonl and the model folder final/) and
 # chain_times.tsv (stage, seconds); MODEL_OUT (default RUNS_DIR/shapes_model) receives the float16 model folder
 # that scripts/build_shapes_model.py writes -- pass jaxt2i/assets/shapes_model to replace the shipped default.
-# A stage whose output already exists is not run again (the U-Net stage resumes from its newest checkpoint), so
+# A stage whose final/ already exists is not run again (an interrupted stage resumes from its newest checkpoint), so
 # the same command continues an interrupted chain; every attempt at a stage appends its own line to chain_times.tsv
 # (a failed one, or one whose process was killed, with its exit status), so a stage's time is the sum of its lines. Delete a stage's
 # folder to retrain it. The build always runs (a few seconds) and overwrites MODEL_OUT.
@@ -42,19 +43,19 @@ stage() {  # stage NAME DONE_MARKER COMMAND...: runs COMMAND unless DONE_MARKER 
     fi
 }
 
-stage vae "$runs/shapes_vae/metrics.json" \
-    python "$here/scripts/train_shapes_vae.py" --config "$here/configs/shapes_vae.yaml" --out "$runs/shapes_vae"
-stage clip "$runs/shapes_clip/metrics.json" \
-    python "$here/scripts/train_shapes_clip.py" --config "$here/configs/shapes_clip.yaml" --out "$runs/shapes_clip"
-stage clip_role "$runs/shapes_clip_role/metrics.json" \
-    python "$here/scripts/train_shapes_clip.py" --config "$here/configs/shapes_clip_role.yaml" \
-    --out "$runs/shapes_clip_role" --set "init_from=$runs/shapes_clip"
+stage vae "$runs/shapes_vae/final" \
+    jaxt2i train "$here/configs/shapes_vae.yaml" "workdir=$runs/shapes_vae"
+stage clip "$runs/shapes_clip/final" \
+    jaxt2i train "$here/configs/shapes_clip.yaml" "workdir=$runs/shapes_clip"
+stage clip_role "$runs/shapes_clip_role/final" \
+    jaxt2i train "$here/configs/shapes_clip_role.yaml" "workdir=$runs/shapes_clip_role" \
+    "model.init_from=$runs/shapes_clip/final"
 stage unet "$runs/shapes_unet/final" \
     jaxt2i train "$here/configs/shapes_unet.yaml" "workdir=$runs/shapes_unet" \
-    "model.vae_from=$runs/shapes_vae" "model.text_encoder_from=$runs/shapes_clip_role/text_encoder" \
-    "model.context_merge_from=$runs/shapes_clip_role"
+    "model.vae_from=$runs/shapes_vae/final" "model.text_encoder_from=$runs/shapes_clip_role/final" \
+    "model.context_merge_from=$runs/shapes_clip_role/final"
 stage build "" \
     python "$here/scripts/build_shapes_model.py" --unet "$runs/shapes_unet/final" --vae "$runs/shapes_vae" \
-    --clip "$runs/shapes_clip_role" --out "$model_out"
+    --clip "$runs/shapes_clip_role/final" --out "$model_out"
 echo "== stage times (s):"
 cat "$times"
