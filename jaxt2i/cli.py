@@ -195,7 +195,7 @@ def _convert(args) -> int:
     import numpy as np
 
     from jaxt2i.convert import load
-    from jaxt2i.pipeline import DTYPES
+    from jaxt2i.dtypes import DTYPES
 
     if os.path.exists(args.dst):
         raise CLIError(f"{args.dst} already exists; choose a new destination (nothing was written).")

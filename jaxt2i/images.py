@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
@@ -80,10 +80,3 @@ def save_png(path: str | os.PathLike, images: np.ndarray, metadata: Mapping[str,
     Image.fromarray(pixels).save(path, pnginfo=info)
     return os.fspath(path)
 
-
-def images_from_list(images: Sequence[np.ndarray]) -> np.ndarray:
-    """Stacks equally-sized ``[H, W, 3]`` images to ``[N, H, W, 3]`` with a clear error otherwise."""
-    shapes = {np.shape(im) for im in images}
-    if len(shapes) != 1:
-        raise ImageError(f"images have different shapes {sorted(shapes)}; resize them to one size.")
-    return np.stack(images)

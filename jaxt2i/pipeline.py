@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import os
 import sys
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,21 +24,10 @@ from jaxt2i.convert.load import LoadedModel, read_any
 from jaxt2i.diffusion import samplers
 from jaxt2i.diffusion.guidance import cfg_denoise_fn
 from jaxt2i.diffusion.schedules import ScheduleConfig
-from jaxt2i.models import clip, unet, vae
+from jaxt2i.dtypes import as_dtype
+from jaxt2i.models import latent_diffusion
+from jaxt2i.models.latent_diffusion import Models
 from jaxt2i.tokenizer import CLIPTokenizer
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-class Models(NamedTuple):
-    """The linen modules of a pipeline (pure: parameters live in ``Pipeline.params``), and the text-encoder hidden
-    state that conditions the U-Net (``CLIPTextModel.encode``'s ``layer``: -1 the last, 0 the embeddings)."""
-
-    text_encoder: clip.CLIPTextModel
-    vae: vae.AutoencoderKL
-    unet: unet.UNet
-    text_layer: int | tuple[int, ...] = -1  # tuple: several states concatenated along the tokens
-
 
 # --------------------------------------------------------------------------------------- compilation cache
 def enable_compilation_cache(path: str | None = None) -> str | None:
@@ -91,41 +80,11 @@ class _Spec:
                     use_karras_sigmas=self.karras, start_step=self.start_step)
 
 
-def _encode_text(models: Models, params, ids):
-    """[B, 77] ids -> [B, 77 k, D] conditioning: hidden state(s) ``models.text_layer`` (k of them) after the final
-    LayerNorm."""
-    return models.text_encoder.apply({"params": params["text_encoder"]}, ids, models.text_layer,
-                                     method=clip.CLIPTextModel.encode)
-
-
-def _unet(models: Models, params, x, t, context):
-    """U-Net in the compute dtype; output float32. x [B, h, w, C], t [B], context [B, 77, D]."""
-    dtype = models.unet.dtype
-    out = models.unet.apply({"params": params["unet"]}, x.astype(dtype), t, context.astype(dtype))
-    return out.astype(jnp.float32)
-
-
-def _decode(models: Models, params, latents):
-    """Scaled latents [B, h, w, 4] -> images [B, H, W, 3] float32 in [0, 1]."""
-    cfg = models.vae.config
-    z = vae.unscale_latents(latents.astype(jnp.float32), cfg).astype(models.vae.dtype)
-    x = models.vae.apply({"params": params["vae"]}, z, method=vae.AutoencoderKL.decode)
-    return jnp.clip((x.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
-
-
-def _encode_latents(models: Models, params, images, key):
-    """Images [B, H, W, 3] in [0, 1] -> scaled latents; a posterior sample with ``key``, else the mean."""
-    x = (2.0 * images.astype(jnp.float32) - 1.0).astype(models.vae.dtype)
-    posterior = models.vae.apply({"params": params["vae"]}, x, method=vae.AutoencoderKL.encode)
-    z = posterior.mode() if key is None else posterior.sample(key)
-    return vae.scale_latents(z.astype(jnp.float32), models.vae.config)
-
-
 # The functional pieces, jitted once per distinct Models value (shared by every Pipeline of the same architecture).
-_jit_encode_text = jax.jit(_encode_text, static_argnums=0)
-_jit_unet = jax.jit(_unet, static_argnums=0)
-_jit_decode = jax.jit(_decode, static_argnums=0)
-_jit_encode_latents = jax.jit(_encode_latents, static_argnums=0)
+_jit_encode_text = jax.jit(latent_diffusion.encode_text, static_argnums=0)
+_jit_unet = jax.jit(latent_diffusion.predict, static_argnums=0)
+_jit_decode = jax.jit(latent_diffusion.decode, static_argnums=0)
+_jit_encode_latents = jax.jit(latent_diffusion.encode_images, static_argnums=0)
 
 
 def _setup(spec: _Spec, params, inputs: dict, key):
@@ -135,14 +94,14 @@ def _setup(spec: _Spec, params, inputs: dict, key):
     [B, H, W, 1] for img2img / inpaint. Returns (PreparedRun, cond) where cond holds what the denoiser and the
     inpainting blend need at every step.
     """
-    context = _encode_text(spec.models, params, inputs["ids"])
+    context = latent_diffusion.encode_text(spec.models, params, inputs["ids"])
     cond = {"context": context,
-            "uncond": _encode_text(spec.models, params, inputs["uncond_ids"]) if spec.use_cfg else None}
+            "uncond": latent_diffusion.encode_text(spec.models, params, inputs["uncond_ids"]) if spec.use_cfg else None}
     noise, start = inputs["noise"], spec.start_step
     x, noised = noise, False
     if spec.kind != "txt2img":
         encode_key, masked_key = jax.random.split(key)
-        x0 = _encode_latents(spec.models, params, inputs["images"], encode_key)
+        x0 = latent_diffusion.encode_images(spec.models, params, inputs["images"], encode_key)
         if spec.kind == "img2img" or start > 0:
             x, start = samplers.img2img_start(x0, noise, sampler=spec.sampler, steps=spec.steps,
                                               strength=spec.strength, schedule=spec.schedule,
@@ -157,7 +116,7 @@ def _setup(spec: _Spec, params, inputs: dict, key):
                 # The repainted region is blanked to mid-gray (0 in the VAE's [-1, 1] range), as SD's inpainting
                 # models were trained.
                 masked_images = jnp.where(masks < 0.5, inputs["images"], 0.5)
-                masked = _encode_latents(spec.models, params, masked_images, masked_key)
+                masked = latent_diffusion.encode_images(spec.models, params, masked_images, masked_key)
                 cond["extra"] = jnp.concatenate([latent_mask, masked], axis=-1)
             else:
                 cond["blend"] = {"x0": x0, "noise": noise, "mask": latent_mask}
@@ -173,7 +132,7 @@ def _denoiser(spec: _Spec, params, cond, guidance, rescale):
         if extra is not None:  # 9-channel inpainting U-Net: [x, mask, masked-image latents]
             reps = x.shape[0] // extra.shape[0]
             x = jnp.concatenate([x, jnp.tile(extra, (reps, 1, 1, 1)).astype(x.dtype)], axis=-1)
-        return _unet(spec.models, params, x, t, ctx)
+        return latent_diffusion.predict(spec.models, params, x, t, ctx)
 
     if spec.use_cfg:
         return cfg_denoise_fn(model_fn, cond["context"], cond["uncond"], guidance, rescale)
@@ -198,7 +157,7 @@ def _program(params, inputs, guidance, rescale, key, *, spec: _Spec):
     setup_key, sample_key = jax.random.split(key)
     run, cond = _setup(spec, params, inputs, setup_key)
     state = _run_segment(spec, params, run.state, run.xs, cond, guidance, rescale, sample_key)
-    return _decode(spec.models, params, state["x"])
+    return latent_diffusion.decode(spec.models, params, state["x"])
 
 
 # The same program in three stages, so a caller can watch progress between segments of model calls (each stage
@@ -234,28 +193,26 @@ class Pipeline:
     """A loaded Stable-Diffusion-style model: CLIP text encoder, KL-VAE and U-Net with their parameters.
 
     Attributes:
-      models: :class:`Models` (linen modules); params: ``{"text_encoder", "vae", "unet"}`` -> parameter trees;
-      configs: component configs; schedule: the noise schedule; tokenizer: the CLIP tokenizer;
+      models: :class:`~jaxt2i.models.latent_diffusion.Models` (linen modules); params: component name ->
+      parameter tree (``text_encoder``, ``vae``, ``unet``, optionally ``conditioner``, and components the pipeline
+      does not run, such as a CLIP image tower ``clip_vision`` for reranking); configs: component configs; schedule: the noise schedule; tokenizer: the CLIP tokenizer;
       sampling: the model's recommended ``{"steps", "guidance"}`` (from its jaxt2i.json; may be empty).
     """
 
     def __init__(self, loaded: LoadedModel, dtype: str | Any = "float32"):
-        self.dtype = _as_dtype(dtype)
+        if loaded.family != "latent_diffusion":
+            raise ValueError(f"{loaded.source}: a {loaded.family!r} model is not a latent-diffusion model; load it "
+                             "with jaxt2i.load_pipeline, which picks the pipeline of its family.")
+        self.dtype = as_dtype(dtype)
         self.configs = dict(loaded.configs)
         self.schedule = loaded.schedule
         self.source = loaded.source
         self.sampling = dict(loaded.sampling)
+        self.types = dict(loaded.types)
         self.tokenizer = _tokenizer_for(loaded)
         self._tokenizer_settings = dict(loaded.tokenizer)
-        vae_dtype = jnp.float32 if self.dtype == jnp.float16 else self.dtype  # the SD VAE overflows in float16
-        self.models = Models(
-            text_encoder=clip.CLIPTextModel(self.configs["text_encoder"], dtype=self.dtype, param_dtype=self.dtype),
-            vae=vae.AutoencoderKL(self.configs["vae"], dtype=vae_dtype, param_dtype=vae_dtype),
-            unet=unet.UNet(self.configs["unet"], dtype=self.dtype, param_dtype=self.dtype),
-            text_layer=loaded.text_layer,
-        )
-        param_dtypes = {"text_encoder": self.dtype, "vae": vae_dtype, "unet": self.dtype}
-        self.params = {name: jax.device_put(jax.tree.map(lambda a, d=param_dtypes[name]: np.asarray(a, d), tree))
+        self.models = latent_diffusion.build_models(self.configs, loaded.text_layer, dtype=self.dtype)
+        self.params = {name: jax.device_put(_cast_floats(tree, _param_dtype(self.models, name)))
                        for name, tree in loaded.params.items()}
 
     # ------------------------------------------------------------------------------------ properties
@@ -286,7 +243,7 @@ class Pipeline:
         """The pipeline's configs and parameters (as numpy) in the format-independent form, for export."""
         params = {k: jax.tree.map(np.asarray, v) for k, v in self.params.items()}
         return LoadedModel(self.configs, params, self.schedule, self._tokenizer_settings, self.source,
-                           self.models.text_layer, dict(self.sampling))
+                           self.models.text_layer, dict(self.sampling), "latent_diffusion", dict(self.types))
 
     # ------------------------------------------------------------------------------ functional pieces
     def tokenize(self, prompts: str | Sequence[str]) -> np.ndarray:
@@ -427,12 +384,15 @@ def _print_progress(done: int, total: int) -> None:
     print(f"\rsampling: {done}/{total} model calls", end=end, file=sys.stderr, flush=True)
 
 
-def _as_dtype(dtype) -> Any:
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
-        return DTYPES[dtype]
-    return jnp.dtype(dtype).type
+def _param_dtype(models: Models, name: str) -> Any:
+    """Storage dtype of component ``name``: its module's ``param_dtype`` (components the pipeline does not run
+    keep float32)."""
+    module = getattr(models, name, None) if name in Models._fields else None
+    return jnp.float32 if module is None else module.param_dtype
+
+
+def _cast_floats(tree, dtype):
+    return jax.tree.map(lambda a: np.asarray(a, dtype) if np.issubdtype(np.asarray(a).dtype, np.floating) else a, tree)
 
 
 def _tokenizer_for(loaded: LoadedModel) -> CLIPTokenizer:
@@ -492,11 +452,11 @@ def _batch_images(images: jax.Array, batch: int) -> jax.Array:
 
 def load_pipeline(path: str | os.PathLike, config: str | None = None, dtype: str = "float32", *, ema: bool = False,
                   variant: str | None = None, compilation_cache: str | None = None) -> Pipeline:
-    """Loads a Stable-Diffusion-style model from any supported format.
+    """Loads a model from any supported format, with the pipeline of its family (:data:`PIPELINES`).
 
     Args:
       path: a diffusers-format folder (model_index.json), an original single-file checkpoint
-        (.safetensors or .ckpt), or a folder written by ``jaxt2i convert``.
+        (.safetensors or .ckpt), or a jaxt2i model folder (``jaxt2i convert``, ``jaxt2i train``).
       config: for single files: a preset name (``sd15``, ``sd15_inpaint``, ``sd21``, ``sd21_base``,
         ``sd2_inpaint``) or a diffusers folder whose configs describe the architecture; default: detected.
       dtype: compute and storage dtype: ``float32``, ``bfloat16`` or ``float16``.
@@ -506,4 +466,13 @@ def load_pipeline(path: str | os.PathLike, config: str | None = None, dtype: str
     """
     enable_compilation_cache(compilation_cache)
     loaded = read_any(os.fspath(path), config=config, ema=ema, variant=variant)
-    return Pipeline(loaded, dtype=dtype)
+    if loaded.family not in PIPELINES:
+        what = "components alone (no pipeline family)" if loaded.family is None else f"family {loaded.family!r}"
+        raise ValueError(f"{path} holds {what}: {sorted(loaded.configs)}; jaxt2i samples from the families "
+                         f"{sorted(PIPELINES)}. A training stage's output (a VAE, a CLIP) is a part for "
+                         "`jaxt2i train`, not a model to sample from.")
+    return PIPELINES[loaded.family](loaded, dtype=dtype)
+
+
+# jaxt2i.json "family" -> the pipeline class that loads it.
+PIPELINES: dict[str, type] = {"latent_diffusion": Pipeline}

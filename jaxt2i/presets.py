@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxt2i.convert.components import component
 from jaxt2i.diffusion.schedules import ScheduleConfig
 from jaxt2i.models import clip, unet, vae
 
@@ -55,22 +56,22 @@ def get(name: str) -> PipelinePreset:
     return PRESETS[name]
 
 
-def abstract_params(name: str, config: Any, param_dtype: Any = jnp.float32) -> dict:
-    """Abstract (shape-only) parameter tree of component ``name`` — no real initialisation.
+def abstract_params(kind: str, config: Any, param_dtype: Any = jnp.float32) -> dict:
+    """Abstract (shape-only) parameter tree of a component of type ``kind`` (``jaxt2i.convert.components``) — no
+    real initialisation.
 
     Tracing a model's ``init`` takes about a second for SD-size models, so trees are cached per
-    ``(name, config, param_dtype)``; each call returns a fresh copy of the nested dicts.
+    ``(kind, config, param_dtype)``; each call returns a fresh copy of the nested dicts.
     """
     try:
-        tree = _cached_abstract_params(name, config, jnp.dtype(param_dtype))
+        tree = _cached_abstract_params(kind, config, jnp.dtype(param_dtype))
     except TypeError:  # a config with an unhashable field: no caching
-        tree = _abstract_params(name, config, jnp.dtype(param_dtype))
+        tree = _abstract_params(kind, config, jnp.dtype(param_dtype))
     return jax.tree.map(lambda leaf: leaf, tree)
 
 
-def _abstract_params(name: str, config: Any, param_dtype: Any) -> dict:
-    module = {"unet": unet, "vae": vae, "text_encoder": clip}[name]
-    return module.abstract_params(config, param_dtype)
+def _abstract_params(kind: str, config: Any, param_dtype: Any) -> dict:
+    return component(kind).abstract_params(config, param_dtype)
 
 
 _cached_abstract_params = functools.lru_cache(maxsize=32)(_abstract_params)

@@ -116,10 +116,10 @@ def test_encode_text_layers():
                                    final_ln(out.hidden_states[layer]), atol=1e-6)
     with pytest.raises(ValueError, match=f"does not exist in a {cfg.num_layers}-layer text encoder"):
         encode_text(params, ids, cfg, layer=cfg.num_layers + 1)
-    # several layers: each one's state after the final LayerNorm, concatenated along the tokens in the order given
+    # several layers: each one's state after the final LayerNorm, stacked in the order given
     both = encode(params, ids, config=cfg, layer=(-1, 0))
-    assert both.shape == (2, 2 * ids.shape[1], cfg.hidden_size)
-    np.testing.assert_allclose(both, np.concatenate([out.last_hidden_state, final_ln(out.hidden_states[0])], 1),
+    assert both.shape == (2, 2, ids.shape[1], cfg.hidden_size)
+    np.testing.assert_allclose(both, np.stack([out.last_hidden_state, final_ln(out.hidden_states[0])], 1),
                                atol=1e-6)
     for bad, message in (((), "at least one layer"), ((-1, cfg.num_layers), "same hidden state twice"),
                          ((0, 99), "does not exist"), ((0, "last"), "use an integer")):

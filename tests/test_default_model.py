@@ -49,5 +49,6 @@ def test_shapes_unet_config_describes_the_shipped_unet():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     model = load_config(os.path.join(root, "configs", "shapes_unet.yaml")).model
     from_yaml = from_dict(UNetConfig, model.unet_config)  # as `jaxt2i train` builds it
-    shipped = config_from_dict(UNetConfig, read_manifest(DEFAULT_MODEL)["components"]["unet"], source=DEFAULT_MODEL)
+    shipped = config_from_dict(UNetConfig, read_manifest(DEFAULT_MODEL)["components"]["unet"]["config"],
+                               source=DEFAULT_MODEL)
     assert from_yaml == shipped

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxt2i.diffusion import cfg_denoise_fn, samplers as smp
+from jaxt2i.diffusion import cfg_denoise_fn, plans, samplers as smp
 from jaxt2i.diffusion.schedules import ScheduleConfig
 
 
@@ -46,7 +46,7 @@ def test_validation_errors():
     with pytest.raises(ValueError, match="prediction_type"):
         smp.sample(smooth_denoiser, x, sampler="euler_a", steps=5, schedule=ScheduleConfig(prediction_type="sample"))
     with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
-        smp.make_plan("lms", 5, ScheduleConfig(rescale_betas_zero_snr=True))
+        plans.make_plan("lms", 5, ScheduleConfig(rescale_betas_zero_snr=True))
     with pytest.raises(ValueError, match="key"):
         smp.sample(smooth_denoiser, x, sampler="euler_a", steps=5)
     with pytest.raises(ValueError, match="key"):
@@ -68,7 +68,7 @@ def test_any_rank_and_trajectory(sampler):
     assert bool(jnp.all(jnp.isfinite(traj)))
 
 
-def _zero_noise_output_std(plan: smp.SamplingPlan, eta: float = 0.0) -> float:
+def _zero_noise_output_std(plan: plans.SamplingPlan, eta: float = 0.0) -> float:
     """Exact std of the output when the model predicts zero noise (epsilon) from x_T ~ N(0, 1):
     every step is then linear, x <- c x + s z, so var <- c^2 var + s^2 (independent z)."""
     tb = {k: v.astype(np.float64) for k, v in plan.table.items()}
@@ -93,7 +93,7 @@ def test_prng_noise_statistics(sampler, eta):
     bound (5 standard errors of a std estimated from n = 32768 values: 5 / sqrt(2 n) ~ 2%).
     """
     steps = 12
-    plan = smp.make_plan(sampler, steps, ScheduleConfig())
+    plan = plans.make_plan(sampler, steps, ScheduleConfig())
     want = _zero_noise_output_std(plan, eta)
     x_T = randn(8, 32, 32, 4)
     n = x_T.size

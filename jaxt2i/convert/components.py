@@ -1,7 +1,9 @@
-"""The three Stable Diffusion components and how each one converts: one table, used by every format.
+"""Every component type a model folder can hold, and how each one is built and converted: one table.
 
-For each component this names its config class, its module, its abstract parameter tree and its converters to
-and from the diffusers/transformers state dict (the pivot layout: original single files are first renamed to it).
+A component type names its config class and its abstract parameter tree; the three Stable Diffusion components
+also convert to and from the diffusers/transformers state dict (the pivot layout: original single files are
+first renamed to it). jaxt2i's own model folders hold any registered type; a new family registers its
+components here.
 """
 
 from __future__ import annotations
@@ -9,29 +11,27 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
-import jax.numpy as jnp
 import numpy as np
 
 from jaxt2i.convert import clip_keys, unet_keys, vae_keys
-from jaxt2i.models import clip, unet, vae
+from jaxt2i.convert.core import ConversionError
+from jaxt2i.models import clip, clip_vision, conditioner, unet, vae
 
 
 @dataclasses.dataclass(frozen=True)
 class Component:
-    """How one component is built and converted.
+    """How one component type is built and converted.
 
-    ``from_torch(state_dict, config, source, dtype) -> params`` and ``to_torch(params, config) -> state_dict`` use
-    the diffusers/transformers key layout; ``original_prefix`` is where the component lives in an original
-    single-file checkpoint.
+    ``abstract_params(config, param_dtype) -> tree of jax.ShapeDtypeStruct``. ``from_torch(state_dict, config,
+    source, dtype) -> params`` and ``to_torch(params, config) -> state_dict`` use the diffusers/transformers key
+    layout (None: the type exists only in jaxt2i's format); ``weight_stem``: its file stem in a diffusers folder.
     """
 
-    name: str
     config_cls: type
-    module: Callable[..., Any]
-    presets: Mapping[str, Any]
-    from_torch: Callable[..., dict]
-    to_torch: Callable[..., dict]
-    weight_stem: str  # file stem inside a diffusers folder
+    abstract_params: Callable[..., dict]
+    from_torch: Callable[..., dict] | None = None
+    to_torch: Callable[..., dict] | None = None
+    weight_stem: str | None = None
 
 
 def _clip_from_torch(sd, config, *, source, dtype=None):
@@ -43,26 +43,30 @@ def _clip_to_torch(params, config):
 
 
 COMPONENTS: dict[str, Component] = {
-    "text_encoder": Component("text_encoder", clip.CLIPTextConfig, clip.CLIPTextModel, clip.PRESETS,
-                              _clip_from_torch, _clip_to_torch, "model"),
-    "vae": Component("vae", vae.VAEConfig, vae.AutoencoderKL, vae.PRESETS,
-                     vae_keys.params_from_diffusers, vae_keys.params_to_diffusers, "diffusion_pytorch_model"),
-    "unet": Component("unet", unet.UNetConfig, unet.UNet, unet.PRESETS,
-                      unet_keys.params_from_diffusers, unet_keys.params_to_diffusers, "diffusion_pytorch_model"),
+    "text_encoder": Component(clip.CLIPTextConfig, clip.abstract_params, _clip_from_torch, _clip_to_torch, "model"),
+    "vae": Component(vae.VAEConfig, vae.abstract_params, vae_keys.params_from_diffusers,
+                     vae_keys.params_to_diffusers, "diffusion_pytorch_model"),
+    "unet": Component(unet.UNetConfig, unet.abstract_params, unet_keys.params_from_diffusers,
+                      unet_keys.params_to_diffusers, "diffusion_pytorch_model"),
+    "conditioner": Component(conditioner.ConditionerConfig, conditioner.abstract_params),
+    "clip_vision": Component(clip_vision.CLIPVisionConfig, clip_vision.image_tower_abstract_params),
 }
 
 
-def build_module(name: str, config: Any, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
-    """The linen module of component ``name`` for ``config``."""
-    return COMPONENTS[name].module(config, dtype=dtype, param_dtype=param_dtype)
+def component(kind: str) -> Component:
+    """The registered component type ``kind``; an error lists the known ones."""
+    if kind not in COMPONENTS:
+        raise ConversionError(f"unknown component type {kind!r}; this jaxt2i knows {sorted(COMPONENTS)}. "
+                              "Was the folder written by a newer jaxt2i?")
+    return COMPONENTS[kind]
 
 
-def params_from_torch(name: str, state_dict: Mapping[str, np.ndarray], config: Any, *, source: str,
+def params_from_torch(kind: str, state_dict: Mapping[str, np.ndarray], config: Any, *, source: str,
                       dtype: Any = None) -> dict:
-    """diffusers/transformers-layout state dict -> Flax params of component ``name`` (checked, key by key)."""
-    return COMPONENTS[name].from_torch(state_dict, config, source=source, dtype=dtype)
+    """diffusers/transformers-layout state dict -> Flax params of component type ``kind`` (checked, key by key)."""
+    return component(kind).from_torch(state_dict, config, source=source, dtype=dtype)
 
 
-def params_to_torch(name: str, params: Mapping[str, Any], config: Any) -> dict[str, np.ndarray]:
-    """Flax params of component ``name`` -> diffusers/transformers-layout state dict."""
-    return COMPONENTS[name].to_torch(params, config)
+def params_to_torch(kind: str, params: Mapping[str, Any], config: Any) -> dict[str, np.ndarray]:
+    """Flax params of component type ``kind`` -> diffusers/transformers-layout state dict."""
+    return component(kind).to_torch(params, config)

@@ -149,7 +149,8 @@ def to_flax(
                 f"{source}: tensor {rule.torch_key} has shape {tuple(np.shape(state_dict[rule.torch_key]))}, "
                 f"which gives {tuple(value.shape)} for {'/'.join(rule.flax_path)}; the model expects "
                 f"{tuple(leaf.shape)}. The checkpoint and the config disagree.", torch_key=rule.torch_key)
-        flat[rule.flax_path] = np.ascontiguousarray(value).astype(dtype or leaf.dtype, copy=False)
+        # np.ascontiguousarray turns 0-d arrays into [1]; the reshape keeps the model's shape
+        flat[rule.flax_path] = np.ascontiguousarray(value).reshape(leaf.shape).astype(dtype or leaf.dtype, copy=False)
     return traverse_util.unflatten_dict(flat)
 
 

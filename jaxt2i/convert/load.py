@@ -20,35 +20,48 @@ import numpy as np
 
 from jaxt2i import presets
 from jaxt2i.convert import clip_keys, native, unet_keys, vae_keys
-from jaxt2i.convert.components import COMPONENTS, params_from_torch, params_to_torch
-from jaxt2i.convert.core import ConversionError
+from jaxt2i.convert.components import component, params_from_torch, params_to_torch
+from jaxt2i.convert.core import ConversionError, Rule, to_flax
 from jaxt2i.convert.io import atomic_folder, read_state_dict, write_safetensors
 from jaxt2i.diffusion.schedules import ScheduleConfig
-from jaxt2i.models import clip, unet
+from jaxt2i.models import clip, latent_diffusion
+from jaxt2i.tokenizer import write_vocab_files
 
-COMPONENT_NAMES = ("text_encoder", "vae", "unet")
+COMPONENT_NAMES = ("text_encoder", "vae", "unet")  # the Stable Diffusion components every other format holds
+# diffusers pipeline classes -> the jaxt2i family that loads them.
+DIFFUSERS_PIPELINES = {"StableDiffusionPipeline": "latent_diffusion",
+                       "StableDiffusionInpaintPipeline": "latent_diffusion"}
 
 
 @dataclasses.dataclass
 class LoadedModel:
-    """Everything a pipeline is made of, independent of the file format it came from.
+    """Everything a model folder holds, independent of the file format it came from.
 
     configs: component name -> config dataclass; params: component name -> Flax tree (numpy arrays);
+    types: component name -> its type in ``jaxt2i.convert.components`` when the two differ (the name otherwise);
+    family: the pipeline family that loads it (``"latent_diffusion"``), None for components alone (a VAE or a
+    CLIP a training stage wrote); schedule: the noise schedule (None without a denoiser);
     tokenizer: {"pad": "eos"|"zero", "folder": path or None}; source: where it was read from;
-    text_layer: which hidden state of the text encoder conditions the U-Net (``CLIPTextModel.encode``'s
-    ``layer``: -1 the last, as in every diffusers and single-file checkpoint; 0 the token + position embeddings).
-    Only jaxt2i's own format can store another value.
+    text_layer: which hidden state(s) of the text encoder condition the denoiser (``CLIPTextModel.encode``'s
+    ``layer``: -1 the last, as in every diffusers and single-file checkpoint; 0 the token + position embeddings;
+    a tuple: several, for a conditioner). Only jaxt2i's own format can store another value than -1.
     sampling: the model's recommended sampling settings (``{"steps": int, "guidance": float}``, either may be
     absent; ``jaxt2i generate``'s defaults), stored only by jaxt2i's own format.
     """
 
     configs: dict[str, Any]
     params: dict[str, dict]
-    schedule: ScheduleConfig
+    schedule: ScheduleConfig | None
     tokenizer: dict
     source: str
     text_layer: int | tuple[int, ...] = -1
     sampling: dict = dataclasses.field(default_factory=dict)
+    family: str | None = "latent_diffusion"
+    types: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def component_type(self, name: str) -> str:
+        """The ``jaxt2i.convert.components`` type of component ``name``."""
+        return self.types.get(name, name)
 
 
 # ----------------------------------------------------------------------------------------------- diffusers folders
@@ -100,7 +113,7 @@ def schedule_from_folder(path: str) -> ScheduleConfig:
 
 def configs_from_folder(path: str) -> dict[str, Any]:
     """Component configs from a diffusers folder's ``*/config.json`` files."""
-    return {name: COMPONENTS[name].config_cls.from_diffusers(_read_json(os.path.join(path, name, "config.json")))
+    return {name: component(name).config_cls.from_diffusers(_read_json(os.path.join(path, name, "config.json")))
             for name in COMPONENT_NAMES}
 
 
@@ -112,11 +125,15 @@ def tokenizer_settings_from_folder(path: str) -> dict:
 def read_diffusers_folder(path: str, *, variant: str | None = None, dtype: Any = None) -> LoadedModel:
     """Reads a diffusers-format Stable Diffusion folder. ``variant="fp16"`` picks ``*.fp16.*`` weight files."""
     path = os.fspath(path)
-    _read_json(os.path.join(path, "model_index.json"))
+    index = _read_json(os.path.join(path, "model_index.json"))
+    class_name = index.get("_class_name")
+    if class_name not in DIFFUSERS_PIPELINES:
+        raise ConversionError(f"{path}: model_index.json names {class_name!r}; jaxt2i reads "
+                              f"{', '.join(DIFFUSERS_PIPELINES)} folders.")
     configs = configs_from_folder(path)
     params = {}
     for name in COMPONENT_NAMES:
-        sd, source = _read_component_state_dict(os.path.join(path, name), COMPONENTS[name].weight_stem, variant)
+        sd, source = _read_component_state_dict(os.path.join(path, name), component(name).weight_stem, variant)
         params[name] = params_from_torch(name, sd, configs[name], source=source, dtype=dtype)
     return LoadedModel(configs, params, schedule_from_folder(path), tokenizer_settings_from_folder(path), path)
 
@@ -230,7 +247,7 @@ def write_single_file(path: str, model: LoadedModel, *, overwrite: bool = False)
         raise ValueError(f"{path}: single files are written as .safetensors only.")
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; choose a new name or pass overwrite=True.")
-    _check_last_text_layer(model, "an original single-file checkpoint")
+    _check_stable_diffusion_layout(model, "an original single-file checkpoint")
     torch_layout = {name: params_to_torch(name, model.params[name], model.configs[name]) for name in COMPONENT_NAMES}
     text_prefix = (_PREFIXES["text_encoder_sd1"] if model.configs["text_encoder"].hidden_act == "quick_gelu"
                    else _PREFIXES["text_encoder_sd2"])
@@ -244,56 +261,81 @@ def write_single_file(path: str, model: LoadedModel, *, overwrite: bool = False)
 
 # ----------------------------------------------------------------------------------------------- jaxt2i's own format
 def read_native(path: str, *, dtype: Any = None) -> LoadedModel:
-    """Reads a folder written by :func:`write_native` (``jaxt2i convert``)."""
-    from jaxt2i.convert.core import to_flax
-
+    """Reads a jaxt2i model folder (``jaxt2i convert``, ``jaxt2i train``'s exports; any family, any version)."""
     path = os.fspath(path)
     manifest = native.read_manifest(path)
-    configs, params = {}, {}
-    for name in COMPONENT_NAMES:
-        if name not in manifest["components"]:
-            raise ConversionError(f"{path}: manifest has no {name!r} component.")
-        comp = COMPONENTS[name]
-        config = native.config_from_dict(comp.config_cls, manifest["components"][name], source=path)
-        flat = native.read_component(path, name)
-        abstract = presets.abstract_params(name, config)
-        rules = [_identity_rule(k) for k in flat]
-        params[name] = to_flax(flat, rules, abstract, source=os.path.join(path, f"{name}.safetensors"), dtype=dtype)
+    version = manifest.get("upgraded_from", native.FORMAT_VERSION)
+    configs, params, types = {}, {}, {}
+    for name, entry in manifest["components"].items():
+        kind = entry["type"]
+        config = native.config_from_dict(component(kind).config_cls, entry["config"], source=path)
+        flat = native.read_component(path, name, version)
+        rules = [Rule(tuple(k.split("/")), k, "identity") for k in flat]
+        params[name] = to_flax(flat, rules, presets.abstract_params(kind, config),
+                               source=os.path.join(path, f"{name}.safetensors"), dtype=dtype)
         configs[name] = config
-    schedule = native.config_from_dict(ScheduleConfig, manifest["schedule"], source=path)
+        if kind != name:
+            types[name] = kind
+    schedule = manifest.get("schedule")
+    schedule = None if schedule is None else native.config_from_dict(ScheduleConfig, schedule, source=path)
     tokenizer = dict(manifest.get("tokenizer", {}))
     tok_folder = os.path.join(path, "tokenizer")
     tokenizer["folder"] = tok_folder if os.path.isdir(tok_folder) else None
-    # absent in folders written before it was recorded; a list names several layers (concatenated)
     text_layer = clip.text_layer_setting(manifest.get("text_layer", -1))
+    family = manifest.get("family")
+    if family == "latent_diffusion":
+        _check_latent_diffusion(path, configs, text_layer)
+    sampling = native.sampling_settings(manifest.get("sampling", {}), path)
+    return LoadedModel(configs, params, schedule, tokenizer, path, text_layer, sampling, family, types)
+
+
+def _check_latent_diffusion(path: str, configs: Mapping[str, Any], text_layer) -> None:
+    missing = [name for name in COMPONENT_NAMES if name not in configs]
+    if missing:
+        raise ConversionError(f"{path}: a latent-diffusion folder needs {list(COMPONENT_NAMES)}; {missing} missing.")
     try:
-        clip.hidden_state_indices(configs["text_encoder"].num_layers, text_layer)
-        if "unet" in configs:
-            unet.check_text_layers(configs["unet"], text_layer)
+        latent_diffusion.check_text_layer(configs, text_layer)
     except ValueError as e:
         raise ConversionError(f"{path}: jaxt2i.json \"text_layer\": {e}") from None
-    sampling = native.sampling_settings(manifest.get("sampling", {}), path)
-    return LoadedModel(configs, params, schedule, tokenizer, path, text_layer, sampling)
-
-
-def _identity_rule(flat_key: str):
-    from jaxt2i.convert.core import Rule
-
-    return Rule(tuple(flat_key.split("/")), flat_key, "identity")
 
 
 def write_native(path: str, model: LoadedModel, *, overwrite: bool = False) -> None:
-    """Writes jaxt2i's own format (fast to load): configs + one safetensors per component."""
-    native.save_native(
-        path, configs=model.configs, params=model.params, schedule=model.schedule,
-        tokenizer={"pad": model.tokenizer.get("pad")}, tokenizer_files=model.tokenizer.get("folder"),
-        text_layer=model.text_layer, sampling=model.sampling, overwrite=overwrite)
+    """Writes ``model`` as a jaxt2i model folder (see :mod:`jaxt2i.convert.native`); ``path`` must not exist unless
+    ``overwrite`` (nothing the user had is replaced silently). Parameters are written in their own dtypes."""
+    sampling = native.sampling_settings(model.sampling or {}, str(path))
+    text_layer = model.text_layer
+    manifest = {
+        "format": "jaxt2i",
+        "version": native.FORMAT_VERSION,
+        "family": model.family,
+        "components": {name: {"type": model.component_type(name), "config": native.config_to_dict(config)}
+                       for name, config in model.configs.items()},
+        "schedule": None if model.schedule is None else native.config_to_dict(model.schedule),
+        "tokenizer": {"pad": model.tokenizer.get("pad")},
+        "text_layer": list(text_layer) if isinstance(text_layer, (list, tuple)) else int(text_layer),
+    }
+    if sampling:
+        manifest["sampling"] = sampling
+    with atomic_folder(path, overwrite=overwrite) as staging:
+        for name, tree in model.params.items():
+            write_safetensors(os.path.join(staging, f"{name}.safetensors"), native.flatten_params(tree),
+                              metadata={"format": "jaxt2i"})
+        native.write_manifest(staging, manifest)
+        if model.tokenizer.get("folder"):
+            shutil.copytree(model.tokenizer["folder"], os.path.join(staging, "tokenizer"))
 
 
 # ----------------------------------------------------------------------------------------------- diffusers export
-def _check_last_text_layer(model: LoadedModel, kind: str) -> None:
-    """Refuses to export a model conditioned on another text-encoder layer than the last to a format that cannot
-    say so (diffusers and the original checkpoints always condition on the last layer's output)."""
+def _check_stable_diffusion_layout(model: LoadedModel, kind: str) -> None:
+    """Refuses to export to ``kind`` (a diffusers folder, an original single file) a model those formats cannot
+    express: another family, components beyond the text encoder, VAE and U-Net (e.g. a conditioner), or
+    conditioning on another text-encoder layer than the last (they always condition on the last layer's output)."""
+    parts = sorted(model.configs)
+    if model.family != "latent_diffusion" or parts != sorted(COMPONENT_NAMES):
+        raise ConversionError(
+            f"{model.source}: {kind} holds exactly a Stable Diffusion text encoder, VAE and U-Net; this model "
+            f"(family {model.family!r}) has {parts}, which it cannot express. Keep it in jaxt2i's format "
+            f"(--to jaxt2i).")
     if not clip.is_last_layer(model.configs["text_encoder"].num_layers, model.text_layer):
         raise ConversionError(
             f"{model.source}: this model's U-Net is conditioned on text-encoder hidden state {model.text_layer} "
@@ -303,9 +345,7 @@ def _check_last_text_layer(model: LoadedModel, kind: str) -> None:
 
 def write_diffusers_folder(path: str, model: LoadedModel, *, overwrite: bool = False) -> None:
     """Writes a diffusers-format folder that ``StableDiffusionPipeline.from_pretrained`` (and jaxt2i) can load."""
-    from jaxt2i.tokenizer import write_vocab_files
-
-    _check_last_text_layer(model, "a diffusers folder")
+    _check_stable_diffusion_layout(model, "a diffusers folder")
     with atomic_folder(path, overwrite=overwrite) as staging:
         classes = {"text_encoder": "CLIPTextModel", "vae": "AutoencoderKL", "unet": "UNet2DConditionModel"}
         for name in COMPONENT_NAMES:
@@ -314,7 +354,7 @@ def write_diffusers_folder(path: str, model: LoadedModel, *, overwrite: bool = F
             config = model.configs[name].to_diffusers()
             with open(os.path.join(folder, "config.json"), "w") as f:
                 json.dump(config, f, indent=2)
-            write_safetensors(os.path.join(folder, f"{COMPONENTS[name].weight_stem}.safetensors"),
+            write_safetensors(os.path.join(folder, f"{component(name).weight_stem}.safetensors"),
                               params_to_torch(name, model.params[name], model.configs[name]),
                               metadata={"format": "pt"})
         tok_folder = os.path.join(staging, "tokenizer")

@@ -1,10 +1,16 @@
-"""jaxt2i's own checkpoint format: a folder with ``jaxt2i.json`` and one safetensors file per component.
+"""jaxt2i's own model-folder format: ``jaxt2i.json`` plus one safetensors file per component, for every family.
 
-``jaxt2i.json`` holds the format version, each component's config (dataclass fields), the noise schedule, the
-tokenizer settings and ``text_layer`` (the text-encoder hidden state that conditions the U-Net; -1, the last, when
-absent); ``<component>.safetensors`` holds the Flax parameter tree flattened with ``/``-joined
-paths. Loading needs no key table and no transposes, so it is fast; the tree is still checked against the
-model's abstract tree, like every other format.
+``jaxt2i.json`` (format version 2)::
+
+    {"format": "jaxt2i", "version": 2,
+     "family": "latent_diffusion" | null,        # which pipeline loads it (null: components alone, e.g. a VAE)
+     "components": {NAME: {"type": TYPE, "config": {...}}},   # TYPE a jaxt2i.convert.components type
+     "schedule": {...} | null, "tokenizer": {...}, "text_layer": -1 | [0, -1], "sampling": {"steps", "guidance"}}
+
+``NAME.safetensors`` holds component NAME's Flax parameter tree flattened with ``/``-joined paths; ``tokenizer/``
+optionally holds the tokenizer's own files. Loading needs no key table and no transposes, so it is fast; every
+tree is still checked against its type's abstract tree, like every other format. Version-1 folders (components
+as bare configs named by their type, no family) are read through :func:`upgrade_manifest`.
 """
 
 from __future__ import annotations
@@ -12,17 +18,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 from flax import traverse_util
 
 from jaxt2i.convert.core import ConversionError
-from jaxt2i.convert.io import atomic_folder, read_safetensors, write_safetensors
+from jaxt2i.convert.io import read_safetensors
 
 MANIFEST = "jaxt2i.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+FAMILIES = ("latent_diffusion",)
 
 
 def is_native_folder(path: str | os.PathLike) -> bool:
@@ -60,52 +66,6 @@ def _tuples(value: Any) -> Any:
     return value
 
 
-def save_native(
-    folder: str | os.PathLike,
-    *,
-    configs: Mapping[str, Any],
-    params: Mapping[str, Mapping[str, Any]],
-    schedule: Any,
-    tokenizer: Mapping[str, Any],
-    tokenizer_files: str | os.PathLike | None = None,
-    text_layer: int | Sequence[int] = -1,
-    sampling: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
-) -> None:
-    """Writes a jaxt2i folder.
-
-    Args:
-      folder: destination; must not exist unless ``overwrite`` (nothing the user had is replaced silently).
-      configs: component name -> config dataclass (``unet``, ``vae``, ``text_encoder``, ...).
-      params: component name -> Flax parameter tree.
-      schedule: the noise-schedule config dataclass.
-      tokenizer: tokenizer settings (JSON-ready), e.g. ``{"pad": "eos"}``.
-      tokenizer_files: optional folder with vocab.json/merges.txt to copy to ``tokenizer/``.
-      text_layer: the text-encoder hidden state(s) the U-Net is conditioned on (``CLIPTextModel.encode``'s ``layer``).
-      sampling: the model's recommended sampling settings, ``{"steps": int, "guidance": float}`` (either may be
-        absent; :func:`sampling_settings` checks them); ``jaxt2i generate`` uses them when not told otherwise.
-    """
-    sampling = sampling_settings(sampling or {}, str(folder))
-    with atomic_folder(folder, overwrite=overwrite) as staging:
-        for name, tree in params.items():
-            write_safetensors(os.path.join(staging, f"{name}.safetensors"), flatten_params(tree),
-                              metadata={"format": "jaxt2i"})
-        manifest = {
-            "format": "jaxt2i",
-            "version": FORMAT_VERSION,
-            "components": {name: config_to_dict(cfg) for name, cfg in configs.items()},
-            "schedule": config_to_dict(schedule),
-            "tokenizer": dict(tokenizer),
-            "text_layer": list(text_layer) if isinstance(text_layer, (list, tuple)) else int(text_layer),
-        }
-        if sampling:
-            manifest["sampling"] = sampling
-        with open(os.path.join(staging, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=2)
-        if tokenizer_files is not None:
-            shutil.copytree(tokenizer_files, os.path.join(staging, "tokenizer"))
-
-
 SAMPLING_KEYS = ("steps", "guidance")
 
 
@@ -134,24 +94,106 @@ def sampling_settings(raw: Any, source: str) -> dict:
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:
-    """Reads and validates ``jaxt2i.json``."""
+    """Reads ``jaxt2i.json`` and returns it in the current version's layout (see the module docstring)."""
     path = os.path.join(folder, MANIFEST)
     try:
         with open(path) as f:
             manifest = json.load(f)
     except json.JSONDecodeError as e:
         raise ConversionError(f"{path} is not valid JSON ({e}).") from None
-    if manifest.get("format") != "jaxt2i" or not isinstance(manifest.get("components"), dict):
+    if not isinstance(manifest, dict) or manifest.get("format") != "jaxt2i" \
+            or not isinstance(manifest.get("components"), dict):
         raise ConversionError(f"{path} is not a jaxt2i manifest.")
-    if manifest.get("version", 0) > FORMAT_VERSION:
-        raise ConversionError(f"{path} has format version {manifest['version']}; this jaxt2i reads up to "
+    version = manifest.get("version", 0)
+    if version > FORMAT_VERSION:
+        raise ConversionError(f"{path} has format version {version}; this jaxt2i reads up to "
                               f"{FORMAT_VERSION}. Upgrade jaxt2i.")
+    if version < 2:
+        manifest = upgrade_manifest(manifest)
+        vision = v1_clip_vision_config(folder)
+        if vision is not None:
+            manifest["components"]["clip_vision"] = {"type": "clip_vision", "config": vision}
+    family = manifest.get("family")
+    if family is not None and family not in FAMILIES:
+        raise ConversionError(f"{path}: unknown family {family!r}; this jaxt2i knows {list(FAMILIES)}.")
+    for name, entry in manifest["components"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("type"), str) \
+                or not isinstance(entry.get("config"), dict):
+            raise ConversionError(f"{path}: component {name!r} must be {{\"type\": ..., \"config\": {{...}}}}.")
     return manifest
 
 
-def read_component(folder: str | os.PathLike, name: str) -> dict[str, np.ndarray]:
-    """The flat ``{"a/b/kernel": array}`` tensors of one component."""
+# Version 1 kept a context merge inside the U-Net config and weights; version 2 keeps it as a conditioner.
+_V1_MERGE_FIELD = "context_merge_rank"
+_V1_UNET_ONLY_FIELDS = ("context_encoder_layers", "context_encoder_heads", _V1_MERGE_FIELD)
+V1_MERGE_PREFIX = "context_merge/"
+
+
+def upgrade_manifest(manifest: Mapping[str, Any]) -> dict:
+    """A version-1 manifest in the version-2 layout: each component ``{"type": name, "config": config}``, the
+    family from the components, a U-Net's context merge (``context_merge_rank``) as a ``conditioner`` component
+    (:func:`v1_unet_parts` splits the weights the same way); ``"upgraded_from"`` keeps the version read, for
+    :func:`read_component`. Raises for a U-Net with a context encoder, which no
+    version-2 component holds."""
+    out = {k: v for k, v in manifest.items() if k != "components"}
+    components = {name: {"type": name, "config": dict(config)} for name, config in manifest["components"].items()}
+    unet_entry = components.get("unet")
+    if unet_entry is not None:
+        config = unet_entry["config"]
+        if config.get("context_encoder_layers"):
+            raise ConversionError("this version-1 folder's U-Net has a context encoder (context_encoder_layers="
+                                  f"{config['context_encoder_layers']}), which this jaxt2i no longer implements.")
+        rank = config.get(_V1_MERGE_FIELD) or 0
+        for field in _V1_UNET_ONLY_FIELDS:
+            config.pop(field, None)
+        if rank:
+            components["conditioner"] = {"type": "conditioner", "config": {
+                "width": config.get("cross_attention_dim", 768), "rank": rank, "num_inputs": 2}}
+    out["components"] = components
+    out["family"] = "latent_diffusion" if "unet" in components else None
+    out["version"] = FORMAT_VERSION
+    out["upgraded_from"] = manifest.get("version", 0)
+    return out
+
+
+def v1_unet_parts(flat_unet: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
+    """A version-1 U-Net's flat tensors -> (U-Net tensors, conditioner tensors): ``context_merge/...`` is the
+    conditioner's ``...``."""
+    unet = {k: v for k, v in flat_unet.items() if not k.startswith(V1_MERGE_PREFIX)}
+    merge = {k[len(V1_MERGE_PREFIX):]: v for k, v in flat_unet.items() if k.startswith(V1_MERGE_PREFIX)}
+    return unet, merge
+
+
+def write_manifest(folder: str, manifest: Mapping[str, Any]) -> None:
+    """Writes ``jaxt2i.json`` into ``folder``."""
+    with open(os.path.join(folder, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
+
+
+def read_component(folder: str | os.PathLike, name: str, version: int = FORMAT_VERSION) -> dict[str, np.ndarray]:
+    """The flat ``{"a/b/kernel": array}`` tensors of component ``name`` (of a folder of format ``version``)."""
+    if version < 2 and name in ("unet", "conditioner"):
+        unet, merge = v1_unet_parts(_read_file(folder, "unet"))
+        return unet if name == "unet" else merge
+    if version < 2 and name == "clip_vision":
+        return read_safetensors(os.path.join(folder, _V1_CLIP_VISION_DIR, "params.safetensors"))
+    return _read_file(folder, name)
+
+
+def _read_file(folder: str | os.PathLike, name: str) -> dict[str, np.ndarray]:
     path = os.path.join(folder, f"{name}.safetensors")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{folder}: component file {name}.safetensors is missing.")
     return read_safetensors(path)
+
+
+_V1_CLIP_VISION_DIR = "clip_vision"
+
+
+def v1_clip_vision_config(folder: str | os.PathLike) -> dict | None:
+    """The image-tower config of a version-1 folder's ``clip_vision/`` (``config.json``'s ``"vision"``), or None."""
+    path = os.path.join(folder, _V1_CLIP_VISION_DIR, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["vision"]

@@ -101,7 +101,6 @@ def up_resnet_in_channels(config: UNetConfig, up_index: int, layer: int) -> int:
 
 def diffusers_table(config: UNetConfig) -> list[Rule]:
     """Rules mapping every diffusers ``UNet2DConditionModel`` tensor of ``config`` to a leaf of our tree."""
-    config.check_diffusers_layout()
     cfg, lin = config, config.use_linear_projection
     rules = conv(("conv_in",), "conv_in")
     rules += dense(("time_embedding", "linear_1"), "time_embedding.linear_1")

@@ -1,12 +1,10 @@
 """jaxt2i.diffusion: noise schedules, samplers (one lax.scan loop for any denoiser), guidance."""
 
 from jaxt2i.diffusion.guidance import cfg_denoise_fn, combine, guidance_rescale
+from jaxt2i.diffusion.plans import SAMPLERS, SamplingPlan, make_plan
 from jaxt2i.diffusion.samplers import (
-    SAMPLERS,
-    SamplingPlan,
     img2img_start,
     inpaint_post_step_fn,
-    make_plan,
     noisy_known_latents,
     sample,
     sampler_timesteps,

@@ -302,8 +302,8 @@ class CLIPTextModel(nn.Module):
 
         ``layer`` indexes ``hidden_states`` (0 = embeddings, -1 = last layer, -2 = penultimate: SD 2's
         conditioning from a full 24-layer OpenCLIP tower, or "CLIP skip 2"). Layers after it are not run.
-        A sequence of layers (a jaxt2i extension, e.g. ``(0, -1)``) gives each one's state after the final
-        LayerNorm, concatenated along the tokens in that order: ``[B, len(layer) * L, D]``.
+        A sequence of ``k`` layers (e.g. ``(0, -1)``, what a conditioner reads) gives each one's state after the
+        final LayerNorm, stacked in that order: ``[B, k, L, D]``.
         """
         stops = hidden_state_indices(self.config.num_layers, layer)
         x = self.embed(jnp.asarray(input_ids, jnp.int32))
@@ -312,7 +312,7 @@ class CLIPTextModel(nn.Module):
             x = block(x)
             states[i + 1] = x
         outputs = [self.final_layer_norm(states[stop]) for stop in stops]
-        return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
+        return outputs[0] if isinstance(text_layer_setting(layer), int) else jnp.stack(outputs, axis=1)
 
 
 def hidden_state_index(num_layers: int, layer: int) -> int:

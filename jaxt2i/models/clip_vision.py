@@ -117,6 +117,14 @@ class CLIPVisionModel(nn.Module):
         return embeds, pooled
 
 
+def image_tower_abstract_params(config: CLIPVisionConfig, param_dtype: Any = jnp.float32) -> dict:
+    """``{"vision_model": ..., "logit_scale": []}`` as ``jax.ShapeDtypeStruct`` leaves: the image side of a CLIP
+    whose text tower is a model's text encoder (a model folder's ``clip_vision`` component)."""
+    images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.num_channels), jnp.float32)
+    vision = jax.eval_shape(CLIPVisionModel(config, param_dtype=param_dtype).init, jax.random.PRNGKey(0), images)
+    return {"vision_model": vision["params"], "logit_scale": jax.ShapeDtypeStruct((), jnp.float32)}
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
     """A text tower and an image tower that share a joint space of ``vision.projection_dim`` dimensions."""

@@ -13,9 +13,6 @@ Parameter tree (module names mirror diffusers' keys, dots replaced by underscore
     mid_block/{resnets_0, attentions_0, resnets_1},
     up_blocks_{i}/{resnets_{j}, attentions_{j}, upsamplers_0/conv},
     conv_norm_out, conv_out
-    context_encoder/{layers_{k}/{layer_norm1, self_attn, layer_norm2, mlp/{fc1, fc2}}, norm_out, proj_out}
-        (only with ``context_encoder_layers > 0``, a jaxt2i extension; see UNetConfig)
-    context_merge/{down, up}   (only with ``context_merge_rank > 0``, a jaxt2i extension; see UNetConfig)
 
 A transformer (``attentions_{j}``) holds ``norm, proj_in, transformer_blocks_{k}/{norm1, attn1, norm2, attn2, norm3,
 ff/{proj, out}}, proj_out``; ``proj_in``/``proj_out`` are always Dense (a 1x1 convolution on NHWC is the same map;
@@ -33,7 +30,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxt2i.models import clip
 from jaxt2i.nn.attention import MultiHeadAttention
 from jaxt2i.nn.embeddings import TimestepMLP, sinusoidal_embedding
 from jaxt2i.nn.resnet import Downsample, ResnetBlock, Upsample, conv3x3
@@ -81,21 +77,6 @@ class UNetConfig:
     only_cross_attention: bool = False
     dual_cross_attention: bool = False
     class_embed_type: str | None = None
-    # jaxt2i extension, not in diffusers' UNet2DConditionModel (0 = the diffusers architecture): bidirectional
-    # CLIP encoder layers, trained with the U-Net, whose output is added to the text context (through a
-    # zero-initialised projection: a fresh encoder changes nothing) before any cross-attention. A frozen causal
-    # text encoder never lets an early token see what follows it ("a red circle" in "a red circle above a blue
-    # square" never sees "above"); these layers do. Width cross_attention_dim. Measured results: docs/shapes_model.md
-    # (session 6: 2 layers in the earlier form without the residual made the 6000-step shapes model worse).
-    context_encoder_layers: int = 0
-    context_encoder_heads: int = 4
-    # jaxt2i extension (0 = off, the diffusers architecture): the context holds two text layers concatenated along
-    # the tokens ([B, 2L, D], e.g. `text_layer: [0, -1]`: the embeddings, then the last layer) and the U-Net
-    # cross-attends to L tokens: the first layer's plus a rank-r linear map of the second's at the same position,
-    # ``first + up(down(second))`` with ``up`` zero-initialised (a fresh merge reads the first layer alone). The
-    # narrow map lets a contextual layer tag each context-free token (which object a word belongs to, where it goes)
-    # without handing the U-Net the contextual layer's whole content. See ContextMerge.
-    context_merge_rank: int = 0
 
     def __post_init__(self):
         for name in ("block_out_channels", "down_block_types", "up_block_types", "attention_head_dim",
@@ -138,17 +119,6 @@ class UNetConfig:
             heads = self.heads(i)
             if channels % heads:
                 raise ValueError(f"UNetConfig: block {i} has {channels} channels, not divisible by {heads} heads.")
-        if not isinstance(self.context_encoder_layers, int) or self.context_encoder_layers < 0:
-            raise ValueError(f"UNetConfig: context_encoder_layers must be an int >= 0, got "
-                             f"{self.context_encoder_layers!r}.")
-        rank = self.context_merge_rank
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= self.cross_attention_dim:
-            raise ValueError(f"UNetConfig: context_merge_rank must be an int in [0, cross_attention_dim="
-                             f"{self.cross_attention_dim}] (0: off), got {rank!r}.")
-        heads = self.context_encoder_heads
-        if not isinstance(heads, int) or heads < 1 or self.cross_attention_dim % heads:
-            raise ValueError(f"UNetConfig: context_encoder_heads={heads!r} must be a positive int dividing "
-                             f"cross_attention_dim={self.cross_attention_dim}.")
         unsupported = {
             "only_cross_attention": (self.only_cross_attention, False),
             "dual_cross_attention": (self.dual_cross_attention, False),
@@ -216,39 +186,15 @@ class UNetConfig:
                 kwargs[key] = value[0]
         return cls(**kwargs)
 
-    @property
-    def context_layers(self) -> int:
-        """How many text layers the context holds, concatenated along the tokens (2 with a context merge, else 1
-        as far as the U-Net is concerned: it cross-attends to whatever tokens it is given)."""
-        return 2 if self.context_merge_rank else 1
-
-    def check_diffusers_layout(self) -> None:
-        """Raises unless diffusers' ``UNet2DConditionModel`` can hold this architecture (no jaxt2i extension)."""
-        extensions = {"context encoder": ("context_encoder_layers", self.context_encoder_layers),
-                      "context merge": ("context_merge_rank", self.context_merge_rank)}
-        for what, (name, value) in extensions.items():
-            if value:
-                raise ValueError(
-                    f"This U-Net has a {what} ({name}={value}), a jaxt2i extension that diffusers' "
-                    "UNet2DConditionModel does not have, so it cannot be written in (or read from) the diffusers or "
-                    "original Stable Diffusion layout; keep it in jaxt2i's native format "
-                    "(`jaxt2i convert SRC DST --to jaxt2i`).")
-
     def to_diffusers(self) -> dict[str, Any]:
-        """The diffusers ``UNet2DConditionModel`` config.json dict of this architecture (no jaxt2i extension)."""
-        self.check_diffusers_layout()
+        """The diffusers ``UNet2DConditionModel`` config.json dict of this architecture."""
         out: dict[str, Any] = {"_class_name": "UNet2DConditionModel"}
         for f in dataclasses.fields(self):
-            if f.name in _JAXT2I_ONLY:
-                continue
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
         out.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in _DIFFUSERS_FIXED.items()})
         return out
 
-
-# UNetConfig fields that diffusers' config.json does not have.
-_JAXT2I_ONLY = ("context_encoder_layers", "context_encoder_heads", "context_merge_rank")
 
 # diffusers config entries whose value is fixed in the architectures we implement (value: the only one accepted).
 _DIFFUSERS_FIXED: dict[str, Any] = {
@@ -357,58 +303,6 @@ class BasicTransformerBlock(nn.Module):
         x = x + drop(attention(name="attn2")(layer_norm(name="norm2")(x), context))
         ff = GEGLUFeedForward(dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype, name="ff")
         return x + ff(layer_norm(name="norm3")(x), deterministic)
-
-
-class ContextEncoder(nn.Module):
-    """Bidirectional CLIP encoder layers over the text context, added back to it through a zero-initialised
-    projection: ``context`` [B, L, D] -> ``context + proj_out(norm_out(layers(context)))`` [B, L, D].
-
-    The layers are pre-LayerNorm self-attention + GELU MLP of width 4D (``clip.CLIPEncoderLayer``, no causal
-    mask); no padding mask either, like the U-Net's cross-attention (padding tokens are part of the prompt's
-    encoding). ``proj_out`` starts at zero (ControlNet's zero convolution), so a fresh encoder passes the text
-    encoder's states through unchanged and training decides how much every token's view of the whole prompt adds.
-    """
-
-    num_layers: int
-    num_heads: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, context: jax.Array) -> jax.Array:
-        width = context.shape[-1]
-        layer_cfg = clip.CLIPTextConfig(hidden_size=width, intermediate_size=4 * width, num_layers=self.num_layers,
-                                        num_heads=self.num_heads, hidden_act="gelu",
-                                        layer_norm_eps=TRANSFORMER_LAYERNORM_EPS)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = context
-        for k in range(self.num_layers):
-            x = clip.CLIPEncoderLayer(layer_cfg, causal=False, name=f"layers_{k}", **kw)(x)
-        x = clip.LayerNorm(epsilon=TRANSFORMER_LAYERNORM_EPS, name="norm_out", **kw)(x)
-        zeros = nn.initializers.zeros_init()
-        return context + nn.Dense(width, kernel_init=zeros, bias_init=zeros, name="proj_out", **kw)(x)
-
-
-class ContextMerge(nn.Module):
-    """Two text layers' tokens merged position by position through a rank-``rank`` map:
-    ``context`` [B, 2L, D] (layer a's L tokens, then layer b's) -> ``a + up(down(b))`` [B, L, D].
-
-    ``down`` (D -> rank, with bias) starts random, ``up`` (rank -> D, with bias) at zero, so a fresh merge returns
-    layer a unchanged and training decides what of layer b passes through the ``rank`` numbers per token.
-    """
-
-    rank: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, context: jax.Array) -> jax.Array:
-        tokens, width = context.shape[1] // 2, context.shape[-1]
-        first, second = context[:, :tokens], context[:, tokens:]
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        zeros = nn.initializers.zeros_init()
-        tags = nn.Dense(self.rank, name="down", **kw)(second)
-        return first + nn.Dense(width, kernel_init=zeros, bias_init=zeros, name="up", **kw)(tags)
 
 
 class Transformer2D(nn.Module):
@@ -537,8 +431,7 @@ class UNet(nn.Module):
     """Noise (or v / x0) predictor ``eps(x_t, t, context)``.
 
     ``sample``: [B, H, W, in_channels] latents, H and W divisible by 2**(num_blocks - 1);
-    ``timesteps``: [B] or a scalar, float (fractional allowed) or int; ``context``: [B, L, cross_attention_dim]
-    ([B, 2L, D], two text layers, with ``context_merge_rank > 0``);
+    ``timesteps``: [B] or a scalar, float (fractional allowed) or int; ``context``: [B, L, cross_attention_dim];
     returns [B, H, W, out_channels] in ``dtype``.
     ``remat=True`` recomputes each ResNet/transformer block in the backward pass (same outputs, less memory).
     """
@@ -561,12 +454,6 @@ class UNet(nn.Module):
         temb = TimestepMLP(cfg.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
                            name="time_embedding")(t_features.astype(self.dtype))  # [B, 4 * C0]
         context = context.astype(self.dtype)
-        if cfg.context_merge_rank:
-            context = ContextMerge(cfg.context_merge_rank, dtype=self.dtype, param_dtype=self.param_dtype,
-                                   name="context_merge")(context)
-        if cfg.context_encoder_layers:
-            context = ContextEncoder(cfg.context_encoder_layers, cfg.context_encoder_heads, dtype=self.dtype,
-                                     param_dtype=self.param_dtype, name="context_encoder")(context)
 
         h = conv3x3(cfg.block_out_channels[0], self.dtype, self.param_dtype, "conv_in")(sample.astype(self.dtype))
         skips = [h]
@@ -586,16 +473,6 @@ class UNet(nn.Module):
         return conv3x3(cfg.out_channels, self.dtype, self.param_dtype, "conv_out")(nn.silu(h))
 
 
-def check_text_layers(config: UNetConfig, text_layer: int | tuple[int, ...]) -> None:
-    """Raises ValueError unless ``text_layer`` (an int or a tuple, as ``clip.text_layer_setting`` keeps it) gives
-    this U-Net the number of text layers it merges: exactly two with ``context_merge_rank > 0``, any otherwise."""
-    count = len(text_layer) if isinstance(text_layer, tuple) else 1
-    if config.context_merge_rank and count != 2:
-        raise ValueError(f"text_layer {list(text_layer) if count > 1 else text_layer} gives {count} text layer(s), but "
-                         f"this U-Net merges two (context_merge_rank={config.context_merge_rank}): use two layers, "
-                         f"e.g. [0, -1] (the embeddings carry the content, the last layer is merged in).")
-
-
 def _check_inputs(cfg: UNetConfig, sample: jax.Array, context: jax.Array) -> None:
     if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
         raise ValueError(f"UNet: sample must be NHWC [B, H, W, {cfg.in_channels}], got shape {sample.shape}.")
@@ -606,10 +483,6 @@ def _check_inputs(cfg: UNetConfig, sample: jax.Array, context: jax.Array) -> Non
     if context.ndim != 3 or context.shape[-1] != cfg.cross_attention_dim or context.shape[0] != sample.shape[0]:
         raise ValueError(f"UNet: context must be [B={sample.shape[0]}, L, {cfg.cross_attention_dim}], "
                          f"got shape {context.shape}.")
-    if cfg.context_merge_rank and context.shape[1] % 2:
-        raise ValueError(f"UNet: this U-Net merges two text layers (context_merge_rank={cfg.context_merge_rank}), so "
-                         f"its context must hold both, concatenated along the tokens ([B, 2L, D], e.g. text_layer "
-                         f"[0, -1]); got {context.shape[1]} tokens. Encode the prompt with two text layers.")
 
 
 def abstract_params(config: UNetConfig, param_dtype: Any = jnp.float32, height: int = 8, width: int = 8) -> dict:
@@ -622,5 +495,5 @@ def abstract_params(config: UNetConfig, param_dtype: Any = jnp.float32, height: 
     model = UNet(config, param_dtype=param_dtype)
     sample = jax.ShapeDtypeStruct((1, height, width, config.in_channels), jnp.float32)
     timesteps = jax.ShapeDtypeStruct((1,), jnp.float32)
-    context = jax.ShapeDtypeStruct((1, config.context_layers, config.cross_attention_dim), jnp.float32)
+    context = jax.ShapeDtypeStruct((1, 1, config.cross_attention_dim), jnp.float32)
     return jax.eval_shape(model.init, jax.random.PRNGKey(0), sample, timesteps, context)["params"]

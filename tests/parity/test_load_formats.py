@@ -281,8 +281,8 @@ def test_missing_path_and_unknown_folder(tmp_path):
 @pytest.mark.parametrize("layer", [0, -2, (0, -1)])
 def test_text_layer_is_stored_and_conditions_like_the_reference_hidden_state(reference, tmp_path, layer):
     """A jaxt2i folder records which text-encoder hidden state(s) condition the U-Net; the pipeline encodes prompts
-    as transformers' ``hidden_states[layer]`` followed by the final LayerNorm (several: concatenated along the
-    tokens); formats that cannot say so refuse."""
+    as transformers' ``hidden_states[layer]`` followed by the final LayerNorm (several, without a conditioner:
+    concatenated along the tokens); formats that cannot say so refuse."""
     import dataclasses
 
     preset, folder, tpipe = reference
@@ -322,7 +322,7 @@ def test_text_layer_missing_means_last_and_out_of_range_is_refused(tiny_model, t
     del manifest["text_layer"]  # a folder written before the field existed
     (folder / "jaxt2i.json").write_text(json.dumps(manifest))
     assert load.read_any(str(folder)).text_layer == -1
-    layers = manifest["components"]["text_encoder"]["num_layers"]
+    layers = manifest["components"]["text_encoder"]["config"]["num_layers"]
     for bad, why in ((layers + 1, f"does not exist in a {layers}-layer"), (-layers - 2, "does not exist"),
                      ("last", "use an integer"), (1.0, "use an integer"), (True, "use an integer")):
         (folder / "jaxt2i.json").write_text(json.dumps({**manifest, "text_layer": bad}))
@@ -330,29 +330,36 @@ def test_text_layer_missing_means_last_and_out_of_range_is_refused(tiny_model, t
             load.read_any(str(folder))
 
 
-def test_a_merging_unet_folder_samples_and_refuses_a_single_text_layer(tiny_model, tmp_path):
-    """A U-Net with ``context_merge_rank`` (a jaxt2i extension) is stored in and read from jaxt2i's format with its
-    two text layers, and samples; a folder whose ``text_layer`` gives it one layer is refused when read."""
+def test_a_folder_with_a_conditioner_samples_and_refuses_a_single_text_layer(tiny_model, tmp_path):
+    """A conditioner is its own component of a jaxt2i folder (type, config, weights), read back with the two text
+    layers it merges, and the pipeline samples through it; a folder whose ``text_layer`` gives it one layer is
+    refused when read, and the diffusers and single-file formats, which cannot hold it, refuse to write it."""
     import dataclasses
     import json
 
     import jax
 
-    from jaxt2i.models.unet import abstract_params
+    from jaxt2i.models.conditioner import ConditionerConfig, abstract_params
 
     model = load.read_any(tiny_model)
-    merging = dataclasses.replace(model.configs["unet"], context_merge_rank=2)
+    config = ConditionerConfig(width=model.configs["unet"].cross_attention_dim, rank=2)
     rng = np.random.default_rng(0)
-    unet = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32), abstract_params(merging))
-    model = dataclasses.replace(model, configs={**model.configs, "unet": merging},
-                                params={**model.params, "unet": unet}, text_layer=(0, -1))
-    folder = tmp_path / "merge"
+    params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32), abstract_params(config))
+    model = dataclasses.replace(model, configs={**model.configs, "conditioner": config},
+                                params={**model.params, "conditioner": params}, text_layer=(0, -1))
+    folder = tmp_path / "conditioned"
     load.write_native(str(folder), model)
+    manifest = json.loads((folder / "jaxt2i.json").read_text())
+    assert manifest["components"]["conditioner"] == {"type": "conditioner", "config": dataclasses.asdict(config)}
     back = load.read_any(str(folder))
-    assert back.configs["unet"].context_merge_rank == 2 and back.text_layer == (0, -1)
+    assert back.configs["conditioner"] == config and back.text_layer == (0, -1)
+    np.testing.assert_array_equal(back.params["conditioner"]["down"]["kernel"], params["down"]["kernel"])
     images = load_pipeline(str(folder)).text_to_image("a red circle", steps=2, guidance_scale=3.0, height=32, width=32)
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
-    manifest = json.loads((folder / "jaxt2i.json").read_text())
+    with pytest.raises(ConversionError, match=r"has \['conditioner', 'text_encoder', 'unet', 'vae'\]"):
+        load.write_diffusers_folder(str(tmp_path / "diffusers"), back)
+    with pytest.raises(ConversionError, match="cannot express"):
+        load.write_single_file(str(tmp_path / "single.safetensors"), back)
     (folder / "jaxt2i.json").write_text(json.dumps({**manifest, "text_layer": -1}))
-    with pytest.raises(ConversionError, match='"text_layer": text_layer -1 gives 1 text layer.*merges two'):
+    with pytest.raises(ConversionError, match='"text_layer": text_layer -1 gives the conditioner the wrong input'):
         load.read_any(str(folder))

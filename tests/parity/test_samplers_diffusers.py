@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from jaxt2i.diffusion import samplers as smp  # noqa: E402
+from jaxt2i.diffusion import plans, samplers as smp  # noqa: E402
 from jaxt2i.diffusion.schedules import ScheduleConfig  # noqa: E402
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
@@ -56,7 +56,7 @@ def jax_denoiser(x, t):
 
 def diffusers_scheduler(sampler, cfg: ScheduleConfig, karras=False):
     d = dataclasses.asdict(cfg)
-    d["timestep_spacing"] = cfg.timestep_spacing or smp.DEFAULT_SPACING[sampler]
+    d["timestep_spacing"] = cfg.timestep_spacing or plans.DEFAULT_SPACING[sampler]
     d["skip_prk_steps"] = True
     d["use_karras_sigmas"] = karras or cfg.use_karras_sigmas
     if d["trained_betas"] is None:
