@@ -9,8 +9,8 @@ A *source* is anything with ``len(source)`` and ``source.example(index) -> Examp
 * image sources: ``{"images": float32 [B, S, S, 3] in [-1, 1], "input_ids": int32 [B, L]}`` (no ``input_ids``
   without a tokenizer), plus the fields ``fields(captions)`` returns for the chosen captions (e.g. per-token labels
   from the source's ``batch_fields``);
-* cached sources: ``{"latents": float32 [B, h, w, 4] (scaled), "context": float32 [B, 77, D],
-  "uncond_context": float32 [77, D]}`` (the empty prompt's embedding, for condition dropout).
+* cached sources: ``{"latents": float32 [B, h, w, 4] (scaled), "text_states": float32 [B, 77, D] or [B, k, 77, D],
+  "uncond_text_states": float32 [77, D] or [k, 77, D]}`` (the empty prompt's, for condition dropout).
 
 One caption of an image's several is drawn each time the image is used, from
 ``example_rng(seed, epoch, index)``; crop and flip use the same generator. An unreadable example
@@ -26,7 +26,7 @@ from __future__ import annotations
 import queue
 import threading
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 

@@ -1,8 +1,9 @@
 """Linear per-token classifier heads on a text encoder's hidden states (e.g. a caption-parsing loss).
 
 Head ``name`` maps token states ``[B, L, D]`` to logits ``[B, L, C_name]``: ``states @ kernel + bias``. Parameter
-tree: ``{name: {"kernel": [D, C], "bias": [C]}}``. A model folder stores trained heads as a component of their
-own (``parse_heads``), with the class names of every head in its config.
+tree: ``{name: {"kernel": [D, C], "bias": [C]}}``. A model folder stores trained heads as a component of type
+``token_heads`` (``jaxt2i.convert.components``; the ``clip`` kind names it ``parse_heads``), with the class names of
+every head in its config.
 """
 
 from __future__ import annotations

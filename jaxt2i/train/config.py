@@ -83,7 +83,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Sample grids from fixed prompts, saved as PNG under WORKDIR/samples/ every ``every`` steps (0: never)."""
+    """Sample grids from fixed prompts, saved as PNG under WORKDIR/samples/ every ``every`` steps (0: never).
+
+    ``steps`` and ``guidance_scale`` are also what the exported model folder recommends (``jaxt2i.json``'s
+    ``"sampling"``, ``jaxt2i generate``'s defaults) for kinds that export a pipeline (``unet``)."""
 
     every: int = 0
     prompts: tuple[str, ...] = ("a red circle", "a blue square to the left of a green triangle")

@@ -37,7 +37,7 @@ from jaxt2i.train import distributed
 from jaxt2i.train.config import TrainConfig, to_dict
 from jaxt2i.train.kinds import kind_class
 from jaxt2i.train.kinds.base import Kind
-from jaxt2i.train.metrics import MetricsWriter, mfu, peak_flops_per_device
+from jaxt2i.train.metrics import MetricsWriter, compiled_flops, mfu, peak_flops_per_device
 from jaxt2i.train.sharding import local_batch_size, make_mesh
 from jaxt2i.train.state import init_train_state
 from jaxt2i.train.step import make_train_step
@@ -86,17 +86,15 @@ def step_flops(step_fn, state, batch) -> float | None:
     """FLOPs of one train step (forward + backward, global batch) from XLA's cost analysis of the lowered step,
     plus a dozen per parameter for the optimizer update; None when XLA does not say."""
     try:
-        analysis = step_fn.lower(state, batch).cost_analysis()
+        lowered = step_fn.lower(state, batch)
     except Exception as e:  # noqa: BLE001 -- MFU is informative only
-        _log(f"MFU unavailable: cost analysis failed ({type(e).__name__}: {e})")
+        _log(f"MFU unavailable: lowering for the cost analysis failed ({type(e).__name__}: {e})")
         return None
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else None
-    flops = (analysis or {}).get("flops")
-    if not flops or flops <= 0:
+    flops = compiled_flops(lowered)
+    if flops is None:
         return None
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    return float(flops) + 12.0 * n_params  # AdamW + clipping + EMA: roughly a dozen FLOPs per parameter
+    return flops + 12.0 * n_params  # AdamW + clipping + EMA: roughly a dozen FLOPs per parameter
 
 
 # ----------------------------------------------------------------------------- export

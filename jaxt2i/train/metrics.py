@@ -1,15 +1,16 @@
-"""Training observability: JSON-lines metrics, TensorBoard events, a progress line, FLOPs and MFU.
+"""Training observability: JSON-lines metrics, TensorBoard events, FLOPs and MFU (the progress bar is tqdm's).
 
 * ``MetricsWriter`` appends one JSON object per logged step to ``WORKDIR/metrics.jsonl`` and, when
   ``tensorboardX`` or ``tensorflow`` can be imported, writes TensorBoard scalars to
   ``WORKDIR/tb/``; otherwise it says once that TensorBoard is off (no dependency is added for it).
-* ``compiled_flops`` reads the FLOPs of one compiled step from XLA's cost analysis;
+* ``compiled_flops`` reads the FLOPs of one lowered or compiled step from XLA's cost analysis;
   ``mfu`` divides achieved FLOP/s by the peak of the devices (``peak_flops_per_device``: a table
   by device kind, overridable by the ``peak_tflops`` config key).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
@@ -48,7 +49,8 @@ def peak_flops_per_device(device_kind: str, override_tflops: float | None = None
 
 
 def compiled_flops(compiled) -> float | None:
-    """FLOPs of one call of a compiled XLA executable (``jit(f).lower(...).compile()``), if XLA reports them.
+    """FLOPs of one call of a lowered or compiled XLA program (``jit(f).lower(...)``, ``.compile()``), if XLA
+    reports them.
 
     XLA reports the FLOPs of the whole (global) program for SPMD executables.
     """
@@ -72,28 +74,24 @@ def mfu(flops_per_step: float | None, steps_per_s: float, num_devices: int, peak
 
 
 def _tb_writer(logdir: Path):
-    """A TensorBoard scalar writer, or None when neither tensorboardX nor tensorflow with tensorboard imports."""
-    try:
-        from tensorboardX import SummaryWriter
+    """A TensorBoard scalar writer, or None when neither tensorboardX nor tensorflow with tensorboard imports.
 
-        w = SummaryWriter(str(logdir))
+    Both are optional: tensorboardX is looked up by name (``importlib``) and tensorflow imported here, so neither is
+    loaded unless a run asks for TensorBoard events."""
+    if importlib.util.find_spec("tensorboardX") is not None:
+        w = importlib.import_module("tensorboardX").SummaryWriter(str(logdir))
         return lambda tag, value, step: w.add_scalar(tag, value, step), w.flush, w.close
-    except ImportError:
-        pass
-    if importlib.util.find_spec("tensorboard") is None:
+    if importlib.util.find_spec("tensorboard") is None or importlib.util.find_spec("tensorflow") is None:
         return None  # tensorflow writes summaries only with the tensorboard package
-    try:
-        import tensorflow as tf
+    import tensorflow as tf
 
-        w = tf.summary.create_file_writer(str(logdir))
+    w = tf.summary.create_file_writer(str(logdir))
 
-        def scalar(tag, value, step):
-            with w.as_default():
-                tf.summary.scalar(tag, value, step=step)
+    def scalar(tag, value, step):
+        with w.as_default():
+            tf.summary.scalar(tag, value, step=step)
 
-        return scalar, w.flush, w.close
-    except ImportError:
-        return None
+    return scalar, w.flush, w.close
 
 
 def _jsonable(v):

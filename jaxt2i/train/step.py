@@ -17,7 +17,8 @@ other (contrastive). The loss is the mean over the global batch; metrics are sca
   the global gradient there too.
 
 Both forms compute the same numbers as a one-device step. Batches are dicts of host-local numpy arrays (this
-process's rows) or global jax.Arrays; ``uncond_context`` (one array shared by all rows) is replicated.
+process's rows) or global jax.Arrays; ``sharding.SHARED_KEYS`` entries (one array shared by all rows) are
+replicated.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxt2i.train.optim import OptimConfig, ema_update, learning_rate_schedule, make_optimizer
-from jaxt2i.train.sharding import DEFAULT_RULES, LogicalRules, batch_axes, batch_shardings, replicated, shard_batch
+from jaxt2i.train.sharding import (DEFAULT_RULES, SHARED_KEYS, LogicalRules, batch_axes, batch_shardings,
+                                   replicated, shard_batch)
 from jaxt2i.train.state import TrainableConfig, TrainState, components
 
 FORMS = ("jit", "shard_map")
@@ -47,7 +49,7 @@ def example_keys(key: jax.Array, first_index: jax.Array, count: int) -> jax.Arra
 
 def batch_rows(batch: Mapping[str, Any]) -> int:
     """Rows of a batch (the leading dimension of its per-row arrays)."""
-    return jax.tree.leaves({k: v for k, v in batch.items() if k != "uncond_context"})[0].shape[0]
+    return jax.tree.leaves({k: v for k, v in batch.items() if k not in SHARED_KEYS})[0].shape[0]
 
 
 def _identity(x):
@@ -92,7 +94,8 @@ def make_train_step(
     rng: the base key (uint32 [2] or typed); None uses ``state.rng``. The step index is folded into it.
     metrics: the loss's own metrics plus float32 scalars ``loss`` (mean over the global batch), ``grad_norm``
     (before clipping) and ``lr`` (the learning rate this update used). ``step.lower(state, batch)`` lowers the
-    step without running it (for ``.cost_analysis()``). The state passed in is donated: do not use it after.
+    step without running it (for ``.cost_analysis()``); ``step.gradients(state, batch)`` returns the gradient
+    without an update. The state passed in is donated: do not use it after.
     """
     if form not in FORMS:
         raise ValueError(f"form={form!r}; use one of {FORMS}.")
@@ -105,34 +108,42 @@ def make_train_step(
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
-    def global_step(state, batch, rng):
+    def global_gradients(state, batch, rng):
         key = jax.random.fold_in(state.rng if rng is None else rng, state.step)
         (loss, aux), grads = grad_fn(state.params, state.frozen, batch, key, jnp.int32(0), _identity)
-        return _apply_gradients(state, grads, loss, aux, tx, optim_cfg)
+        return grads, loss, aux
 
     def gather(x):
         return jax.lax.all_gather(x, axes, tiled=True) if axes else x
 
-    def local_step(state, batch, rng):
+    def local_gradients(state, batch, rng):
         key = jax.random.fold_in(state.rng if rng is None else rng, state.step)
         shard = jnp.int32(0)
         for axis in axes:  # row-major over the batch axes, as PartitionSpec((a, b)) lays the rows out
             shard = shard * mesh.shape[axis] + jax.lax.axis_index(axis)
         (loss, aux), grads = grad_fn(state.params, state.frozen, batch, key, shard * batch_rows(batch), gather)
-        grads, loss, aux = jax.lax.pmean((grads, loss, aux), axes) if axes else (grads, loss, aux)
-        return _apply_gradients(state, grads, loss, aux, tx, optim_cfg)
+        return jax.lax.pmean((grads, loss, aux), axes) if axes else (grads, loss, aux)
+
+    def global_step(state, batch, rng):
+        return _apply_gradients(state, *global_gradients(state, batch, rng), tx, optim_cfg)
+
+    def local_step(state, batch, rng):
+        return _apply_gradients(state, *local_gradients(state, batch, rng), tx, optim_cfg)
 
     compiled: dict[tuple, Callable] = {}
 
-    def compile_for(batch: Mapping[str, Any], with_rng: bool) -> Callable:
+    def compile_for(batch: Mapping[str, Any], with_rng: bool, gradients_only: bool = False) -> Callable:
         shardings = batch_shardings(batch, mesh, rules)
-        if form == "jit":
-            body = global_step
-        else:
+        body = (global_gradients if gradients_only else global_step) if form == "jit" else \
+            (local_gradients if gradients_only else local_step)
+        if form == "shard_map":
             specs = {k: s.spec for k, s in shardings.items()}
-            body = jax.shard_map(local_step, mesh=mesh, in_specs=(P(), specs, P()), out_specs=(P(), P()),
-                                 check_vma=False)
+            body = jax.shard_map(body, mesh=mesh, in_specs=(P(), specs, P()),
+                                 out_specs=(P(), P(), P()) if gradients_only else (P(), P()), check_vma=False)
         rng_sharding = repl if with_rng else None
+        if gradients_only:  # nothing donated: the state stays usable
+            return jax.jit(body, in_shardings=(state_shardings, shardings, rng_sharding),
+                           out_shardings=(state_shardings.params, repl, repl))
         return jax.jit(body, in_shardings=(state_shardings, shardings, rng_sharding),
                        out_shardings=(state_shardings, repl), donate_argnums=(0,))
 
@@ -149,6 +160,14 @@ def make_train_step(
         fn = compile_for(batch, rng is not None)
         return fn.lower(state, batch, None if rng is None else _raw_key(rng))
 
+    def gradients(state: TrainState, batch: Mapping[str, Any], rng=None):
+        """``(grads, loss, metrics)`` of the step's form for these inputs, without an update (for tests and
+        tools): the gradient the optimizer would receive, averaged over the global batch."""
+        batch = shard_batch(batch, mesh, rules)
+        fn = compile_for(batch, rng is not None, gradients_only=True)
+        return fn(state, batch, None if rng is None else _raw_key(rng))
+
     step.lower = lower
+    step.gradients = gradients
     step.loss = objective  # for tests and tools that evaluate the loss without a step
     return step

@@ -9,28 +9,19 @@ cache), ``batches(...)``, the step with ``loss``, ``sample(...)`` every ``sample
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import numpy as np
 
-from jaxt2i.convert.components import COMPONENTS
 from jaxt2i.convert.core import ConversionError
-from jaxt2i.convert.load import LoadedModel, write_native
-from jaxt2i.convert import native
+from jaxt2i.convert.load import LoadedModel, read_native, write_native
 from jaxt2i.data.pipeline import BatchIterator
 from jaxt2i.data.sources import make_source
-from jaxt2i.diffusion.schedules import ScheduleConfig
-from jaxt2i.models.clip_vision import CLIPVisionConfig
-from jaxt2i.models.token_heads import TokenHeadsConfig
-from jaxt2i.pipeline import DTYPES
+from jaxt2i.dtypes import as_dtype
 from jaxt2i.train.state import Initializer, TrainState, components, host_tree
-
-# Component types a folder may hold: the registered Stable Diffusion ones plus the CLIP image tower and token heads.
-COMPONENT_CONFIGS: dict[str, type] = {**{name: c.config_cls for name, c in COMPONENTS.items()},
-                                      "clip_vision": CLIPVisionConfig, "parse_heads": TokenHeadsConfig}
 
 
 class Kind:
@@ -42,7 +33,7 @@ class Kind:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.dtype = DTYPES[cfg.compute_dtype]
+        self.dtype = as_dtype(cfg.compute_dtype)
 
     # -- the state
     def initializers(self) -> dict[str, Initializer]:
@@ -94,30 +85,26 @@ class Kind:
         return host_tree(components(params, state.frozen, self.cfg.trainable))
 
 
-def write_folder(out: str | os.PathLike, configs: Mapping[str, Any], params: Mapping[str, Any], *,
-                 overwrite: bool, schedule: ScheduleConfig | None = None, tokenizer: Mapping | None = None,
-                 text_layer: int | Sequence[int] = -1, source: str = "") -> None:
-    """Writes a jaxt2i model folder holding just ``configs`` / ``params``' components (``write_native``)."""
-    model = LoadedModel(configs=dict(configs), params=dict(params), schedule=schedule or ScheduleConfig(),
-                        tokenizer=dict(tokenizer or {"pad": "eos", "folder": None}), source=source,
-                        text_layer=text_layer)
-    write_native(str(out), model, overwrite=overwrite)
-
-
-def read_folder_components(folder: str | os.PathLike, names: Sequence[str], where: str) -> tuple[dict, dict]:
-    """``(configs, params)`` of components ``names`` of the jaxt2i model folder ``folder`` (float32 numpy trees);
-    ``where`` names the setting that pointed there, for the error messages."""
+def read_components(folder: str | os.PathLike, names: Sequence[str], where: str) -> LoadedModel:
+    """The model folder ``folder`` (``read_native``, float32) with only the components ``names`` kept; ``where``
+    names the setting that pointed there, for the error messages."""
     try:
-        manifest = native.read_manifest(folder)
+        model = read_native(str(folder))  # float32: the abstract trees' dtype
     except (FileNotFoundError, ConversionError) as e:
         raise ValueError(f"{where}: {folder} is not a jaxt2i model folder ({e}); point at a folder `jaxt2i train` "
                          f"wrote (WORKDIR/final).") from None
-    configs, params = {}, {}
-    for name in names:
-        if name not in manifest["components"]:
-            raise ValueError(f"{where}: {folder} has no {name!r} component; it has {sorted(manifest['components'])}.")
-        configs[name] = native.config_from_dict(COMPONENT_CONFIGS[name], manifest["components"][name],
-                                                source=str(folder))
-        flat = {k: np.asarray(v, np.float32) for k, v in native.read_component(folder, name).items()}
-        params[name] = native.unflatten_params(flat)
-    return configs, params
+    missing = [name for name in names if name not in model.configs]
+    if missing:
+        raise ValueError(f"{where}: {folder} has no {missing[0]!r} component; it has {sorted(model.configs)}.")
+    return dataclasses.replace(model, configs={n: model.configs[n] for n in names},
+                               params={n: model.params[n] for n in names},
+                               types={n: model.component_type(n) for n in names if model.component_type(n) != n})
+
+
+def write_components(out: str | os.PathLike, configs: Mapping[str, Any], params: Mapping[str, Any], *,
+                     overwrite: bool, source: str, types: Mapping[str, str] | None = None) -> None:
+    """Writes ``configs`` / ``params`` as a model folder of components alone (``write_native``; no pipeline family,
+    no schedule), e.g. a VAE or a CLIP a training stage trained."""
+    model = LoadedModel(configs=dict(configs), params=dict(params), schedule=None,
+                        tokenizer={"pad": "eos", "folder": None}, source=source, family=None, types=dict(types or {}))
+    write_native(str(out), model, overwrite=overwrite)

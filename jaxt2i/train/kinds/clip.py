@@ -11,8 +11,8 @@ their cross-entropy, weighted by ``loss.heads_weight``, joins InfoNCE. ``loss.ba
 classes of each class's mean cross-entropy (for labels dominated by one class). The heads' class names come from
 the source (``label_classes``).
 
-Export: a model folder with ``text_encoder`` (the text tower), ``clip_vision`` (the image tower and the
-temperature) and, with heads, ``parse_heads``.
+Export: a model folder of components alone with ``text_encoder`` (the text tower), ``clip_vision`` (the image tower
+and the temperature) and, with heads, ``parse_heads`` (of type ``token_heads``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from jaxt2i.models.clip_vision import (CLIPConfig, CLIPModel, CLIPVisionConfig, 
 from jaxt2i.models.token_heads import TokenHeadsConfig
 from jaxt2i.tokenizer import CLIPTokenizer
 from jaxt2i.train.config import from_dict
-from jaxt2i.train.kinds.base import Kind, read_folder_components, write_folder
+from jaxt2i.train.kinds.base import Kind, read_components, write_components
 from jaxt2i.train.state import TrainState
 
 
@@ -112,9 +112,9 @@ class CLIPKind(Kind):
         m = cfg.model
         self.initial = {}
         if m.init_from:
-            configs, params = read_folder_components(m.init_from, ("text_encoder", "clip_vision"), "model.init_from")
-            self.config = CLIPConfig(text=configs["text_encoder"], vision=configs["clip_vision"])
-            clip_params = dict(params["clip_vision"], text_model=params["text_encoder"])
+            start = read_components(m.init_from, ("text_encoder", "clip_vision"), "model.init_from")
+            self.config = CLIPConfig(text=start.configs["text_encoder"], vision=start.configs["clip_vision"])
+            clip_params = dict(start.params["clip_vision"], text_model=start.params["text_encoder"])
             clip_params["logit_scale"] = np.asarray(clip_params["logit_scale"], np.float32).reshape(())
             self.initial["clip"] = clip_params
         else:
@@ -188,5 +188,6 @@ class CLIPKind(Kind):
                   "clip_vision": {k: v for k, v in clip.items() if k != "text_model"}}
         if self.heads:
             configs["parse_heads"], params["parse_heads"] = self.heads, trees["parse_heads"]
-        write_folder(out, configs, params, overwrite=overwrite, source=str(self.cfg.workdir))
+        write_components(out, configs, params, overwrite=overwrite, source=str(self.cfg.workdir),
+                         types={"parse_heads": "token_heads"} if self.heads else None)
 

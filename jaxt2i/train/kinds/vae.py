@@ -33,7 +33,7 @@ from jaxt2i.images import save_png
 from jaxt2i.models.vae import AutoencoderKL, VAEConfig
 from jaxt2i.models.vae import init_params as init_vae
 from jaxt2i.train.config import from_dict
-from jaxt2i.train.kinds.base import Kind, write_folder
+from jaxt2i.train.kinds.base import Kind, write_components
 from jaxt2i.train.state import TrainState
 from jaxt2i.train.step import batch_rows, example_keys
 
@@ -133,7 +133,7 @@ class VAEKind(Kind):
                                      sample_size=self.cfg.data.image_size)
         print(f"[jaxt2i train] held-out ({len(images)} images): PSNR {psnr:.2f} dB, latent std {std:.4f}, "
               f"scaling_factor {config.scaling_factor}", file=sys.stderr, flush=True)
-        write_folder(out, {"vae": config}, {"vae": params}, overwrite=overwrite, source=str(self.cfg.workdir))
+        write_components(out, {"vae": config}, {"vae": params}, overwrite=overwrite, source=str(self.cfg.workdir))
 
     def sample(self, state: TrainState, step: int, out_dir: Path) -> Path | None:
         params = self.host_components(state, self.cfg.model.export_ema)["vae"]
