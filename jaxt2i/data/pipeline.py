@@ -144,7 +144,8 @@ class BatchIterator:
             raise ValueError("image sources need image_size")
         captions = [_choose_caption(ex.captions, rng) for ex, rng in zip(examples, rngs)]
         images = np.stack(
-            [preprocess(ex.image, self.image_size, crop=self.crop, flip=self.flip, rng=rng) for ex, rng in zip(examples, rngs)]
+            [preprocess(ex.image, self.image_size, crop=self.crop, flip=self.flip, rng=rng)
+             for ex, rng in zip(examples, rngs)]
         )
         batch = {"images": images.astype(np.float32)}
         if self.tokenize is not None:

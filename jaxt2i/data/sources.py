@@ -23,20 +23,25 @@ SOURCES: dict[str, str] = {
 }
 
 
-def resolve(name: str) -> Any:
-    """The object ``name`` stands for: a key of ``SOURCES`` or a ``"package.module:Attribute"`` path."""
-    path = SOURCES.get(name, name)
+def load_object(path: str, setting: str, known=()) -> Any:
+    """The object a ``"package.module:Attribute"`` path names (a registry entry or a plugin given in a config);
+    errors name ``setting`` (e.g. ``"data.source='x'"``) and the ``known`` registry names."""
     module_name, sep, attribute = path.partition(":")
     if not sep or not module_name or not attribute:
-        raise ValueError(f"data.source={name!r}: use one of {sorted(SOURCES)} or a 'package.module:Class' path.")
+        raise ValueError(f"{setting}: use one of {sorted(known)} or a 'package.module:Class' path.")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"data.source={name!r}: cannot import {module_name} ({e}).") from e
+        raise ValueError(f"{setting}: cannot import {module_name} ({e}).") from e
     try:
         return getattr(module, attribute)
     except AttributeError:
-        raise ValueError(f"data.source={name!r}: {module_name} has no {attribute!r}.") from None
+        raise ValueError(f"{setting}: {module_name} has no {attribute!r}.") from None
+
+
+def resolve(name: str) -> Any:
+    """The source class ``name`` stands for: a key of ``SOURCES`` or a ``"package.module:Class"`` path."""
+    return load_object(SOURCES.get(name, name), f"data.source={name!r}", SOURCES)
 
 
 def make_source(cfg) -> Any:

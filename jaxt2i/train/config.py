@@ -3,8 +3,8 @@
 ``load_config("configs/tiny.yaml", ["steps=20", "mesh.data=2", "optim.lr=1e-4"])`` reads the file,
 applies the overrides (dotted keys name nested sections; values are parsed as YAML scalars or
 lists), and builds a ``TrainConfig``. Its ``kind`` (``jaxt2i.train.kinds``) decides what the ``model`` and
-``loss`` sections hold: each kind declares their dataclasses. Any key that is not a field -- in the file or in an override --
-is an error that names the key and lists the valid ones, so a typo never trains silently with a
+``loss`` sections hold: each kind declares their dataclasses. Any key that is not a field -- in the file or in an
+override -- is an error that names the key and lists the valid ones, so a typo never trains silently with a
 default. Values are checked against the fields' types (ints, floats, bools, strings, optionals,
 tuples).
 """

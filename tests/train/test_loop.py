@@ -242,7 +242,8 @@ def _random_tree(abstract, rng):
 @pytest.fixture(scope="module")
 def parse_clip(tmp_path_factory):
     """A CLIP run's output folder as the clip kind writes it with heads: text_encoder (tiny_sd1's text tower,
-    random weights) and parse_heads (parse_side and parse_role, type token_heads); plus a folder with another text encoder."""
+    random weights) and parse_heads (parse_side and parse_role, type token_heads); plus a folder with another text
+    encoder."""
     root = tmp_path_factory.mktemp("parse_clip")
     config = presets.get("tiny_sd1").configs()["text_encoder"]
     rng = np.random.default_rng(0)

@@ -8,7 +8,7 @@ sections, its components and their init, its loss, its batches and its export; `
 
 from __future__ import annotations
 
-import importlib
+from jaxt2i.data.sources import load_object
 
 KINDS: dict[str, str] = {
     "unet": "jaxt2i.train.kinds.unet:UNetKind",
@@ -19,8 +19,4 @@ KINDS: dict[str, str] = {
 
 def kind_class(name: str) -> type:
     """The ``Kind`` subclass ``name`` stands for: a key of ``KINDS`` or a ``"package.module:Class"`` path."""
-    path = KINDS.get(name, name)
-    module_name, sep, attribute = path.partition(":")
-    if not sep:
-        raise ValueError(f"kind={name!r}; use one of {sorted(KINDS)} or a 'package.module:Class' path.")
-    return getattr(importlib.import_module(module_name), attribute)
+    return load_object(KINDS.get(name, name), f"kind={name!r}", KINDS)
