@@ -1,4 +1,4 @@
-"""Train-step speed of a small U-Net: jaxt2i's jitted step vs the equivalent diffusers/PyTorch step (issue 4).
+"""Train-step speed of a small U-Net: jaxt2i's jitted step vs the equivalent diffusers/PyTorch step.
 
 Same U-Net config, batch of cached latents + text context, epsilon loss, AdamW with clipping, float32, in one
 process. Prints medians over repeats and the ratio (jaxt2i time / PyTorch time; <= 1.0 is the target).
@@ -32,10 +32,12 @@ from jaxt2i.convert.components import params_from_torch
 from jaxt2i.diffusion.losses import LossConfig
 from jaxt2i.diffusion.schedules import ScheduleConfig, alphas_cumprod
 from jaxt2i.models import unet as unet_lib
-from jaxt2i.train.config import load_config
+from jaxt2i.models.latent_diffusion import Models
+from jaxt2i.train.config import from_dict, load_config
+from jaxt2i.train.kinds.diffusion import DiffusionLoss, component_initializers
 from jaxt2i.train.optim import OptimConfig
 from jaxt2i.train.sharding import MeshConfig, make_mesh
-from jaxt2i.train.state import Models, TrainableConfig, init_train_state
+from jaxt2i.train.state import TrainableConfig, init_train_state
 from jaxt2i.train.step import make_train_step
 
 SMALL = dataclasses.replace(unet_lib.PRESETS["tiny_sd1"], block_out_channels=(64, 128), attention_head_dim=(4, 8),
@@ -80,7 +82,7 @@ def main() -> None:
         model_section = load_config(args.config, args.set).model
         if model_section.unet_config is None:
             parser.error(f"{args.config} has no model.unet_config to benchmark")
-        unet_config = unet_lib.UNetConfig(**model_section.unet_config)
+        unet_config = from_dict(unet_lib.UNetConfig, model_section.unet_config, "model.unet_config.")
         latent = unet_config.sample_size
     elif args.set:
         parser.error("--set needs --config")
@@ -95,12 +97,13 @@ def main() -> None:
     optim = OptimConfig(lr=1e-4, warmup_steps=0, total_steps=1000, weight_decay=1e-2, grad_clip_norm=1.0,
                         ema_decay=None)
     mesh = make_mesh(MeshConfig(data=1, fsdp=1))
-    models = Models(unet=unet_lib.UNet(unet_config))
+    models = Models(text_encoder=None, vae=None, unet=unet_lib.UNet(unet_config))
     trainable = TrainableConfig(mode="full")
-    state, shardings = init_train_state(models, {"unet": params}, optim, trainable, mesh, seed=0)
-    step = make_train_step(models, ScheduleConfig(), LossConfig(cond_dropout=0.0), optim, trainable, mesh=mesh,
-                           state_shardings=shardings)
-    batch = {"latents": jnp.asarray(latents), "context": jnp.asarray(context)}
+    state, shardings = init_train_state(component_initializers(models), {"unet": params}, ("unet",), optim, trainable,
+                                        mesh, seed=0)
+    loss = DiffusionLoss(models, ScheduleConfig(), LossConfig(cond_dropout=0.0))
+    step = make_train_step(loss, optim, trainable, mesh=mesh, state_shardings=shardings)
+    batch = {"latents": jnp.asarray(latents), "text_states": jnp.asarray(context)}
     box = {"state": state}
 
     def jax_step():
@@ -114,7 +117,7 @@ def main() -> None:
                                             torch.from_numpy(context)), 1e-4)
     torch_step()  # warm-up
     # Interleaved, so that drift in the machine's speed reaches both alike (timed one after the other, the second
-    # of two equal steps came out ~15% slower on session 7's 2-core machine).
+    # of two equal steps can come out ~15% slower on a busy 2-core machine).
     medians = summary(alternate({"jaxt2i": jax_step, "torch": torch_step}, args.repeats), "jaxt2i", "torch")
     jax_s, torch_s = medians["a"], medians["b"]
     params_m = sum(v.size for v in jax.tree.leaves(params)) / 1e6

@@ -1,39 +1,32 @@
 """Assembles the shipped shapes-world model: jaxt2i/assets/shapes_model/ (what `jaxt2i generate` uses by default).
 
     python scripts/build_shapes_model.py \
-        --unet /work/runs/shapes_unet/final \
-        --vae /work/runs/shapes_vae \
-        --clip /work/runs/shapes_clip \
+        --unet runs/shapes_unet/final \
+        --vae runs/shapes_vae/final \
+        --clip runs/shapes_clip_role/final \
         --out jaxt2i/assets/shapes_model
 
-Takes the U-Net (and the schedule) from the training run's final folder (`jaxt2i train configs/shapes_unet.yaml`),
-the KL-VAE from `scripts/train_shapes_vae.py`'s output and the text encoder from `scripts/train_shapes_clip.py`'s
-output (OUT/text_encoder/), checks that the run's frozen copies are exactly those, and writes a jaxt2i folder with
-every weight stored in float16 (the loader casts to the pipeline's dtype). The small CLIP's image tower (for
-`jaxt2i eval`'s CLIP score and Frechet distance) goes in as its clip_vision component; its text tower: the text encoder.
-Prints the sizes; fails when the folder would exceed --max-mb. scripts/train_shapes_chain.sh runs the three trainings
-and then this script.
+Takes the U-Net, its conditioner, the schedule, the text layers and the recommended sampling from the U-Net run's
+final folder (`jaxt2i train configs/shapes_unet.yaml`), checks that the run's frozen VAE and text encoder are exactly
+the VAE run's (configs/shapes_vae.yaml) and the CLIP run's (configs/shapes_clip_role.yaml), adds the CLIP's image
+tower (component `clip_vision`, for `jaxt2i eval`'s CLIP score and Frechet distance; its text tower is the text
+encoder), and writes a jaxt2i folder with every weight stored in float16 (the loader casts to the pipeline's dtype).
+Prints the sizes; fails when the folder would exceed --max-mb. scripts/train_shapes_chain.sh runs the trainings and
+then this script.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import sys
 
 import numpy as np
 
 from jaxt2i.convert import native
-from jaxt2i.convert.io import read_safetensors
-from jaxt2i.convert.load import LoadedModel, read_any, write_native
-from jaxt2i.models.clip_vision import CLIPVisionConfig
-from jaxt2i.train.loop import read_component_folder
-
-
-# The shipped model's sampling defaults (docs/shapes_model.md "Session 16": the guidance was chosen on training
-# prompts and confirmed on held-out draws not used to choose it).
-SAMPLING = {"steps": 25, "guidance": 4.0}
+from jaxt2i.convert.load import read_native, write_native
+from jaxt2i.train.kinds.base import read_components
 
 
 def _cast(tree, dtype):
@@ -57,36 +50,32 @@ def folder_bytes(path: str) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--unet", required=True, help="the U-Net run's final/ folder (a jaxt2i model folder)")
-    p.add_argument("--vae", help="the VAE folder (params.safetensors + config.json); default: the run's copy")
-    p.add_argument("--clip", help="the small CLIP folder (params.safetensors + config.json + text_encoder/)")
+    p.add_argument("--vae", help="the VAE run's final/ folder, checked against the U-Net run's frozen copy")
+    p.add_argument("--clip", help="the CLIP run's final/ folder (text_encoder + clip_vision)")
     p.add_argument("--out", default=os.path.join("jaxt2i", "assets", "shapes_model"))
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     p.add_argument("--max-mb", type=float, default=20.0)
-    p.add_argument("--steps", type=int, default=SAMPLING["steps"],
-                   help=f"recommended sampling steps, stored in jaxt2i.json (default {SAMPLING['steps']})")
-    p.add_argument("--guidance", type=float, default=SAMPLING["guidance"],
-                   help=f"recommended guidance scale, stored in jaxt2i.json: `jaxt2i generate`'s default "
-                        f"(default {SAMPLING['guidance']})")
+    p.add_argument("--steps", type=int, help="recommended sampling steps, stored in jaxt2i.json (default: the run's)")
+    p.add_argument("--guidance", type=float,
+                   help="recommended guidance scale, stored in jaxt2i.json: `jaxt2i generate`'s default "
+                        "(default: the run's)")
     args = p.parse_args(argv)
 
-    run = read_any(args.unet)
-    configs, params = dict(run.configs), {k: dict(v) for k, v in run.params.items()}
+    run = read_native(args.unet)
+    configs, params, types = dict(run.configs), dict(run.params), dict(run.types)
     if args.vae:
-        _, vae_params = read_component_folder(args.vae, "vae")
-        _check_same("vae", vae_params, params["vae"], args.vae)
+        vae = read_components(args.vae, ("vae",), "--vae")
+        _check_same("vae", vae.params["vae"], params["vae"], args.vae)
     if args.clip:
-        _, te_params = read_component_folder(os.path.join(args.clip, "text_encoder"), "text_encoder")
-        _check_same("text_encoder", te_params, params["text_encoder"], os.path.join(args.clip, "text_encoder"))
-        # the CLIP's image tower rides along as the clip_vision component (its text tower is text_encoder)
-        clip = native.unflatten_params(read_safetensors(os.path.join(args.clip, "params.safetensors")))
-        with open(os.path.join(args.clip, "config.json")) as f:
-            configs["clip_vision"] = CLIPVisionConfig(**json.load(f)["vision"])
-        params["clip_vision"] = {"vision_model": clip["vision_model"], "logit_scale": clip["logit_scale"]}
+        clip = read_components(args.clip, ("text_encoder", "clip_vision"), "--clip")
+        _check_same("text_encoder", clip.params["text_encoder"], params["text_encoder"], args.clip)
+        configs["clip_vision"], params["clip_vision"] = clip.configs["clip_vision"], clip.params["clip_vision"]
+    sampling = dict(run.sampling)
+    sampling.update({k: v for k, v in (("steps", args.steps), ("guidance", args.guidance)) if v is not None})
     dtype = np.dtype(args.dtype)
-    model = LoadedModel(configs=configs, params={k: _cast(v, dtype) for k, v in params.items()},
-                        schedule=run.schedule, tokenizer={"pad": run.tokenizer.get("pad") or "eos", "folder": None},
-                        source=args.unet, text_layer=run.text_layer,
-                        sampling={"steps": args.steps, "guidance": args.guidance})
+    model = dataclasses.replace(run, configs=configs, params={k: _cast(v, dtype) for k, v in params.items()},
+                                types=types, tokenizer={"pad": run.tokenizer.get("pad") or "eos", "folder": None},
+                                sampling=sampling)
     write_native(args.out, model, overwrite=True)
     sizes = {name: os.path.getsize(os.path.join(args.out, f"{name}.safetensors")) for name in params}
     total = folder_bytes(args.out)

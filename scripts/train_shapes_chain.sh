@@ -2,24 +2,35 @@
 # Trains the whole shapes-world chain -- KL-VAE, small CLIP, the CLIP's role fine-tune, latent U-Net -- and
 # assembles the model folder, timing each stage:
 #
-#     bash scripts/train_shapes_chain.sh RUNS_DIR [MODEL_OUT]
+#     bash scripts/train_shapes_chain.sh RUNS_DIR [MODEL_OUT] [key=value ...]
 #
-# RUNS_DIR receives shapes_vae/, shapes_clip/, shapes_clip_role/, shapes_unet/ (the U-Net's checkpoints, metrics and final/) and
+# Every stage is `jaxt2i train CONFIG workdir=RUNS_DIR/NAME ...` of the checkout the script lives in; key=value
+# overrides go to every stage (e.g. `steps=2 batch_size=8 data.num_examples=16` runs the whole chain in a few
+# minutes on a CPU, to check the machinery; the model it builds draws nothing useful). RUNS_DIR receives shapes_vae/, shapes_clip/,
+# shapes_clip_role/, shapes_unet/ (each with checkpoints/, metrics.jsonl and the model folder final/) and
 # chain_times.tsv (stage, seconds); MODEL_OUT (default RUNS_DIR/shapes_model) receives the float16 model folder
 # that scripts/build_shapes_model.py writes -- pass jaxt2i/assets/shapes_model to replace the shipped default.
-# A stage whose output already exists is not run again (the U-Net stage resumes from its newest checkpoint), so
+# A stage whose final/ already exists is not run again (an interrupted stage resumes from its newest checkpoint), so
 # the same command continues an interrupted chain; every attempt at a stage appends its own line to chain_times.tsv
 # (a failed one, or one whose process was killed, with its exit status), so a stage's time is the sum of its lines. Delete a stage's
 # folder to retrain it. The build always runs (a few seconds) and overwrites MODEL_OUT.
 set -euo pipefail
 
-if [[ $# -lt 1 || $# -gt 2 ]]; then
-    echo "usage: bash scripts/train_shapes_chain.sh RUNS_DIR [MODEL_OUT]" >&2
+if [[ $# -lt 1 ]]; then
+    echo "usage: bash scripts/train_shapes_chain.sh RUNS_DIR [MODEL_OUT] [key=value ...]" >&2
     exit 2
 fi
 runs=$1
-model_out=${2:-$runs/shapes_model}
+shift
+model_out=$runs/shapes_model
+if [[ $# -gt 0 && $1 != *=* ]]; then
+    model_out=$1
+    shift
+fi
+overrides=("$@")
 here=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH=$here${PYTHONPATH:+:$PYTHONPATH}
+train() { python -m jaxt2i.cli train "$@" "${overrides[@]}"; }
 mkdir -p "$runs"
 times=$runs/chain_times.tsv
 
@@ -42,19 +53,19 @@ stage() {  # stage NAME DONE_MARKER COMMAND...: runs COMMAND unless DONE_MARKER 
     fi
 }
 
-stage vae "$runs/shapes_vae/metrics.json" \
-    python "$here/scripts/train_shapes_vae.py" --config "$here/configs/shapes_vae.yaml" --out "$runs/shapes_vae"
-stage clip "$runs/shapes_clip/metrics.json" \
-    python "$here/scripts/train_shapes_clip.py" --config "$here/configs/shapes_clip.yaml" --out "$runs/shapes_clip"
-stage clip_role "$runs/shapes_clip_role/metrics.json" \
-    python "$here/scripts/train_shapes_clip.py" --config "$here/configs/shapes_clip_role.yaml" \
-    --out "$runs/shapes_clip_role" --set "init_from=$runs/shapes_clip"
+stage vae "$runs/shapes_vae/final" \
+    train "$here/configs/shapes_vae.yaml" "workdir=$runs/shapes_vae"
+stage clip "$runs/shapes_clip/final" \
+    train "$here/configs/shapes_clip.yaml" "workdir=$runs/shapes_clip"
+stage clip_role "$runs/shapes_clip_role/final" \
+    train "$here/configs/shapes_clip_role.yaml" "workdir=$runs/shapes_clip_role" \
+    "model.init_from=$runs/shapes_clip/final"
 stage unet "$runs/shapes_unet/final" \
-    jaxt2i train "$here/configs/shapes_unet.yaml" "workdir=$runs/shapes_unet" \
-    "model.vae_from=$runs/shapes_vae" "model.text_encoder_from=$runs/shapes_clip_role/text_encoder" \
-    "model.context_merge_from=$runs/shapes_clip_role"
+    train "$here/configs/shapes_unet.yaml" "workdir=$runs/shapes_unet" \
+    "model.vae_from=$runs/shapes_vae/final" "model.text_encoder_from=$runs/shapes_clip_role/final" \
+    "model.conditioner_init_from=$runs/shapes_clip_role/final"
 stage build "" \
-    python "$here/scripts/build_shapes_model.py" --unet "$runs/shapes_unet/final" --vae "$runs/shapes_vae" \
-    --clip "$runs/shapes_clip_role" --out "$model_out"
+    python "$here/scripts/build_shapes_model.py" --unet "$runs/shapes_unet/final" --vae "$runs/shapes_vae/final" \
+    --clip "$runs/shapes_clip_role/final" --out "$model_out"
 echo "== stage times (s):"
 cat "$times"

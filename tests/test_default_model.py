@@ -41,14 +41,18 @@ def test_default_model_loads_in_float32_and_generates_a_64px_image(pipe):
 
 
 def test_shapes_unet_config_describes_the_shipped_unet():
-    """configs/shapes_unet.yaml retrains the U-Net that ships: same architecture as in the shipped manifest."""
-    from jaxt2i.convert.native import config_from_dict, read_manifest
+    """configs/shapes_unet.yaml retrains the U-Net and conditioner that ship: the same architectures as in the
+    shipped manifest, the same text layers and recommended sampling."""
+    from jaxt2i.convert.load import read_native
     from jaxt2i.models.unet import UNetConfig
     from jaxt2i.train.config import from_dict, load_config
+    from jaxt2i.train.kinds.unet import conditioner_config
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    model = load_config(os.path.join(root, "configs", "shapes_unet.yaml")).model
-    from_yaml = from_dict(UNetConfig, model.unet_config)  # as `jaxt2i train` builds it
-    shipped = config_from_dict(UNetConfig, read_manifest(DEFAULT_MODEL)["components"]["unet"]["config"],
-                               source=DEFAULT_MODEL)
-    assert from_yaml == shipped
+    cfg = load_config(os.path.join(root, "configs", "shapes_unet.yaml"))
+    shipped = read_native(DEFAULT_MODEL)
+    # as `jaxt2i train` builds them, the conditioner's width from the (shipped) text encoder
+    assert from_dict(UNetConfig, cfg.model.unet_config) == shipped.configs["unet"]
+    assert conditioner_config(cfg.model, shipped.configs["text_encoder"]) == shipped.configs["conditioner"]
+    assert tuple(cfg.model.text_layer) == shipped.text_layer == (0, -1)
+    assert {"steps": cfg.sample.steps, "guidance": cfg.sample.guidance_scale} == shipped.sampling

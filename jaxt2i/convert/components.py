@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxt2i.convert import clip_keys, unet_keys, vae_keys
 from jaxt2i.convert.core import ConversionError
-from jaxt2i.models import clip, clip_vision, conditioner, unet, vae
+from jaxt2i.models import clip, clip_vision, conditioner, token_heads, unet, vae
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,7 @@ COMPONENTS: dict[str, Component] = {
                       unet_keys.params_to_diffusers, "diffusion_pytorch_model"),
     "conditioner": Component(conditioner.ConditionerConfig, conditioner.abstract_params),
     "clip_vision": Component(clip_vision.CLIPVisionConfig, clip_vision.image_tower_abstract_params),
+    "token_heads": Component(token_heads.TokenHeadsConfig, token_heads.abstract_params),
 }
 
 

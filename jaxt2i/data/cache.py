@@ -1,4 +1,4 @@
-"""Disk cache of VAE latents and text embeddings, for training with frozen encoders.
+"""Disk cache of VAE latents and text states, for training with frozen encoders.
 
 With the VAE and the text encoder frozen, their outputs for a given image and caption never
 change; encoding them once saves most of a fine-tuning step's work on small GPUs.
@@ -7,9 +7,10 @@ Layout of a cache folder::
 
     cache.json                 {"num_examples", "shard_size", "scaling_factor", "image_size", "dtype", ...}
     shard_00000.safetensors    latent_mean [m, h, w, 4], latent_std [m, h, w, 4], valid uint8 [m],
-                               context [c, 77, D] (all captions of the shard's images),
+                               text_states [c, 77, D] or [c, k, 77, D] (all captions of the shard's images:
+                               the text encoder's output at the model's text layer(s), before any conditioner),
                                caption_offsets int64 [m + 1] (image j's captions: offsets[j]..offsets[j+1])
-    uncond.safetensors         uncond_context [77, D] (the empty prompt, for condition dropout)
+    uncond.safetensors         uncond_text_states [77, D] or [k, 77, D] (the empty prompt, for condition dropout)
     fingerprint.json           {"fingerprint": ...}: what the cache was encoded from (``cache_fingerprint``), written
                                before the first shard, so a cache is never resumed or read with other encoders or data
 
@@ -27,18 +28,19 @@ import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
+import jax
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxt2i.data.pipeline import Example, UnreadableExample
+from jaxt2i.data.example import Example, UnreadableExample
 from jaxt2i.data.transforms import preprocess
 
 CACHE_META = "cache.json"
 FINGERPRINT_FILE = "fingerprint.json"
 # images [B, S, S, 3] in [-1, 1] -> (mean, std), each [B, h, w, 4] (unscaled)
 EncodeImages = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-EncodeTexts = Callable[[Sequence[str]], np.ndarray]  # B strings -> [B, 77, D]
+EncodeTexts = Callable[[Sequence[str]], np.ndarray]  # B strings -> text states [B, 77, D] or [B, k, 77, D]
 
 
 def _shard_name(i: int) -> str:
@@ -47,7 +49,7 @@ def _shard_name(i: int) -> str:
 
 def _encode_texts_padded(encode_texts, texts: list[str], batch_size: int, dtype) -> np.ndarray:
     """``encode_texts`` over ``texts`` in batches of exactly ``batch_size`` (the last one padded by
-    repeating its final text, so a jitted encoder compiles once) -> [len(texts), 77, D]."""
+    repeating its final text, so a jitted encoder compiles once) -> [len(texts), ...] text states."""
     out = []
     for i in range(0, len(texts), batch_size):
         chunk = texts[i : i + batch_size]
@@ -57,7 +59,7 @@ def _encode_texts_padded(encode_texts, texts: list[str], batch_size: int, dtype)
 
 
 def _encode_shard(source, indices, image_size, encode_images, encode_texts, batch_size, dtype):
-    """One shard's examples -> per-example latent mean/std, validity, caption contexts and offsets.
+    """One shard's examples -> per-example latent mean/std, validity, caption text states and offsets.
 
     Each distinct caption of the shard is encoded once (the shapes world repeats about half of
     its captions within a 1024-example shard); images are encoded ``batch_size`` at a time.
@@ -80,7 +82,7 @@ def _encode_shard(source, indices, image_size, encode_images, encode_texts, batc
     unique = list(dict.fromkeys(captions))
     row = {c: k for k, c in enumerate(unique)}
     ctx = _encode_texts_padded(encode_texts, unique, 4 * batch_size, dtype)[[row[c] for c in captions]]
-    means, stds, valid, contexts, offsets = [], [], [], [], [0]
+    means, stds, valid, states, offsets = [], [], [], [], [0]
     j = c = 0
     for ex in examples:
         valid.append(ex is not None)
@@ -91,11 +93,11 @@ def _encode_shard(source, indices, image_size, encode_images, encode_texts, batc
             continue
         means.append(mean[j])
         stds.append(std[j])
-        contexts.append(ctx[c : c + len(ex.captions)])
+        states.append(ctx[c : c + len(ex.captions)])
         offsets.append(offsets[-1] + len(ex.captions))
         j += 1
         c += len(ex.captions)
-    return means, stds, valid, contexts, offsets
+    return means, stds, valid, states, offsets
 
 
 class CacheMismatchError(ValueError):
@@ -106,8 +108,6 @@ def cache_fingerprint(encoder_params, settings: dict) -> str:
     """A sha256 hex digest of the frozen encoders' parameters (any pytree of arrays, hashed leaf by leaf in
     flattening order with each leaf's path, dtype and shape) and of ``settings`` (a JSON-able dict: the data
     source and everything else that changes what gets cached)."""
-    import jax
-
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for path, leaf in jax.tree_util.tree_flatten_with_path(encoder_params)[0]:
         a = np.ascontiguousarray(np.asarray(leaf))
@@ -173,26 +173,26 @@ def write_cache(
         if path.exists():
             continue
         indices = np.arange(s * shard_size, min(n, (s + 1) * shard_size))
-        means, stds, valid, contexts, offsets = _encode_shard(
+        means, stds, valid, states, offsets = _encode_shard(
             source, indices, image_size, encode_images, encode_texts, batch_size, dtype
         )
         ref = next((m for m in means if m is not None), None)
         if ref is None:
             raise RuntimeError(f"cache: every image of shard {s} (examples {indices[0]}..{indices[-1]}) is unreadable")
-        d_model = contexts[0].shape[-1]
+        d_model = states[0].shape[-1]
         fill = np.zeros_like(ref)
         tensors = {
             "latent_mean": np.stack([m if m is not None else fill for m in means]),
             "latent_std": np.stack([v if v is not None else fill for v in stds]),
             "valid": np.asarray(valid, np.uint8),
-            "context": np.concatenate(contexts),
+            "text_states": np.concatenate(states),
             "caption_offsets": np.asarray(offsets, np.int64),
         }
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, path)  # a shard is either complete or absent
     uncond = np.asarray(encode_texts([""]), dtype)[0]
-    save_file({"uncond_context": uncond}, str(cache_dir / "uncond.safetensors"))
+    save_file({"uncond_text_states": uncond}, str(cache_dir / "uncond.safetensors"))
     meta = {
         "num_examples": n,
         "shard_size": shard_size,
@@ -200,7 +200,7 @@ def write_cache(
         "scaling_factor": float(scaling_factor),
         "image_size": int(image_size),
         "dtype": np.dtype(dtype).name,
-        "context_dim": int(d_model if d_model is not None else uncond.shape[-1]),
+        "text_dim": int(d_model if d_model is not None else uncond.shape[-1]),
     }
     (cache_dir / CACHE_META).write_text(json.dumps(meta, indent=1))
     return cache_dir
@@ -219,7 +219,7 @@ class CachedSource:
         self.meta = json.loads(meta_path.read_text())
         self.scaling_factor = float(self.meta["scaling_factor"])
         with safe_open(str(self.dir / "uncond.safetensors"), framework="numpy") as f:
-            self.uncond_context = f.get_tensor("uncond_context").astype(np.float32)  # [77, D]
+            self.uncond_text_states = f.get_tensor("uncond_text_states").astype(np.float32)  # [77, D] / [k, 77, D]
         self._open: dict[int, object] = {}
 
     def __len__(self) -> int:
@@ -242,27 +242,28 @@ class CachedSource:
         arrays = {
             "mean": f.get_slice("latent_mean")[j : j + 1][0].astype(np.float32),
             "std": f.get_slice("latent_std")[j : j + 1][0].astype(np.float32),
-            "contexts": f.get_slice("context")[lo:hi].astype(np.float32),
+            "text_states": f.get_slice("text_states")[lo:hi].astype(np.float32),
             "scaling_factor": self.scaling_factor,
-            "uncond_context": self.uncond_context,
+            "uncond_text_states": self.uncond_text_states,
         }
         return Example(index=int(index), arrays=arrays)
 
 
 def assemble_cached(examples: Sequence[Example], rngs: Sequence[np.random.Generator]) -> dict:
-    """Cached examples -> ``{"latents": [B, h, w, 4] scaled, "context": [B, 77, D], "uncond_context": [77, D]}``.
+    """Cached examples -> ``{"latents": [B, h, w, 4] scaled, "text_states": [B, 77, D] (or [B, k, 77, D]),
+    "uncond_text_states": [77, D] (or [k, 77, D])}``.
 
     Each example draws its caption first, then its latent noise, from its own generator.
     """
-    latents, contexts = [], []
+    latents, states = [], []
     for ex, rng in zip(examples, rngs):
         a = ex.arrays
-        k = int(rng.integers(len(a["contexts"]))) if len(a["contexts"]) > 1 else 0
-        contexts.append(a["contexts"][k])
+        k = int(rng.integers(len(a["text_states"]))) if len(a["text_states"]) > 1 else 0
+        states.append(a["text_states"][k])
         noise = rng.standard_normal(a["mean"].shape).astype(np.float32)
         latents.append((a["mean"] + a["std"] * noise) * a["scaling_factor"])
     return {
         "latents": np.stack(latents).astype(np.float32),
-        "context": np.stack(contexts).astype(np.float32),
-        "uncond_context": np.asarray(examples[0].arrays["uncond_context"], np.float32),  # one, shared
+        "text_states": np.stack(states).astype(np.float32),
+        "uncond_text_states": np.asarray(examples[0].arrays["uncond_text_states"], np.float32),  # one, shared
     }

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from jaxt2i.data.pipeline import Example, UnreadableExample
+from jaxt2i.data.example import Example, UnreadableExample
 
 CAPTION_FILES = ("metadata.jsonl", "results.csv", "captions.csv", "captions.txt")
 _TEXT_KEYS = ("text", "caption", "captions")
@@ -162,6 +162,13 @@ class ImageCaptionFolder:
             self.images_dir = cap_path.parent
         else:
             self.images_dir = _default_images_dir(cap_path)
+
+    @classmethod
+    def from_config(cls, cfg) -> "ImageCaptionFolder":
+        """From a ``DataConfig``: ``path``, ``captions_file``, ``images_dir``."""
+        if not cfg.path:
+            raise ValueError("data.source='folder' needs data.path (the image folder)")
+        return cls(cfg.path, captions_file=cfg.captions_file, images_dir=cfg.images_dir)
 
     def __len__(self) -> int:
         return len(self.entries)

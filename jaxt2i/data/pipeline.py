@@ -1,14 +1,16 @@
 """Assembles training batches from a source: deterministic order, per-example randomness, skipping.
 
 A *source* is anything with ``len(source)`` and ``source.example(index) -> Example`` that raises
-``UnreadableExample`` for an example that cannot be read (``ImageCaptionFolder``,
-``SyntheticSource``, ``TFDSSource``, ``CachedSource``).
+``UnreadableExample`` for an example that cannot be read (``jaxt2i.data.sources``: ``ImageCaptionFolder``,
+``TFDSSource``, ``CachedSource``, the shapes world's ``ShapesSource``).
 
 ``BatchIterator`` reads this host's stream (``jaxt2i.data.order``) and yields numpy batches:
 
-* image sources: ``{"images": float32 [B, S, S, 3] in [-1, 1], "input_ids": int32 [B, 77]}``;
-* cached sources: ``{"latents": float32 [B, h, w, 4] (scaled), "context": float32 [B, 77, D],
-  "uncond_context": float32 [77, D]}`` (the empty prompt's embedding, for condition dropout).
+* image sources: ``{"images": float32 [B, S, S, 3] in [-1, 1], "input_ids": int32 [B, L]}`` (no ``input_ids``
+  without a tokenizer), plus the fields ``fields(captions)`` returns for the chosen captions (e.g. per-token labels
+  from the source's ``batch_fields``);
+* cached sources: ``{"latents": float32 [B, h, w, 4] (scaled), "text_states": float32 [B, 77, D] or [B, k, 77, D],
+  "uncond_text_states": float32 [77, D] or [k, 77, D]}`` (the empty prompt's, for condition dropout).
 
 One caption of an image's several is drawn each time the image is used, from
 ``example_rng(seed, epoch, index)``; crop and flip use the same generator. An unreadable example
@@ -21,33 +23,20 @@ prefetching never changes what is read.
 
 from __future__ import annotations
 
-import dataclasses
 import queue
 import threading
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
+from jaxt2i.data.cache import assemble_cached
+from jaxt2i.data.example import Example, UnreadableExample
 from jaxt2i.data.order import HostOrder, example_rng
 from jaxt2i.data.transforms import preprocess
 
-
-class UnreadableExample(Exception):
-    """An example whose image (or record) cannot be read; the pipeline skips it."""
-
-
-@dataclasses.dataclass
-class Example:
-    """One example: an image (PIL or uint8 ``[H, W, 3]``) and all its captions, or cached arrays."""
-
-    index: int
-    captions: tuple[str, ...] = ()
-    image: Any = None
-    arrays: dict | None = None  # cached sources: already-encoded inputs, see jaxt2i.data.cache
-
-
-Tokenize = Callable[[Sequence[str]], np.ndarray]  # list of B strings -> int32 [B, 77]
+Tokenize = Callable[[Sequence[str]], np.ndarray]  # list of B strings -> int32 [B, L]
+Fields = Callable[[Sequence[str]], dict]  # the B captions chosen -> {name: array [B, ...]}
 
 
 def _choose_caption(captions: Sequence[str], rng: np.random.Generator) -> str:
@@ -64,7 +53,8 @@ class BatchIterator:
       batch_size: examples per batch on this host (the global batch divided by the number of hosts).
       seed: data seed (order, caption choice, crops, flips).
       image_size: square side of the images (image sources only).
-      tokenize: list of strings -> int32 ``[B, 77]`` (image sources only).
+      tokenize: list of strings -> int32 ``[B, L]`` (image sources; None: no ``input_ids``).
+      fields: the chosen captions -> more batch fields (image sources; None: none).
       crop: ``"center"`` or ``"random"``; flip: mirror half of the images.
       host, num_hosts: this host and how many read the same source.
       position: a ``position()`` dict saved earlier (default: the start).
@@ -80,6 +70,7 @@ class BatchIterator:
         seed: int = 0,
         image_size: int | None = None,
         tokenize: Tokenize | None = None,
+        fields: Fields | None = None,
         crop: str = "center",
         flip: bool = False,
         host: int = 0,
@@ -95,6 +86,7 @@ class BatchIterator:
         self.seed = int(seed)
         self.image_size = image_size
         self.tokenize = tokenize
+        self.fields = fields
         self.crop, self.flip = crop, flip
         self.order = HostOrder(seed, len(source), host, num_hosts)
         position = position or {}
@@ -147,17 +139,20 @@ class BatchIterator:
         rngs = [example_rng(self.seed, epoch, index) for epoch, index, _ in items]
         examples = [ex for _, _, ex in items]
         if examples[0].arrays is not None:
-            from jaxt2i.data.cache import assemble_cached
-
             return assemble_cached(examples, rngs)
-        if self.image_size is None or self.tokenize is None:
-            raise ValueError("image sources need image_size and tokenize")
+        if self.image_size is None:
+            raise ValueError("image sources need image_size")
         captions = [_choose_caption(ex.captions, rng) for ex, rng in zip(examples, rngs)]
         images = np.stack(
-            [preprocess(ex.image, self.image_size, crop=self.crop, flip=self.flip, rng=rng) for ex, rng in zip(examples, rngs)]
+            [preprocess(ex.image, self.image_size, crop=self.crop, flip=self.flip, rng=rng)
+             for ex, rng in zip(examples, rngs)]
         )
-        input_ids = np.asarray(self.tokenize(captions), dtype=np.int32)
-        return {"images": images.astype(np.float32), "input_ids": input_ids}
+        batch = {"images": images.astype(np.float32)}
+        if self.tokenize is not None:
+            batch["input_ids"] = np.asarray(self.tokenize(captions), dtype=np.int32)
+        if self.fields is not None:
+            batch.update(self.fields(captions))
+        return batch
 
     # ------------------------------------------------------------------ iteration
 
@@ -204,30 +199,3 @@ class BatchIterator:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-
-
-def make_source(cfg, seed: int = 0):
-    """A source from a ``DataConfig`` (see ``jaxt2i.train.config``): synthetic, folder, tfds or cached."""
-    if cfg.cache_dir and cfg.use_cache:
-        from jaxt2i.data.cache import CachedSource
-
-        return CachedSource(cfg.cache_dir)
-    if cfg.source == "synthetic":
-        from jaxt2i.shapes.data import SyntheticSource
-
-        return SyntheticSource(seed=cfg.synthetic_seed, num_examples=cfg.num_examples, split=cfg.split or "train",
-                               two_object_probability=cfg.synthetic_two_object_probability)
-    if cfg.source == "folder":
-        from jaxt2i.data.folder import ImageCaptionFolder
-
-        if not cfg.path:
-            raise ValueError("data.source='folder' needs data.path (the image folder)")
-        return ImageCaptionFolder(cfg.path, captions_file=cfg.captions_file, images_dir=cfg.images_dir)
-    if cfg.source == "tfds":
-        from jaxt2i.data.tfds import TFDSSource
-
-        if not cfg.name:
-            raise ValueError("data.source='tfds' needs data.name (a TFDS dataset name)")
-        return TFDSSource(cfg.name, split=cfg.split or "train", data_dir=cfg.path, image_key=cfg.image_key,
-                          caption_key=cfg.caption_key)
-    raise ValueError(f"data.source must be one of 'synthetic', 'folder', 'tfds'; got {cfg.source!r}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxt2i.data.pipeline import Example, UnreadableExample
+from jaxt2i.data.example import Example, UnreadableExample
 
 _AUTO_CAPTION_KEYS = ("caption", "captions/text", "captions", "text", "label")
 
@@ -104,6 +104,14 @@ class TFDSSource:
             raise KeyError(f"TFDS dataset {name!r} has no feature {caption_key!r}; features: {list(self.features.keys())}")
         self.caption_key = caption_key
         self._label_names = self._class_names(caption_key)
+
+    @classmethod
+    def from_config(cls, cfg) -> "TFDSSource":
+        """From a ``DataConfig``: ``name``, ``split``, ``path`` (the data_dir), ``image_key``, ``caption_key``."""
+        if not cfg.name:
+            raise ValueError("data.source='tfds' needs data.name (a TFDS dataset name)")
+        return cls(cfg.name, split=cfg.split or "train", data_dir=cfg.path, image_key=cfg.image_key,
+                   caption_key=cfg.caption_key)
 
     def _class_names(self, key: str):
         node = self.features

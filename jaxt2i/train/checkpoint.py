@@ -22,6 +22,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 def _is_key(x) -> bool:
@@ -178,8 +179,6 @@ class PreemptionGuard:
         flag = self._event.is_set()
         if jax.process_count() == 1:
             return flag
-        from jax.experimental import multihost_utils
-
         flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
         return bool(np.any(flags))
 
@@ -188,8 +187,6 @@ def gather_host_positions(position: dict) -> list[dict]:
     """Every host's data position (in process order); with one process, ``[position]``."""
     if jax.process_count() == 1:
         return [dict(position)]
-    from jax.experimental import multihost_utils
-
     keys = sorted(position)
     local = np.asarray([int(position[k]) for k in keys], np.int64)
     allv = np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), len(keys))

@@ -11,6 +11,13 @@ import argparse
 import sys
 from typing import Sequence
 
+import yaml
+
+from jaxt2i.data.cache import CacheMismatchError
+from jaxt2i.train import loop
+from jaxt2i.train.config import ConfigError, load_config, to_dict
+from jaxt2i.train.loop import NonFiniteLossError, export_checkpoint
+
 USAGE_EPILOG = """\
 overrides (dotted keys, YAML values), for example:
   workdir=runs/a steps=2000 seed=1 batch_size=32 checkpoint_every=500
@@ -41,10 +48,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``jaxt2i train``; returns the process exit status."""
-    import yaml
-
-    from jaxt2i.train.config import ConfigError, load_config, to_dict
-
     parser = _parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.step is not None and not args.export_to:
@@ -59,8 +62,6 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     if args.export_to:
-        from jaxt2i.train.loop import export_checkpoint
-
         try:
             folder, step = export_checkpoint(cfg, args.export_to, args.step)
         except (FileExistsError, FileNotFoundError) as e:
@@ -69,11 +70,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         print(f"jaxt2i train: wrote step {step} of {cfg.workdir} to {folder}", file=sys.stderr)
         return 0
 
-    from jaxt2i.data.cache import CacheMismatchError
-    from jaxt2i.train.loop import NonFiniteLossError, run
-
     try:
-        result = run(cfg)
+        result = loop.run(cfg)
     except NonFiniteLossError as e:
         print(f"jaxt2i train: {e}", file=sys.stderr)
         return 1

@@ -2,8 +2,9 @@
 
 ``load_config("configs/tiny.yaml", ["steps=20", "mesh.data=2", "optim.lr=1e-4"])`` reads the file,
 applies the overrides (dotted keys name nested sections; values are parsed as YAML scalars or
-lists), and builds a ``TrainConfig``. Any key that is not a field -- in the file or in an override --
-is an error that names the key and lists the valid ones, so a typo never trains silently with a
+lists), and builds a ``TrainConfig``. Its ``kind`` (``jaxt2i.train.kinds``) decides what the ``model`` and
+``loss`` sections hold: each kind declares their dataclasses. Any key that is not a field -- in the file or in an
+override -- is an error that names the key and lists the valid ones, so a typo never trains silently with a
 default. Values are checked against the fields' types (ints, floats, bools, strings, optionals,
 tuples).
 """
@@ -19,87 +20,38 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from jaxt2i.diffusion.losses import LossConfig
+from jaxt2i.data.sources import SOURCES
 from jaxt2i.diffusion.schedules import ScheduleConfig
+from jaxt2i.dtypes import DTYPES
+from jaxt2i.train.kinds import kind_class
 from jaxt2i.train.optim import OptimConfig
 from jaxt2i.train.sharding import MeshConfig
 from jaxt2i.train.state import TrainableConfig
 
 NAN_POLICIES = ("abort", "skip")
 STEP_FORMS = ("jit", "shard_map")
-DATA_SOURCES = ("synthetic", "folder", "tfds")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Which models to train.
-
-    preset: a ``jaxt2i.presets`` name ("tiny_sd1", "sd15", ...): the U-Net, VAE and text-encoder presets and
-        the tokenizer padding, used when ``pretrained`` is None (training from scratch: fresh random init).
-    unet / vae / text_encoder: override one component's preset name (``jaxt2i.models.*.PRESETS``).
-    pretrained: a model ``jaxt2i.convert`` reads (jaxt2i folder, diffusers folder, single-file checkpoint);
-        its architectures, weights and tokenizer replace the presets.
-    text_layer: which text-encoder hidden state conditions the U-Net (-1: last, SD1; -2: penultimate; 0: the
-        token + position embeddings, no transformer layer). None: the pretrained model's (its jaxt2i.json
-        ``text_layer``; -1 for diffusers and single-file checkpoints), -1 when training from scratch. It is
-        written to the exported model folder, so sampling uses the same one. A list (e.g. ``[0, -1]``, a jaxt2i
-        extension) conditions on several states at once, concatenated along the tokens (``CLIPTextModel.encode``).
-    unet_config: the U-Net architecture as a mapping of ``UNetConfig`` fields (replaces the preset's or the
-        pretrained model's U-Net; always a fresh init).
-    vae_from / text_encoder_from: folders holding ``params.safetensors`` + ``config.json`` of a VAE / text encoder
-        trained on their own (``scripts/train_shapes_vae.py``, ``scripts/train_shapes_clip.py`` write
-        OUT/ and OUT/text_encoder/); they replace the preset's component, weights included, and stay frozen.
-    unet_init_from: a model folder (anything ``jaxt2i.convert`` reads) whose U-Net weights initialise this run's
-        U-Net (``unet_config`` or the pretrained one) wherever a parameter's path and shape match; parameters it
-        lacks (e.g. a context merge added to a trained U-Net) keep their fresh init. Growing a trained model.
-    context_merge_from / context_merge_head: initialise a fresh merging U-Net's ``context_merge/down`` (``UNetConfig.
-        context_merge_rank``) from a caption-parsing head that the CLIP trainer saved (``OUT/parse_heads/``, head
-        ``context_merge_head``, e.g. "role"), so the rank-r numbers per token are that head's logits on the last
-        text layer from step 0; rank must equal the head's classes, and the text encoder must be the one the head
-        was trained on (``context_merge_from``'s ``text_encoder/``). Pair with ``trainable.freeze:
-        [context_merge/down]`` to keep them so. ``context_merge_up_std``: the merge's ``up`` kernel then starts
-        as Gaussian noise of that std (seeded by ``seed``) instead of zeros, so the role reaches the tokens from
-        step 0 (for a U-Net trained from scratch; 0 keeps a fresh merge an identity on the first layer).
-    remat: rematerialise U-Net blocks in the backward pass (less memory, ~30% more compute).
-    export_ema: write the EMA weights (when optim.ema_decay is set) to WORKDIR/final/, else the raw ones.
-    """
-
-    preset: str = "tiny_sd1"
-    unet: str | None = None
-    vae: str | None = None
-    text_encoder: str | None = None
-    pretrained: str | None = None
-    unet_config: Any = None
-    vae_from: str | None = None
-    text_encoder_from: str | None = None
-    text_layer: int | list[int] | None = None
-    unet_init_from: str | None = None
-    context_merge_from: str | None = None
-    context_merge_head: str = "role"
-    context_merge_up_std: float = 0.0
-    remat: bool = False
-    export_ema: bool = True
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where training examples come from and how they are prepared.
 
-    source: "synthetic" (shapes world), "folder" (metadata.jsonl or a Flickr30k-layout captions CSV)
-        or "tfds" (``name`` through TensorFlow Datasets; ``path`` is then its data_dir).
+    source: a name of ``jaxt2i.data.sources.SOURCES`` -- "shapes" (the shapes world), "folder" (metadata.jsonl
+        or a Flickr30k-layout captions CSV), "tfds" (``name`` through TensorFlow Datasets; ``path`` is then its
+        data_dir) -- or a ``package.module:Class`` path of a source of one's own.
+    split: the source's split (shapes: "train" or "heldout"; tfds: e.g. "train[:90%]").
     image_size: square side images are resized (shorter side) and cropped to.
     crop: "center" or "random"; flip: random horizontal flips (off: captions mention left/right).
-    num_examples, synthetic_seed: size and world seed of the synthetic set.
-    synthetic_two_object_probability: the synthetic set's odds of drawing a two-object scene (0.5: the shapes
-        world's own; ``shapes.scene``). The split's filter redraws some draws, so the train split keeps ~41%
-        two-object scenes at 0.5, ~61% at 0.7, ~67% at 0.75.
+    num_examples: size of a generated set (shapes).
+    options: keyword arguments of the source's own (shapes: ``seed``, ``captions_per_image``,
+        ``two_object_probability``).
     captions_file, images_dir: override the folder's captions file and image location.
     cache_dir: folder of cached VAE latents + text embeddings (``jaxt2i.data.cache``); used when
         ``use_cache`` is true; ``write_cache`` first encodes the dataset into it.
     prefetch: batches prepared ahead in a background thread (0: none).
     """
 
-    source: str = "synthetic"
+    source: str = "shapes"
     path: str | None = None
     name: str | None = None
     split: str | None = None
@@ -111,28 +63,30 @@ class DataConfig:
     crop: str = "center"
     flip: bool = False
     num_examples: int = 1024
-    synthetic_seed: int = 0
-    synthetic_two_object_probability: float = 0.5
+    options: Any = None
     cache_dir: str | None = None
     use_cache: bool = False
     write_cache: bool = False
     prefetch: int = 2
 
     def __post_init__(self):
-        if self.source not in DATA_SOURCES:
-            raise ValueError(f"data.source={self.source!r}; use one of {DATA_SOURCES}")
+        if self.source not in SOURCES and ":" not in self.source:
+            raise ValueError(f"data.source={self.source!r}; use one of {sorted(SOURCES)} or a 'package.module:Class' "
+                             "path")
+        if self.options is not None and not isinstance(self.options, Mapping):
+            raise ValueError(f"data.options must be a mapping of the source's keyword arguments, got {self.options!r}")
         if self.crop not in ("center", "random"):
             raise ValueError(f"data.crop={self.crop!r}; use 'center' or 'random'")
         if (self.use_cache or self.write_cache) and not self.cache_dir:
             raise ValueError("data.use_cache / data.write_cache need data.cache_dir")
-        if not 0.0 <= self.synthetic_two_object_probability <= 1.0:
-            raise ValueError(f"data.synthetic_two_object_probability={self.synthetic_two_object_probability!r}; "
-                             "use a probability in [0, 1] (0.5: the shapes world's own)")
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Sample grids from fixed prompts, saved as PNG under WORKDIR/samples/ every ``every`` steps (0: never)."""
+    """Sample grids from fixed prompts, saved as PNG under WORKDIR/samples/ every ``every`` steps (0: never).
+
+    ``steps`` and ``guidance_scale`` are also what the exported model folder recommends (``jaxt2i.json``'s
+    ``"sampling"``, ``jaxt2i generate``'s defaults) for kinds that export a pipeline (``unet``)."""
 
     every: int = 0
     prompts: tuple[str, ...] = ("a red circle", "a blue square to the left of a green triangle")
@@ -147,18 +101,23 @@ class SampleConfig:
 class TrainConfig:
     """One training run. See configs/*.yaml for commented examples.
 
+    kind: what trains (a key of ``jaxt2i.train.kinds.KINDS``: "unet", "vae", "clip"); its module declares the
+        ``model`` and ``loss`` sections (``Kind.ModelConfig``, ``Kind.LossConfig``), given here as mappings and
+        built into those dataclasses.
     workdir: checkpoints/, metrics.jsonl, samples/, final/ go here; a run restarts from its latest checkpoint.
     steps: optimizer steps to run in total; batch_size: global batch (all hosts together).
     checkpoint_every / keep_checkpoints / async_checkpoints: Orbax checkpointing.
     log_every: metrics written every that many steps (and at the end).
     nan_policy: "abort" (stop with an error on a NaN/Inf loss) or "skip" (discard the step's update).
     form: "jit" (GSPMD with explicit shardings) or "shard_map" (explicit data-parallel pmean).
-    compute_dtype: "float32" or "bfloat16" (activations; master weights stay model.param_dtype).
+    compute_dtype: "float32", "bfloat16" or "float16" (activations; master weights stay float32).
     peak_tflops: peak dense TFLOP/s of one device for the MFU estimate (default: a table by device kind).
     coordinator_address / num_processes / process_id: multi-host start-up (or JAXT2I_* env variables).
-    export_diffusers: also write WORKDIR/final_diffusers/ (a diffusers folder) at the end.
+    export_diffusers: also write WORKDIR/final_diffusers/ (a diffusers folder) at the end (kind "unet").
+    schedule / sample: the noise schedule and the sample grids (diffusion kinds; ``sample.every`` for all).
     """
 
+    kind: str = "unet"
     workdir: str = "workdir"
     steps: int = 1000
     seed: int = 0
@@ -177,11 +136,11 @@ class TrainConfig:
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: Any = None
     data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: Any = None
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -191,11 +150,18 @@ class TrainConfig:
             raise ValueError(f"nan_policy={self.nan_policy!r}; use one of {NAN_POLICIES}")
         if self.form not in STEP_FORMS:
             raise ValueError(f"form={self.form!r}; use one of {STEP_FORMS}")
-        if self.compute_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"compute_dtype={self.compute_dtype!r}; use 'float32' or 'bfloat16'")
+        if self.compute_dtype not in DTYPES:
+            raise ValueError(f"compute_dtype={self.compute_dtype!r}; use one of {sorted(DTYPES)}")
         for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        kind = kind_class(self.kind)
+        for name, cls in (("model", kind.ModelConfig), ("loss", kind.LossConfig)):
+            value = getattr(self, name)
+            if value is None or isinstance(value, Mapping):
+                object.__setattr__(self, name, from_dict(cls, value, f"{name}."))
+            elif not isinstance(value, cls):
+                raise ConfigError(f"{name}: kind {self.kind!r} takes a {cls.__name__}, got {type(value).__name__}")
 
 
 class ConfigError(ValueError):

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 ATTENTION_PROJECTIONS = ("query", "key", "value", "out")
 LORA_FORMAT = "jaxt2i-lora"
@@ -154,8 +156,6 @@ def apply_with_lora(module: nn.Module, variables: Any, lora_params: Any, alpha: 
 
 def save_lora(path: str, lora_params: Any, alpha: float) -> None:
     """Writes the adapters alone as safetensors: keys are '/'-joined tree paths; rank and alpha in metadata."""
-    from safetensors.numpy import save_file
-
     flat = traverse_util.flatten_dict(lora_params)
     tensors = {"/".join(k): np.asarray(jax.device_get(v)) for k, v in flat.items()}
     ranks = {int(v.shape[-1]) for k, v in flat.items() if k[-1] == "lora_a"}
@@ -165,8 +165,6 @@ def save_lora(path: str, lora_params: Any, alpha: float) -> None:
 
 def load_lora(path: str) -> tuple[dict, float]:
     """Reads adapters written by :func:`save_lora` -> (lora_params, alpha)."""
-    from safetensors import safe_open
-
     with safe_open(path, framework="numpy") as f:
         metadata = f.metadata() or {}
         if metadata.get("format") != LORA_FORMAT:

@@ -1,20 +1,19 @@
-"""Training observability: JSON-lines metrics, TensorBoard events, a progress line, FLOPs and MFU.
+"""Training observability: JSON-lines metrics, TensorBoard events, FLOPs and MFU (the progress bar is tqdm's).
 
 * ``MetricsWriter`` appends one JSON object per logged step to ``WORKDIR/metrics.jsonl`` and, when
   ``tensorboardX`` or ``tensorflow`` can be imported, writes TensorBoard scalars to
   ``WORKDIR/tb/``; otherwise it says once that TensorBoard is off (no dependency is added for it).
-* ``ProgressBar`` prints a single updating stderr line with step, rate and ETA.
-* ``compiled_flops`` reads the FLOPs of one compiled step from XLA's cost analysis;
+* ``compiled_flops`` reads the FLOPs of one lowered or compiled step from XLA's cost analysis;
   ``mfu`` divides achieved FLOP/s by the peak of the devices (``peak_flops_per_device``: a table
   by device kind, overridable by the ``peak_tflops`` config key).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import math
-import sys
-import time
 from pathlib import Path
 
 # Peak dense bf16 TFLOP/s per device (vendor figures, without sparsity). Matched by substring of
@@ -50,7 +49,8 @@ def peak_flops_per_device(device_kind: str, override_tflops: float | None = None
 
 
 def compiled_flops(compiled) -> float | None:
-    """FLOPs of one call of a compiled XLA executable (``jit(f).lower(...).compile()``), if XLA reports them.
+    """FLOPs of one call of a lowered or compiled XLA program (``jit(f).lower(...)``, ``.compile()``), if XLA
+    reports them.
 
     XLA reports the FLOPs of the whole (global) program for SPMD executables.
     """
@@ -74,26 +74,24 @@ def mfu(flops_per_step: float | None, steps_per_s: float, num_devices: int, peak
 
 
 def _tb_writer(logdir: Path):
-    """A TensorBoard scalar writer, or None when neither tensorboardX nor tensorflow imports."""
-    try:
-        from tensorboardX import SummaryWriter
+    """A TensorBoard scalar writer, or None when neither tensorboardX nor tensorflow with tensorboard imports.
 
-        w = SummaryWriter(str(logdir))
+    Both are optional: tensorboardX is looked up by name (``importlib``) and tensorflow imported here, so neither is
+    loaded unless a run asks for TensorBoard events."""
+    if importlib.util.find_spec("tensorboardX") is not None:
+        w = importlib.import_module("tensorboardX").SummaryWriter(str(logdir))
         return lambda tag, value, step: w.add_scalar(tag, value, step), w.flush, w.close
-    except ImportError:
-        pass
-    try:
-        import tensorflow as tf
+    if importlib.util.find_spec("tensorboard") is None or importlib.util.find_spec("tensorflow") is None:
+        return None  # tensorflow writes summaries only with the tensorboard package
+    import tensorflow as tf
 
-        w = tf.summary.create_file_writer(str(logdir))
+    w = tf.summary.create_file_writer(str(logdir))
 
-        def scalar(tag, value, step):
-            with w.as_default():
-                tf.summary.scalar(tag, value, step=step)
+    def scalar(tag, value, step):
+        with w.as_default():
+            tf.summary.scalar(tag, value, step=step)
 
-        return scalar, w.flush, w.close
-    except ImportError:
-        return None
+    return scalar, w.flush, w.close
 
 
 def _jsonable(v):
@@ -127,7 +125,7 @@ class MetricsWriter:
         if tensorboard:
             self._tb = _tb_writer(self.workdir / "tb")
             if self._tb is None:
-                log("TensorBoard events are off: neither tensorboardX nor tensorflow is installed "
+                log("TensorBoard events are off: neither tensorboardX nor tensorflow with tensorboard is installed "
                     "(metrics still go to metrics.jsonl).")
 
     def _truncate(self, step: int):
@@ -163,53 +161,3 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb[2]()
-
-
-def _fmt_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
-class ProgressBar:
-    """A one-line progress bar with ETA on stderr (rewritten in place on a terminal, one line per update otherwise)."""
-
-    def __init__(self, total: int, start: int = 0, *, enabled: bool = True, width: int = 24, stream=None,
-                 min_interval_s: float = 0.5):
-        self.total, self.start = total, start
-        self.enabled = enabled
-        self.width = width
-        self.stream = stream or sys.stderr
-        self.min_interval_s = min_interval_s
-        self._t0 = time.perf_counter()
-        self._last = 0.0
-        self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-
-    def line(self, step: int, extra: str = "") -> str:
-        done = max(0, step - self.start)
-        elapsed = time.perf_counter() - self._t0
-        rate = done / elapsed if elapsed > 0 and done else 0.0
-        eta = (self.total - step) / rate if rate else float("inf")
-        frac = step / self.total if self.total else 1.0
-        filled = int(round(frac * self.width))
-        bar = "#" * filled + "-" * (self.width - filled)
-        return f"[{bar}] {step}/{self.total} {rate:.2f} step/s ETA {_fmt_duration(eta)} {extra}".rstrip()
-
-    def update(self, step: int, extra: str = "", force: bool = False):
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if not force and now - self._last < self.min_interval_s and step < self.total:
-            return
-        self._last = now
-        text = self.line(step, extra)
-        self.stream.write(("\r" + text + "\x1b[K") if self._tty else text + "\n")
-        self.stream.flush()
-
-    def close(self):
-        if self.enabled and self._tty:
-            self.stream.write("\n")
-            self.stream.flush()

@@ -156,10 +156,13 @@ def param_shardings(abstract_tree: Any, mesh: Mesh, rules: LogicalRules = DEFAUL
     return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
+SHARED_KEYS = ("uncond_text_states",)  # batch entries shared by every row (the empty prompt's text states)
+
+
 def batch_shardings(batch: Mapping[str, Any], mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> dict:
-    """Per-key shardings of a batch dict: every array split over the batch axes, except `uncond_context`
-    (one embedding shared by all examples), which is replicated."""
-    return {k: replicated(mesh) if k == "uncond_context" else batch_sharding(mesh, rules) for k in batch}
+    """Per-key shardings of a batch dict: every array split over the batch axes, except those of
+    :data:`SHARED_KEYS` (one value shared by all examples), which are replicated."""
+    return {k: replicated(mesh) if k in SHARED_KEYS else batch_sharding(mesh, rules) for k in batch}
 
 
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> dict:
@@ -170,7 +173,7 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, rules: LogicalRules = DEFA
     for key, value in batch.items():
         if isinstance(value, jax.Array):
             out[key] = value
-        elif key == "uncond_context":
+        elif key in SHARED_KEYS:
             out[key] = jax.make_array_from_process_local_data(shardings[key], np.asarray(value), np.shape(value))
         else:
             out[key] = jax.make_array_from_process_local_data(shardings[key], np.asarray(value))

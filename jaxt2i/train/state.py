@@ -1,30 +1,32 @@
 """Train state: which parameters train, how they are initialised and where they live on the mesh.
 
-Parameter trees are the trees *under* ``"params"`` (as the ``abstract_params`` functions of the model files return
-them); modules are applied with ``{"params": tree}``.
+A run works on *components*: named parameter trees (``"unet"``, ``"vae"``, ``"text_encoder"``, ``"clip"``, ...;
+each the tree *under* ``"params"``, as the ``abstract_params`` functions of the model files return them). The
+component kind (``jaxt2i.train.kinds``) names the ones that train; the others are frozen. What of the trainable
+ones the optimizer updates (:class:`TrainableConfig`):
 
-What trains (:class:`TrainableConfig`):
-* ``"full"``: every U-Net parameter. ``state.params`` is the U-Net tree.
-* ``"attention"``: only the U-Net's attention modules (self- and cross-attention q/k/v/out). ``state.params``
-  holds those subtrees, ``state.frozen["unet"]`` the rest; the two are disjoint and join back into the U-Net tree.
-* ``"lora"``: rank-r adapters on the attention projections (:mod:`jaxt2i.train.lora`). ``state.params`` is the
-  adapter tree, ``state.frozen["unet"]`` the whole base U-Net.
-The text encoder and VAE are always frozen (``state.frozen["text_encoder"]``, ``state.frozen["vae"]``; absent when
-training on cached latents and embeddings).
+* ``"full"``: every parameter, except those under ``freeze`` prefixes (``/``-paths that start with the component
+  name, e.g. ``"conditioner/down"``), which are held at their initial values.
+* ``"attention"``: only the attention modules (self- and cross-attention q/k/v/out) of each trainable component.
+* ``"lora"``: rank-r adapters on the attention projections (:mod:`jaxt2i.train.lora`) of each trainable component.
+
+``state.params`` is ``{component: what trains}``; ``state.frozen`` is ``{component: the rest}`` -- frozen
+components whole, and for a trainable one the part held fixed (its frozen leaves, the non-attention part, or the
+LoRA base). :func:`components` joins them back into whole trees.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from jaxt2i.train import lora as lora_lib
@@ -35,13 +37,15 @@ log = logging.getLogger(__name__)
 
 TRAINABLE_MODES = ("full", "attention", "lora")
 
+Initializer = Callable[[jax.Array], Any]  # key -> a fresh float32 parameter tree
+
 
 @dataclass(frozen=True)
 class TrainableConfig:
-    """Which U-Net parameters the optimizer updates; see the module docstring.
+    """Which parameters of the trainable components the optimizer updates; see the module docstring.
 
-    freeze: with mode "full", ``/``-path prefixes of U-Net parameters held at their initial values (e.g.
-    ``["context_merge/down"]``); they live in ``state.frozen["unet"]``: no update, no weight decay, no EMA.
+    freeze: with mode "full", ``/``-path prefixes (component name first, e.g. ``["conditioner/down"]``) of
+    parameters held at their initial values: they live in ``state.frozen``, no update, no weight decay, no EMA.
     """
 
     mode: str = "full"
@@ -53,23 +57,10 @@ class TrainableConfig:
         if self.mode not in TRAINABLE_MODES:
             raise ValueError(f"TrainableConfig.mode={self.mode!r}; use one of {TRAINABLE_MODES}.")
         if self.freeze and self.mode != "full":
-            raise ValueError(f"TrainableConfig.freeze={list(self.freeze)} holds U-Net parameters fixed in mode 'full' "
+            raise ValueError(f"TrainableConfig.freeze={list(self.freeze)} holds parameters fixed in mode 'full' "
                              f"only; mode {self.mode!r} already chooses what trains.")
         if self.mode == "lora" and self.lora_rank < 1:
             raise ValueError(f"TrainableConfig.lora_rank={self.lora_rank} must be >= 1.")
-
-
-class Models(NamedTuple):
-    """The module instances a train step runs. vae / text_encoder may be None when batches carry cached latents
-    and context. uncond_ids: [1, 77] int32 ids of the empty prompt (for condition dropout), or None.
-    text_layer: which text-encoder hidden state conditions the U-Net (-1 last, -2 penultimate), or a tuple of
-    several, concatenated along the tokens (``CLIPTextModel.encode``)."""
-
-    unet: nn.Module
-    vae: nn.Module | None = None
-    text_encoder: nn.Module | None = None
-    uncond_ids: Any = None
-    text_layer: int | tuple[int, ...] = -1
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -85,27 +76,11 @@ class TrainState(flax.struct.PyTreeNode):
     rng: jax.Array
 
 
-# -- partitioning of the U-Net tree ------------------------------------------------------------------------------------
-
-
-def _is_attention_path(path: tuple[str, ...], attention_paths: set[tuple[str, ...]]) -> bool:
-    return any(path[: len(p)] == p for p in attention_paths)
-
-
-def split_attention(unet_params: Any) -> tuple[dict, dict]:
-    """U-Net tree -> (attention subtrees, everything else), two disjoint nested dicts."""
-    attention = set(lora_lib.attention_module_paths(unet_params))
-    if not attention:
-        raise ValueError("the U-Net parameter tree has no attention modules; use TrainableConfig(mode='full').")
-    flat = traverse_util.flatten_dict(unet_params)
-    inside = {k: v for k, v in flat.items() if _is_attention_path(k, attention)}
-    outside = {k: v for k, v in flat.items() if k not in inside}
-    return traverse_util.unflatten_dict(inside), traverse_util.unflatten_dict(outside)
+# -- splitting and joining trees ---------------------------------------------------------------------------------------
 
 
 def leaf_paths(tree: Any) -> list[str]:
-    """The ``/``-path of every leaf of the nested dict ``tree`` (its keys joined by ``/``), in ``jax.tree_util``
-    leaf order."""
+    """The ``/``-path of every leaf of the nested dict ``tree``, in ``jax.tree_util`` leaf order."""
     return ["/".join(str(getattr(k, "key", k)) for k in path)
             for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
@@ -134,7 +109,7 @@ def split_paths(tree: Any, paths: set[str]) -> tuple[dict, dict]:
 
 
 def join_trees(a: Any, b: Any) -> dict:
-    """Union of two nested dicts with disjoint leaves (the inverse of :func:`split_attention`)."""
+    """Union of two nested dicts with disjoint leaves (the inverse of :func:`split_paths`)."""
     flat = traverse_util.flatten_dict(a)
     other = traverse_util.flatten_dict(b)
     overlap = flat.keys() & other.keys()
@@ -144,65 +119,61 @@ def join_trees(a: Any, b: Any) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
-def split_trainable(unet_params: Any, cfg: TrainableConfig, rng: jax.Array) -> tuple[Any, Any]:
-    """U-Net tree -> (trainable params, frozen U-Net part or None)."""
+def split_attention(params: Any) -> tuple[dict, dict]:
+    """A component's tree -> (attention subtrees, everything else), two disjoint nested dicts."""
+    attention = [tuple(p) for p in lora_lib.attention_module_paths(params)]
+    if not attention:
+        raise ValueError("the parameter tree has no attention modules; use TrainableConfig(mode='full').")
+    flat = traverse_util.flatten_dict(params)
+    inside = {k: v for k, v in flat.items() if any(k[: len(p)] == p for p in attention)}
+    outside = {k: v for k, v in flat.items() if k not in inside}
+    return traverse_util.unflatten_dict(inside), traverse_util.unflatten_dict(outside)
+
+
+def split_trainable(trainable: Mapping[str, Any], cfg: TrainableConfig, rng: jax.Array) -> tuple[dict, dict]:
+    """``{component: tree}`` -> (what trains, what is held fixed), both ``{component: tree}``."""
+    trainable = dict(trainable)
     if cfg.mode == "full":
-        if cfg.freeze:
-            return split_paths(unet_params, paths_under(unet_params, cfg.freeze, "U-Net parameter (trainable.freeze)"))
-        return unet_params, None
+        if not cfg.freeze:
+            return trainable, {}
+        held = paths_under(trainable, cfg.freeze, "trainable parameter (trainable.freeze)")
+        params, fixed = split_paths(trainable, held)
+        return params, fixed
     if cfg.mode == "attention":
-        return split_attention(unet_params)
-    return lora_lib.init_lora(unet_params, cfg.lora_rank, rng), unet_params
+        parts = {name: split_attention(tree) for name, tree in trainable.items()}
+        return {n: p[0] for n, p in parts.items()}, {n: p[1] for n, p in parts.items()}
+    keys = jax.random.split(rng, len(trainable))
+    return ({name: lora_lib.init_lora(tree, cfg.lora_rank, k) for (name, tree), k in zip(trainable.items(), keys)},
+            trainable)
 
 
-def unet_params(params: Any, frozen: Mapping[str, Any], cfg: TrainableConfig) -> Any:
-    """The U-Net tree the forward pass uses: trainable and frozen parts joined, LoRA merged. Pure."""
-    if cfg.mode == "full" and not cfg.freeze:
-        return params
-    if cfg.mode in ("full", "attention"):
-        return join_trees(params, frozen["unet"])
-    return lora_lib.merge_lora(frozen["unet"], params, cfg.lora_alpha)
+def components(params: Mapping[str, Any], frozen: Mapping[str, Any], cfg: TrainableConfig) -> dict:
+    """``{component: whole tree}``: trainable and held parts joined (LoRA merged), frozen components as they are.
+    Pure (runs inside the step)."""
+    out = {name: tree for name, tree in frozen.items() if name not in params}
+    for name, tree in params.items():
+        if name not in frozen:
+            out[name] = tree
+        elif cfg.mode == "lora":
+            out[name] = lora_lib.merge_lora(frozen[name], tree, cfg.lora_alpha)
+        else:
+            out[name] = join_trees(tree, frozen[name])
+    return out
 
 
-def trained_unet_params(state: TrainState, cfg: TrainableConfig, *, ema: bool = False) -> Any:
-    """The full U-Net tree after training (EMA weights with ema=True), ready for export."""
+def trained_components(state: TrainState, cfg: TrainableConfig, *, ema: bool = False) -> dict:
+    """The whole trees of the trainable components after training (EMA weights with ema=True)."""
     params = state.ema_params if ema else state.params
     if params is None:
         raise ValueError("this state has no EMA params (OptimConfig.ema_decay=None); export with ema=False.")
-    return unet_params(params, state.frozen, cfg)
+    return {name: tree for name, tree in components(params, state.frozen, cfg).items() if name in params}
 
 
-# -- fresh parameters ------------------------------------------------------------------------------------------------
-
-
-def _init_unet(unet: nn.Module, rng: jax.Array) -> Any:
-    cfg = unet.config
-    factor = 2 ** (cfg.num_blocks - 1)
-    sample = jnp.zeros((1, factor, factor, cfg.in_channels), jnp.float32)
-    context = jnp.zeros((1, cfg.context_layers, cfg.cross_attention_dim), jnp.float32)
-    return unet.init(rng, sample, jnp.zeros((1,), jnp.float32), context)["params"]
-
-
-def _init_vae(vae: nn.Module, rng: jax.Array) -> Any:
-    cfg = vae.config
-    side = cfg.downsample_factor
-    return vae.init(rng, jnp.zeros((1, side, side, cfg.in_channels), jnp.float32))["params"]
-
-
-def _init_text_encoder(text_encoder: nn.Module, rng: jax.Array) -> Any:
-    return text_encoder.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
-
-
-_INITIALIZERS = {"unet": _init_unet, "vae": _init_vae, "text_encoder": _init_text_encoder}
-
-
-def _model_modules(models: Models) -> dict[str, nn.Module]:
-    return {name: getattr(models, name) for name in _INITIALIZERS if getattr(models, name) is not None}
-
-
-def _fp32_storage(module: nn.Module) -> nn.Module:
-    """Master weights are float32 whatever dtype the caller built the module with."""
-    return module.clone(param_dtype=jnp.float32) if hasattr(module, "param_dtype") else module
+def host_tree(tree: Any) -> Any:
+    """A (possibly multi-host sharded) tree -> numpy arrays on this host."""
+    if jax.process_count() > 1:
+        tree = multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
 # -- the state -------------------------------------------------------------------------------------------------------
@@ -223,22 +194,21 @@ def override_leaves(tree: Any, values: Mapping[str, Any], what: str) -> dict:
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def _build_state(given: dict, models: Models, optim_cfg: OptimConfig, trainable_cfg: TrainableConfig,
-                 seed: int, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> TrainState:
+def _build_state(given: dict, initializers: Mapping[str, Initializer], trainable: Sequence[str],
+                 optim_cfg: OptimConfig, trainable_cfg: TrainableConfig, seed: int,
+                 overrides: Mapping[str, Mapping[str, Any]]) -> TrainState:
     root = jax.random.PRNGKey(seed)
     init_key, lora_key = jax.random.split(jax.random.fold_in(root, 0x1217))
-    model_params = {}
-    for i, (name, module) in enumerate(_model_modules(models).items()):
+    trees = {}
+    for i, (name, init) in enumerate(initializers.items()):
         if given.get(name) is not None:
-            model_params[name] = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), given[name])
+            trees[name] = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), given[name])
         else:
-            model_params[name] = _INITIALIZERS[name](_fp32_storage(module), jax.random.fold_in(init_key, i))
-        if (overrides or {}).get(name):
-            model_params[name] = override_leaves(model_params[name], overrides[name], f"initial {name} values")
-    params, frozen_unet = split_trainable(model_params.pop("unet"), trainable_cfg, lora_key)
-    frozen = dict(model_params)
-    if frozen_unet is not None:
-        frozen["unet"] = frozen_unet
+            trees[name] = init(jax.random.fold_in(init_key, i))
+        if overrides.get(name):
+            trees[name] = override_leaves(trees[name], overrides[name], f"initial {name} values")
+    params, held = split_trainable({n: trees.pop(n) for n in trainable}, trainable_cfg, lora_key)
+    frozen = {**trees, **held}
     ema = params if optim_cfg.ema_decay is not None else None
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -263,8 +233,9 @@ def state_shardings_for(abstract_state: TrainState, mesh: Mesh, rules: LogicalRu
 
 
 def init_train_state(
-    models: Models,
-    model_params: Mapping[str, Any] | None,
+    initializers: Mapping[str, Initializer],
+    given: Mapping[str, Any] | None,
+    trainable: Sequence[str],
     optim_cfg: OptimConfig,
     trainable_cfg: TrainableConfig,
     mesh: Mesh,
@@ -274,26 +245,24 @@ def init_train_state(
 ) -> tuple[TrainState, TrainState]:
     """Builds the sharded train state -> (state, state_shardings).
 
-    model_params: {"unet": tree, "vae": tree, "text_encoder": tree} with any entry missing or None (or the
-    whole dict None) meaning a fresh random init of that model (training from scratch). Trees may be numpy or
-    jax arrays; they are stored as float32 master weights. overrides: ``{model: {"/"-path: array}}``, leaves set
-    after init or loading (e.g. a fresh U-Net's ``context_merge/down/kernel`` from a CLIP's parse head). Shapes
-    come from ``jax.eval_shape``; the state is then created directly in its sharded layout by a jit with
-    ``out_shardings`` (no host-side full copy).
+    initializers: ``{component: key -> fresh float32 tree}`` for every component of the run (the order fixes
+    each one's init key). given: ``{component: tree}`` of weights to start from (numpy or jax arrays, stored as
+    float32); a component missing or None is freshly initialised. trainable: the components that train.
+    overrides: ``{component: {"/"-path: array}}``, leaves set after init or loading. Shapes come from
+    ``jax.eval_shape``; the state is then created directly in its sharded layout by a jit with ``out_shardings``
+    (no host-side full copy).
     """
-    given = {k: v for k, v in (model_params or {}).items() if v is not None}
-    unknown = set(given) - set(_INITIALIZERS)
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    unknown = (set(given) | set(trainable)) - set(initializers)
     if unknown:
-        raise ValueError(f"model_params has unknown entries {sorted(unknown)}; expected {sorted(_INITIALIZERS)}.")
-    missing_module = [k for k in given if getattr(models, k) is None]
-    if missing_module:
-        raise ValueError(f"model_params has {missing_module} but models has no module for it; pass the module too.")
-    fresh = [k for k in _model_modules(models) if k not in given]
+        raise ValueError(f"components {sorted(unknown)} have no initializer; the run has {sorted(initializers)}.")
+    fresh = [k for k in initializers if k not in given]
     if fresh:
         log.info("initialising %s from scratch (seed %d)", ", ".join(fresh), seed)
 
     def build(given_params, override_values):
-        return _build_state(given_params, models, optim_cfg, trainable_cfg, seed, override_values)
+        return _build_state(given_params, initializers, tuple(trainable), optim_cfg, trainable_cfg, seed,
+                            override_values)
 
     overrides = {k: {p: np.asarray(v, np.float32) for p, v in d.items()} for k, d in (overrides or {}).items() if d}
     abstract = jax.eval_shape(build, given, overrides)

@@ -1,20 +1,24 @@
-"""The train step ``(state, batch, rng) -> (state, metrics)``, compiled for a mesh in one of two forms.
+"""The train step ``(state, batch, rng) -> (state, metrics)`` of any component kind, compiled for a mesh in one of
+two forms.
+
+A kind's loss is ``loss_fn(components, batch, key, first_index, gather) -> (loss, metrics)``: ``components`` the
+whole parameter trees (``jaxt2i.train.state.components``), ``batch`` this program's rows, ``key`` the step's key,
+``first_index`` the global index of the batch's first row (per-example randomness comes from ``fold_in(key,
+global index)``, never from the device layout), ``gather(x)`` the global rows of a per-row array ``x`` (identity in
+the jit form; an all-gather over the batch axes in the shard_map form), for losses that compare examples with each
+other (contrastive). The loss is the mean over the global batch; metrics are scalars, likewise means.
 
 * ``form="jit"``: one program over global arrays; the state keeps the shardings it was created with (FSDP) and
   XLA inserts the collectives. In/out shardings are explicit and the state's buffers are donated.
 * ``form="shard_map"``: explicit data parallelism. Each device holds the whole state (it is gathered on entry if it
   was sharded), computes gradients on its slice of the batch, and the gradients are averaged with ``pmean`` over the
-  batch axes before the (identical, replicated) optimizer update.
+  batch axes before the (identical, replicated) optimizer update. A loss computed on gathered rows is the same on
+  every device, and the all-gather's transpose sums every device's share of its gradient, so the ``pmean`` gives
+  the global gradient there too.
 
-Both forms compute the same numbers as a one-device step: every example's randomness (timestep, noise, condition
-dropout, VAE posterior sample) comes from a key derived from (rng, step, global example index), never from the
-device layout, and the loss is the mean over the global batch.
-
-Batches are dicts, either
-  {"images": [B, H, W, 3] float32 in [-1, 1], "input_ids": [B, 77] int32}                  (frozen encoders run here)
-  {"latents": [B, h, w, C] float32 (already scaled), "context": [B, 77, D] float32}       (cached)
-optionally with "uncond_context": [77, D] or [1, 77, D], the empty-prompt embedding (otherwise it is computed from
-``models.uncond_ids`` with the frozen text encoder). Host-local numpy batches hold this process's rows.
+Both forms compute the same numbers as a one-device step. Batches are dicts of host-local numpy arrays (this
+process's rows) or global jax.Arrays; ``sharding.SHARED_KEYS`` entries (one array shared by all rows) are
+replicated.
 """
 
 from __future__ import annotations
@@ -26,37 +30,15 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxt2i.diffusion import losses
-from jaxt2i.diffusion import schedules
-from jaxt2i.models.vae import scale_latents
 from jaxt2i.train.optim import OptimConfig, ema_update, learning_rate_schedule, make_optimizer
-from jaxt2i.train.sharding import (
-    DEFAULT_RULES,
-    LogicalRules,
-    batch_axes,
-    batch_shardings,
-    replicated,
-    shard_batch,
-)
-from jaxt2i.train.state import Models, TrainableConfig, TrainState, unet_params
+from jaxt2i.train.sharding import (DEFAULT_RULES, SHARED_KEYS, LogicalRules, batch_axes, batch_shardings,
+                                   replicated, shard_batch)
+from jaxt2i.train.state import TrainableConfig, TrainState, components
 
 FORMS = ("jit", "shard_map")
 
-# Sub-streams of an example's key.
-_TIMESTEP, _NOISE, _DROPOUT, _POSTERIOR = range(4)
-_NUM_STREAMS = 4
-
+LossFn = Callable[..., tuple[jax.Array, dict]]
 StepFn = Callable[..., tuple[TrainState, dict]]
-
-
-def _with_compute_dtype(module, dtype, **overrides):
-    """The module set to compute in `dtype` (params stay float32); None passes through."""
-    if module is None:
-        return None
-    updates = {"param_dtype": jnp.float32, **overrides}
-    if dtype is not None:
-        updates["dtype"] = dtype
-    return module.clone(**{k: v for k, v in updates.items() if hasattr(module, k)})
 
 
 def example_keys(key: jax.Array, first_index: jax.Array, count: int) -> jax.Array:
@@ -65,102 +47,24 @@ def example_keys(key: jax.Array, first_index: jax.Array, count: int) -> jax.Arra
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
 
 
-def _substreams(keys: jax.Array) -> jax.Array:
-    """[B] example keys -> [4, B] keys: timestep, noise, dropout and posterior streams."""
-    return jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, _NUM_STREAMS))(keys), 0, 1)
+def batch_rows(batch: Mapping[str, Any]) -> int:
+    """Rows of a batch (the leading dimension of its per-row arrays)."""
+    return jax.tree.leaves({k: v for k, v in batch.items() if k not in SHARED_KEYS})[0].shape[0]
 
 
-def _per_example_normal(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+def _identity(x):
+    return x
 
 
-class _Objective:
-    """The per-batch loss as a function of the trainable params (everything else closed over or passed in)."""
-
-    def __init__(self, models: Models, schedule: schedules.ScheduleConfig, loss_cfg: losses.LossConfig,
-                 trainable_cfg: TrainableConfig, compute_dtype, remat: bool | None):
-        unet_overrides = {} if remat is None else {"remat": remat}
-        self.unet = _with_compute_dtype(models.unet, compute_dtype, **unet_overrides)
-        self.vae = _with_compute_dtype(models.vae, compute_dtype)
-        self.text_encoder = _with_compute_dtype(models.text_encoder, compute_dtype)
-        self.uncond_ids = None if models.uncond_ids is None else jnp.asarray(models.uncond_ids, jnp.int32)
-        self.text_layer = models.text_layer
-        self.alphas_cumprod = jnp.asarray(schedules.alphas_cumprod(schedule), jnp.float32)
-        self.num_timesteps = schedule.num_train_timesteps
-        self.loss_cfg = loss_cfg
-        self.trainable_cfg = trainable_cfg
-
-    def _encode_text(self, frozen, input_ids):
-        if self.text_encoder is None:
-            raise ValueError("the batch has input_ids but models.text_encoder is None; pass the text encoder, or "
-                             "feed cached batches with 'context'.")
-        out = self.text_encoder.apply({"params": frozen["text_encoder"]}, input_ids, self.text_layer,
-                                      method="encode")
-        return out.astype(jnp.float32)
-
-    def latents_and_context(self, frozen, batch, posterior_keys):
-        """-> (x0 [B, h, w, C] float32 scaled latents, context [B, L, D] float32)."""
-        if "latents" in batch:
-            latents = jnp.asarray(batch["latents"], jnp.float32)
-        elif "images" in batch:
-            if self.vae is None:
-                raise ValueError("the batch has images but models.vae is None; pass the VAE, or feed cached "
-                                 "batches with 'latents'.")
-            posterior = self.vae.apply({"params": frozen["vae"]}, batch["images"], method="encode")
-            mean = posterior.mean.astype(jnp.float32)
-            std = jnp.exp(0.5 * posterior.logvar.astype(jnp.float32))
-            z = mean + std * _per_example_normal(posterior_keys, mean.shape[1:])
-            latents = scale_latents(z, self.vae.config)
-        else:
-            raise ValueError(f"the batch needs 'latents' or 'images'; it has {sorted(batch)}.")
-        if "context" in batch:
-            context = jnp.asarray(batch["context"], jnp.float32)
-        elif "input_ids" in batch:
-            context = self._encode_text(frozen, batch["input_ids"])
-        else:
-            raise ValueError(f"the batch needs 'context' or 'input_ids'; it has {sorted(batch)}.")
-        return latents, context
-
-    def uncond_context(self, frozen, batch):
-        """Empty-prompt embedding [1, L, D] float32."""
-        if "uncond_context" in batch:
-            u = jnp.asarray(batch["uncond_context"], jnp.float32)
-            return u if u.ndim == 3 else u[None]
-        if self.text_encoder is not None and self.uncond_ids is not None:
-            return self._encode_text(frozen, self.uncond_ids.reshape(1, -1))
-        raise ValueError(
-            f"condition dropout (p={self.loss_cfg.cond_dropout}) needs the empty-prompt embedding: put "
-            "'uncond_context' in the batch, give models.uncond_ids and the text encoder, or set cond_dropout=0."
-        )
-
-    def __call__(self, params, frozen, batch, key, first_index):
-        """-> (mean weighted loss over this batch, per-example losses [B])."""
-        cfg = self.loss_cfg
-        batch_size = jax.tree.leaves({k: v for k, v in batch.items() if k != "uncond_context"})[0].shape[0]
-        streams = _substreams(example_keys(key, first_index, batch_size))
-        x0, context = self.latents_and_context(frozen, batch, streams[_POSTERIOR])
-        t = jax.vmap(lambda k: jax.random.randint(k, (), 0, self.num_timesteps))(streams[_TIMESTEP])
-        noise = _per_example_normal(streams[_NOISE], x0.shape[1:])
-        if cfg.cond_dropout > 0:
-            drop = losses.dropout_mask(streams[_DROPOUT], cfg.cond_dropout)
-            context = losses.drop_condition(context, self.uncond_context(frozen, batch), drop)
-        abar = self.alphas_cumprod[t]
-        x_t = losses.noisy_sample(x0, noise, abar)
-        variables = {"params": unet_params(params, frozen, self.trainable_cfg)}
-        prediction = self.unet.apply(variables, x_t, t.astype(jnp.float32), context)
-        target = losses.training_target(x0, noise, abar, cfg.prediction_target)
-        weights = losses.min_snr_weights(abar, cfg.min_snr_gamma, cfg.prediction_target)
-        per_example = losses.per_example_mse(prediction, target) * weights
-        return per_example.mean(), per_example
-
-
-def _apply_gradients(state: TrainState, grads, loss, tx: optax.GradientTransformation, optim_cfg: OptimConfig):
+def _apply_gradients(state: TrainState, grads, loss, aux: dict, tx: optax.GradientTransformation,
+                     optim_cfg: OptimConfig):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
     if optim_cfg.ema_decay is not None:
         ema = ema_update(ema, params, optim_cfg.ema_decay)
     metrics = {
+        **aux,
         "loss": loss,
         "grad_norm": optax.global_norm(grads),
         "lr": jnp.asarray(learning_rate_schedule(optim_cfg)(state.step), jnp.float32),
@@ -176,63 +80,70 @@ def _raw_key(rng) -> jax.Array:
 
 
 def make_train_step(
-    models: Models,
-    schedule: schedules.ScheduleConfig,
-    loss_cfg: losses.LossConfig,
+    loss_fn: LossFn,
     optim_cfg: OptimConfig,
     trainable_cfg: TrainableConfig,
     *,
-    compute_dtype: Any = jnp.float32,
     mesh: Mesh,
     state_shardings: TrainState,
     form: str = "jit",
     rules: LogicalRules = DEFAULT_RULES,
-    remat: bool | None = None,
 ) -> StepFn:
     """Builds ``step(state, batch, rng=None) -> (state, metrics)``; see the module docstring.
 
-    compute_dtype: dtype the modules compute in (e.g. jnp.bfloat16); parameters, gradients, optimizer state and
-    the loss stay float32. remat: overrides the U-Net's rematerialisation switch when not None.
     rng: the base key (uint32 [2] or typed); None uses ``state.rng``. The step index is folded into it.
-    metrics: float32 scalars ``loss`` (weighted, mean over the global batch), ``grad_norm`` (before clipping) and
-    ``lr`` (the learning rate this update used).
-    The state passed in is donated: do not use it after the call.
+    metrics: the loss's own metrics plus float32 scalars ``loss`` (mean over the global batch), ``grad_norm``
+    (before clipping) and ``lr`` (the learning rate this update used). ``step.lower(state, batch)`` lowers the
+    step without running it (for ``.cost_analysis()``); ``step.gradients(state, batch)`` returns the gradient
+    without an update. The state passed in is donated: do not use it after.
     """
     if form not in FORMS:
         raise ValueError(f"form={form!r}; use one of {FORMS}.")
-    objective = _Objective(models, schedule, loss_cfg, trainable_cfg, compute_dtype, remat)
     tx = make_optimizer(optim_cfg)
-    grad_fn = jax.value_and_grad(objective, has_aux=True)
     axes = batch_axes(mesh, rules)
     repl = replicated(mesh)
 
-    def global_step(state, batch, rng):
-        key = jax.random.fold_in(state.rng if rng is None else rng, state.step)
-        (loss, _), grads = grad_fn(state.params, state.frozen, batch, key, jnp.int32(0))
-        return _apply_gradients(state, grads, loss, tx, optim_cfg)
+    def objective(params, frozen, batch, key, first_index, gather):
+        return loss_fn(components(params, frozen, trainable_cfg), batch, key, first_index, gather)
 
-    def local_step(state, batch, rng):
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def global_gradients(state, batch, rng):
         key = jax.random.fold_in(state.rng if rng is None else rng, state.step)
-        local_size = jax.tree.leaves({k: v for k, v in batch.items() if k != "uncond_context"})[0].shape[0]
+        (loss, aux), grads = grad_fn(state.params, state.frozen, batch, key, jnp.int32(0), _identity)
+        return grads, loss, aux
+
+    def gather(x):
+        return jax.lax.all_gather(x, axes, tiled=True) if axes else x
+
+    def local_gradients(state, batch, rng):
+        key = jax.random.fold_in(state.rng if rng is None else rng, state.step)
         shard = jnp.int32(0)
         for axis in axes:  # row-major over the batch axes, as PartitionSpec((a, b)) lays the rows out
             shard = shard * mesh.shape[axis] + jax.lax.axis_index(axis)
-        (loss, _), grads = grad_fn(state.params, state.frozen, batch, key, shard * local_size)
-        grads = jax.lax.pmean(grads, axes)
-        loss = jax.lax.pmean(loss, axes)
-        return _apply_gradients(state, grads, loss, tx, optim_cfg)
+        (loss, aux), grads = grad_fn(state.params, state.frozen, batch, key, shard * batch_rows(batch), gather)
+        return jax.lax.pmean((grads, loss, aux), axes) if axes else (grads, loss, aux)
 
-    compiled: dict[tuple[str, ...], Callable] = {}
+    def global_step(state, batch, rng):
+        return _apply_gradients(state, *global_gradients(state, batch, rng), tx, optim_cfg)
 
-    def compile_for(batch: Mapping[str, Any], with_rng: bool) -> Callable:
+    def local_step(state, batch, rng):
+        return _apply_gradients(state, *local_gradients(state, batch, rng), tx, optim_cfg)
+
+    compiled: dict[tuple, Callable] = {}
+
+    def compile_for(batch: Mapping[str, Any], with_rng: bool, gradients_only: bool = False) -> Callable:
         shardings = batch_shardings(batch, mesh, rules)
-        if form == "jit":
-            body = global_step
-        else:
+        body = (global_gradients if gradients_only else global_step) if form == "jit" else \
+            (local_gradients if gradients_only else local_step)
+        if form == "shard_map":
             specs = {k: s.spec for k, s in shardings.items()}
-            body = jax.shard_map(local_step, mesh=mesh, in_specs=(P(), specs, P()), out_specs=(P(), P()),
-                                 check_vma=False)
+            body = jax.shard_map(body, mesh=mesh, in_specs=(P(), specs, P()),
+                                 out_specs=(P(), P(), P()) if gradients_only else (P(), P()), check_vma=False)
         rng_sharding = repl if with_rng else None
+        if gradients_only:  # nothing donated: the state stays usable
+            return jax.jit(body, in_shardings=(state_shardings, shardings, rng_sharding),
+                           out_shardings=(state_shardings.params, repl, repl))
         return jax.jit(body, in_shardings=(state_shardings, shardings, rng_sharding),
                        out_shardings=(state_shardings, repl), donate_argnums=(0,))
 
@@ -249,6 +160,14 @@ def make_train_step(
         fn = compile_for(batch, rng is not None)
         return fn.lower(state, batch, None if rng is None else _raw_key(rng))
 
-    step.objective = objective  # for tests and tools that evaluate the loss without a step
+    def gradients(state: TrainState, batch: Mapping[str, Any], rng=None):
+        """``(grads, loss, metrics)`` of the step's form for these inputs, without an update (for tests and
+        tools): the gradient the optimizer would receive, averaged over the global batch."""
+        batch = shard_batch(batch, mesh, rules)
+        fn = compile_for(batch, rng is not None, gradients_only=True)
+        return fn(state, batch, None if rng is None else _raw_key(rng))
+
     step.lower = lower
+    step.gradients = gradients
+    step.loss = objective  # for tests and tools that evaluate the loss without a step
     return step

@@ -13,11 +13,15 @@ from jaxt2i.data import order
 from jaxt2i.data.cache import (CacheMismatchError, CachedSource, cache_fingerprint, check_fingerprint,
                                read_fingerprint, write_cache)
 from jaxt2i.data.folder import ImageCaptionFolder, read_captions_csv, read_metadata_jsonl
-from jaxt2i.data.pipeline import BatchIterator, Example, UnreadableExample, make_source
-from jaxt2i.shapes import world as shapes
-from jaxt2i.shapes.world import parse_caption
-from jaxt2i.shapes.data import SyntheticSource
+from jaxt2i.data.example import Example, UnreadableExample
+from jaxt2i.data.pipeline import BatchIterator
+from jaxt2i.data.sources import make_source, resolve
 from jaxt2i.data.transforms import preprocess
+from jaxt2i.shapes import world as shapes
+from jaxt2i.shapes.data import ShapesSource
+from jaxt2i.shapes.parse import PARSE_TARGETS
+from jaxt2i.shapes.world import parse_caption
+from jaxt2i.tokenizer import CLIPTokenizer
 from jaxt2i.train.config import DataConfig
 
 
@@ -141,7 +145,7 @@ def read_indices_full(it, n):
 
 
 def test_batch_format():
-    it = BatchIterator(SyntheticSource(seed=0, num_examples=8), 2, image_size=32,
+    it = BatchIterator(ShapesSource(seed=0, num_examples=8), 2, image_size=32,
                        tokenize=lambda t: np.zeros((len(t), 77), np.int32))
     b = next(it)
     assert set(b) == {"images", "input_ids"}
@@ -263,16 +267,16 @@ def test_flip_is_off_by_default_and_mirrors_when_on():
     assert flips == {True, False}
 
 
-# ----------------------------------------------------------------------------- synthetic, cache, tfds
+# ----------------------------------------------------------------------------- sources, cache, tfds
 
 
-def test_synthetic_source_is_deterministic_with_several_captions():
-    a, b = SyntheticSource(seed=1, num_examples=5), SyntheticSource(seed=1, num_examples=5)
+def test_shapes_source_is_deterministic_with_several_captions():
+    a, b = ShapesSource(seed=1, num_examples=5), ShapesSource(seed=1, num_examples=5)
     ea, eb = a.example(3), b.example(3)
     assert np.array_equal(ea.image, eb.image) and ea.captions == eb.captions
     assert ea.image.shape == (64, 64, 3) and len(ea.captions) == 3
     for p in (0.5, 0.9):  # the first caption is the world's own caption of that example, the image its render
-        src = SyntheticSource(seed=1, num_examples=20, two_object_probability=p)
+        src = ShapesSource(seed=1, num_examples=20, two_object_probability=p)
         for i in range(20):
             ex = src.example(i)
             assert ex.captions == src.captions(i)
@@ -280,14 +284,48 @@ def test_synthetic_source_is_deterministic_with_several_captions():
             assert np.array_equal(ex.image, shapes.render(shapes.scene(1, i, two_object_probability=p)))
 
 
-def test_training_config_sets_the_synthetic_two_object_share():
-    cfg = DataConfig(source="synthetic", num_examples=40, synthetic_two_object_probability=1.0)
-    source = make_source(cfg, seed=0)
+def test_training_config_sets_the_shapes_two_object_share():
+    cfg = DataConfig(source="shapes", num_examples=40, options={"two_object_probability": 1.0})
+    source = make_source(cfg)
+    assert isinstance(source, ShapesSource) and len(source) == 40
     for i in range(len(source)):
         objects, relation = parse_caption(source.example(i).captions[0])
         assert len(objects) == 2 and relation is not None
-    with pytest.raises(ValueError, match="synthetic_two_object_probability"):
-        DataConfig(synthetic_two_object_probability=-0.1)
+    with pytest.raises(ValueError, match="two_object_probability=-0.1"):
+        make_source(DataConfig(options={"two_object_probability": -0.1}))
+    with pytest.raises(ValueError, match=r"data.options \['seeds'\] are not shapes-source options"):
+        make_source(DataConfig(options={"seeds": 1}))
+
+
+def test_sources_by_name_and_by_path():
+    assert resolve("shapes") is ShapesSource and resolve("jaxt2i.shapes.data:ShapesSource") is ShapesSource
+    with pytest.raises(ValueError, match="data.source='nope'"):
+        DataConfig(source="nope")
+    with pytest.raises(ValueError, match="cannot import no_such_module"):
+        resolve("no_such_module:Source")
+    with pytest.raises(ValueError, match="has no 'Nope'"):
+        resolve("jaxt2i.shapes.data:Nope")
+    with pytest.raises(ValueError, match="needs data.path"):
+        make_source(DataConfig(source="folder"))
+
+
+def test_shapes_batches_carry_the_parse_labels_of_the_drawn_captions():
+    source, tokenizer = ShapesSource(seed=0, num_examples=8), CLIPTokenizer.default()
+    fields = [f"parse_{t}" for t in PARSE_TARGETS]
+    assert source.label_classes("parse_role")[:2] == ("none", "first")
+    with pytest.raises(ValueError, match="no batch field 'role'"):
+        source.label_classes("role")
+    it = BatchIterator(source, 4, image_size=16, tokenize=lambda t: tokenizer(t)[:, :24],
+                       fields=lambda captions: dict(source.batch_fields(captions, fields, tokenizer, 24),
+                                                    captions=np.asarray(captions)))
+    b = next(it)
+    assert set(b) == {"images", "input_ids", "captions", *fields}
+    for row, caption in enumerate(b["captions"]):
+        want = source.batch_fields([str(caption)], fields, tokenizer, 24)
+        for f in fields:
+            assert b[f].shape == (4, 24) and b[f].dtype == np.int32
+            np.testing.assert_array_equal(b[f][row], want[f][0])
+        assert (b["parse_role"][row] > 0).sum() >= 2  # every object's words carry a role
 
 
 def test_latent_cache_roundtrip(tmp_path):
@@ -305,17 +343,17 @@ def test_latent_cache_roundtrip(tmp_path):
         write_cache(src, tmp_path, encode_images, encode_texts, image_size=8, scaling_factor=0.5, shard_size=3,
                     batch_size=2)
         cached = CachedSource(tmp_path)
-        assert len(cached) == 7 and cached.uncond_context.shape == (77, 6)
+        assert len(cached) == 7 and cached.uncond_text_states.shape == (77, 6)
         with pytest.raises(UnreadableExample):
             cached.example(5)
         it = BatchIterator(cached, 3, seed=1)
         b = next(it)
         again = next(BatchIterator(cached, 3, seed=1))
-    assert set(b) == {"latents", "context", "uncond_context"}
-    assert b["latents"].shape == (3, 4, 4, 4) and b["context"].shape == (3, 77, 6)
-    assert np.array_equal(b["latents"], again["latents"]) and np.array_equal(b["context"], again["context"])
+    assert set(b) == {"latents", "text_states", "uncond_text_states"}
+    assert b["latents"].shape == (3, 4, 4, 4) and b["text_states"].shape == (3, 77, 6)
+    assert np.array_equal(b["latents"], again["latents"]) and np.array_equal(b["text_states"], again["text_states"])
     ex = cached.example(2)
-    assert ex.arrays["contexts"].shape == (2, 77, 6)  # both captions of example 2
+    assert ex.arrays["text_states"].shape == (2, 77, 6)  # both captions of example 2
 
 
 def test_tfds_missing_gives_install_hint(monkeypatch):
@@ -353,7 +391,7 @@ def test_tfds_source_with_mock_data():
 
 
 def test_latent_cache_encodes_each_distinct_caption_of_a_shard_once(tmp_path):
-    source = SyntheticSource(seed=0, num_examples=64)  # the shapes world repeats many one-object captions
+    source = ShapesSource(seed=0, num_examples=64)  # the shapes world repeats many one-object captions
     calls = []
 
     def encode_images(x):  # [B, 64, 64, 3] -> mean/std [B, 16, 16, 4]
@@ -374,7 +412,7 @@ def test_latent_cache_encodes_each_distinct_caption_of_a_shard_once(tmp_path):
     assert sum(len(set(c)) for c in shard_calls) == distinct  # each distinct caption of a shard encoded once
     cached = CachedSource(tmp_path)
     for i in (0, 17, 40, 63):
-        assert np.array_equal(cached.example(i).arrays["contexts"], encode_texts(source.example(i).captions))
+        assert np.array_equal(cached.example(i).arrays["text_states"], encode_texts(source.example(i).captions))
 
 
 def test_latent_cache_refuses_a_folder_of_other_encoders_or_unknown_origin(tmp_path):

@@ -1,19 +1,28 @@
-"""Config parsing and overrides, the CLI's exit codes, metrics files, progress line, MFU, NaN policy (no training)."""
+"""Config parsing and overrides, the CLI's exit codes, metrics files, MFU, NaN policy, the unet kind's model options
+(text layers, conditioner, growing a U-Net) and one short run with a conditioner."""
 
 from __future__ import annotations
 
-import io
+import importlib.util
 import json
 from pathlib import Path
 
+import dataclasses
+
 import flax.struct
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from jaxt2i import presets
+from jaxt2i.convert.load import LoadedModel, read_any, read_native, write_native
+from jaxt2i.convert.native import flatten_params
+from jaxt2i.models.token_heads import TokenHeadsConfig, init_params as init_heads
 from jaxt2i.train import loop
 from jaxt2i.train.cli import train_main
-from jaxt2i.train.config import ConfigError, TrainConfig, load_config, to_dict
-from jaxt2i.train.metrics import MetricsWriter, ProgressBar, mfu, peak_flops_per_device
+from jaxt2i.train.config import ConfigError, TrainConfig, from_dict, load_config, to_dict
+from jaxt2i.train.metrics import MetricsWriter, mfu, peak_flops_per_device
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -25,7 +34,7 @@ SD15 = ROOT / "configs" / "sd15_finetune.yaml"
 
 def test_shipped_configs_load():
     tiny = load_config(TINY)
-    assert tiny.steps == 8 and tiny.data.source == "synthetic" and tiny.model.preset == "tiny_sd1"
+    assert tiny.kind == "unet" and tiny.steps == 8 and tiny.data.source == "shapes" and tiny.model.preset == "tiny_sd1"
     assert tiny.optim.total_steps == 8  # defaults to steps
     sd = load_config(SD15)
     assert sd.compute_dtype == "bfloat16" and sd.data.source == "folder" and sd.model.remat
@@ -85,8 +94,6 @@ def test_unknown_key_in_the_yaml_file(tmp_path):
 
 def test_config_dict_round_trip():
     cfg = load_config(SD15)
-    from jaxt2i.train.config import from_dict
-
     assert from_dict(TrainConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
 
 
@@ -162,29 +169,13 @@ def test_tensorboard_off_is_said_once(tmp_path):
     w = MetricsWriter(tmp_path, tensorboard=True, log=said.append)
     w.write(1, {"loss": 1.0})
     w.close()
-    try:
-        import tensorboardX  # noqa: F401
-
-        has_tb = True
-    except ImportError:
-        try:
-            import tensorflow  # noqa: F401
-
-            has_tb = True
-        except ImportError:
-            has_tb = False
+    # tensorboardX, or tensorflow with the tensorboard package (tf writes summaries only with it)
+    has_tb = importlib.util.find_spec("tensorboardX") is not None or (
+        importlib.util.find_spec("tensorflow") is not None and importlib.util.find_spec("tensorboard") is not None)
     if has_tb:
         assert said == [] and any((tmp_path / "tb").iterdir())
     else:
         assert len(said) == 1 and "TensorBoard" in said[0]
-
-
-def test_progress_line_has_step_rate_and_eta():
-    stream = io.StringIO()
-    bar = ProgressBar(10, 0, stream=stream, min_interval_s=0)
-    bar.update(5, "loss 0.5")
-    line = stream.getvalue()
-    assert "5/10" in line and "step/s" in line and "ETA" in line and "loss 0.5" in line
 
 
 def test_mfu_and_peak_table():
@@ -196,142 +187,141 @@ def test_mfu_and_peak_table():
     assert mfu(None, 2.0, 4, 1e12) is None and mfu(1e12, 2.0, 4, None) is None
 
 
-# ----------------------------------------------------------------------------- text_layer
+# ----------------------------------------------------------------------------- the unet kind's models
+
+
+def test_compute_dtype_and_remat_build_the_modules_master_weights_stay_float32():
+    kind = loop.build_kind(load_config(TINY, ["compute_dtype=bfloat16", "model.remat=true"]))
+    unet = kind.models.unet
+    assert unet.dtype == jnp.bfloat16 and unet.param_dtype == jnp.float32 and unet.remat
+    assert kind.models.text_encoder.dtype == jnp.bfloat16 and kind.trainable == ("unet",)
 
 
 def test_text_layer_comes_from_the_pretrained_model_unless_set(tiny_model, tmp_path):
-    import dataclasses
-
-    from jaxt2i.convert.load import read_any, write_native
-
     layer0 = str(tmp_path / "layer0")
     write_native(layer0, dataclasses.replace(read_any(tiny_model), text_layer=0))
-    assert loop.build_models(load_config(TINY)).models.text_layer == -1  # from scratch: the last layer
-    assert loop.build_models(load_config(TINY, [f"model.pretrained={layer0}"])).models.text_layer == 0
-    assert loop.build_models(load_config(TINY, [f"model.pretrained={layer0}", "model.text_layer=-2"])
-                             ).models.text_layer == -2
-    assert loop.build_models(load_config(TINY, ["model.text_layer=[0, -1]"])).models.text_layer == (0, -1)
+    assert loop.build_kind(load_config(TINY)).models.text_layer == -1  # from scratch: the last layer
+    assert loop.build_kind(load_config(TINY, [f"model.pretrained={layer0}"])).models.text_layer == 0
+    assert loop.build_kind(load_config(TINY, [f"model.pretrained={layer0}", "model.text_layer=-2"])
+                           ).models.text_layer == -2
+    assert loop.build_kind(load_config(TINY, ["model.text_layer=[0, -1]"])).models.text_layer == (0, -1)
     with pytest.raises(ValueError, match="model.text_layer: text layer 7 does not exist in a 2-layer text encoder"):
-        loop.build_models(load_config(TINY, ["model.text_layer=7"]))
+        loop.build_kind(load_config(TINY, ["model.text_layer=7"]))
     with pytest.raises(ValueError, match="export_diffusers=true needs model.text_layer=-1"):
-        loop.build_models(load_config(TINY, ["model.text_layer=[-1, 0]", "export_diffusers=true"]))
+        loop.build_kind(load_config(TINY, ["model.text_layer=[-1, 0]", "export_diffusers=true"]))
     with pytest.raises(ValueError, match="export_diffusers=true needs model.text_layer=-1"):
-        loop.build_models(load_config(TINY, ["model.text_layer=0", "export_diffusers=true"]))
+        loop.build_kind(load_config(TINY, ["model.text_layer=0", "export_diffusers=true"]))
     with pytest.raises(ConfigError, match="text_layer"):
         load_config(TINY, ["model.text_layer=last"])
 
 
-MERGING_UNET = ("model.unet_config={sample_size: 16, in_channels: 4, out_channels: 4, block_out_channels: [32], "
-                "layers_per_block: 1, down_block_types: [CrossAttnDownBlock2D], up_block_types: [CrossAttnUpBlock2D], "
-                "attention_head_dim: 2, cross_attention_dim: 32, norm_num_groups: 8, context_merge_rank: 2}")
+CONDITIONER = "model.conditioner={rank: 2}"
 
 
-def test_a_merging_unet_needs_two_text_layers():
-    bundle = loop.build_models(load_config(TINY, [MERGING_UNET, "model.text_layer=[0, -1]"]))
-    assert bundle.models.text_layer == (0, -1) and bundle.models.unet.config.context_merge_rank == 2
+def test_a_conditioner_needs_two_text_layers_and_trains_in_full_mode():
+    kind = loop.build_kind(load_config(TINY, [CONDITIONER, "model.text_layer=[0, -1]"]))
+    assert kind.models.text_layer == (0, -1) and kind.configs["conditioner"].rank == 2
+    assert kind.configs["conditioner"].width == 32  # the text encoder's
+    assert kind.trainable == ("unet", "conditioner") and set(kind.initializers()) == {
+        "text_encoder", "vae", "unet", "conditioner"}
+    lora = loop.build_kind(load_config(TINY, [CONDITIONER, "model.text_layer=[0, -1]", "trainable.mode=lora"]))
+    assert lora.trainable == ("unet",)  # LoRA adapts the U-Net's attention; the conditioner is held
     for layer in ("-1", "[0, 1, -1]"):
-        with pytest.raises(ValueError, match=r"model.text_layer: .* this U-Net merges two \(context_merge_rank=2\)"):
-            loop.build_models(load_config(TINY, [MERGING_UNET, f"model.text_layer={layer}"]))
+        with pytest.raises(ValueError, match=r"model.text_layer: .* it merges 2 text layers"):
+            loop.build_kind(load_config(TINY, [CONDITIONER, f"model.text_layer={layer}"]))
+    with pytest.raises(ValueError, match="needs model.text_layer=-1 and no conditioner"):
+        loop.build_kind(load_config(TINY, [CONDITIONER, "model.text_layer=[0, -1]", "export_diffusers=true"]))
+    with pytest.raises(ConfigError, match="unknown config key 'model.conditioner.rnk'"):
+        loop.build_kind(load_config(TINY, ["model.conditioner={rnk: 2}", "model.text_layer=[0, -1]"]))
 
 
-def _merging_tiny_unet(rank: int) -> str:
-    """``model.unet_config`` override: the tiny_sd1 U-Net with a rank-``rank`` context merge."""
-    import dataclasses
-
-    from jaxt2i.models.unet import PRESETS
-
-    return "model.unet_config=" + json.dumps(dataclasses.asdict(
-        dataclasses.replace(PRESETS["tiny_sd1"], context_merge_rank=rank)))
+def _random_tree(abstract, rng):
+    return jax.tree.map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(np.float32), abstract)
 
 
 @pytest.fixture(scope="module")
 def parse_clip(tmp_path_factory):
-    """A CLIP output folder as the CLIP trainer writes it with the parsing loss: text_encoder/ (tiny_sd1's text
-    tower, random weights) and parse_heads/ (side and role); plus a second text encoder that differs."""
-    import dataclasses
-
-    import jax
-    import numpy as np
-
-    from jaxt2i import presets
-    from jaxt2i.train import clip_trainer
-    from jaxt2i.train.small import save_model_folder
-
+    """A CLIP run's output folder as the clip kind writes it with heads: text_encoder (tiny_sd1's text tower,
+    random weights) and parse_heads (parse_side and parse_role, type token_heads); plus a folder with another text
+    encoder."""
     root = tmp_path_factory.mktemp("parse_clip")
     config = presets.get("tiny_sd1").configs()["text_encoder"]
     rng = np.random.default_rng(0)
+    heads_config = TokenHeadsConfig(width=config.hidden_size, names=("parse_side", "parse_role"),
+                                    classes=(("left of", "right of", "above", "below"),
+                                             ("none", "first", "a", "b", "c", "d")))
+    heads = jax.tree.map(np.asarray, init_heads(heads_config, jax.random.key(0)))
     for name in ("clip", "other"):
-        params = jax.tree.map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(np.float32),
-                              presets.abstract_params("text_encoder", config))
-        save_model_folder(root / name / "text_encoder", params, dataclasses.asdict(config))
-    heads = clip_trainer.init_parse_heads(config.hidden_size, jax.random.key(0), ["side", "role"])
-    clip_trainer.save_parse_heads(root / "clip", heads)
+        configs = {"text_encoder": config}
+        params = {"text_encoder": _random_tree(presets.abstract_params("text_encoder", config), rng)}
+        if name == "clip":
+            configs["parse_heads"], params["parse_heads"] = heads_config, heads
+        write_native(str(root / name), LoadedModel(configs, params, None, {"pad": "eos", "folder": None}, "test",
+                                                   family=None, types={"parse_heads": "token_heads"}))
     return root, heads
 
 
-def test_a_merge_starts_from_a_parse_head_of_its_own_text_encoder(parse_clip):
-    import numpy as np
-
+def test_a_conditioner_starts_from_a_parse_head_of_its_own_text_encoder(parse_clip):
     root, heads = parse_clip
-    common = [f"model.text_encoder_from={root / 'clip' / 'text_encoder'}", "model.text_layer=[0, -1]",
-              f"model.context_merge_from={root / 'clip'}"]
-    bundle = loop.build_models(load_config(TINY, [_merging_tiny_unet(6), *common]))
-    values = bundle.overrides["unet"]
-    np.testing.assert_array_equal(values["context_merge/down/kernel"], np.asarray(heads["role"]["kernel"]))
-    np.testing.assert_array_equal(values["context_merge/down/bias"], np.asarray(heads["role"]["bias"]))
-    assert "context_merge/up/kernel" not in values  # a zero-initialised up: the merge starts as layer 0 alone
-    noisy = loop.build_models(load_config(TINY, [_merging_tiny_unet(6), *common, "model.context_merge_up_std=0.5"]))
-    up = noisy.overrides["unet"]["context_merge/up/kernel"]
+    rank6 = "model.conditioner={rank: 6}"
+    common = [f"model.text_encoder_from={root / 'clip'}", "model.text_layer=[0, -1]",
+              f"model.conditioner_init_from={root / 'clip'}"]
+    values = loop.build_kind(load_config(TINY, [rank6, *common])).overrides()["conditioner"]
+    np.testing.assert_array_equal(values["down/kernel"], heads["parse_role"]["kernel"])
+    np.testing.assert_array_equal(values["down/bias"], heads["parse_role"]["bias"])
+    assert "up/kernel" not in values  # a zero-initialised up: the conditioner starts as layer 0 alone
+    noisy = loop.build_kind(load_config(TINY, [rank6, *common, "model.conditioner_up_std=0.5"]))
+    up = noisy.overrides()["conditioner"]["up/kernel"]
     assert up.shape == (6, 32) and 0.3 < up.std() < 0.7
-    with pytest.raises(ValueError, match="context_merge_up_std must be >= 0"):
-        loop.build_models(load_config(TINY, [_merging_tiny_unet(6), *common, "model.context_merge_up_std=-1"]))
-    side = loop.build_models(load_config(TINY, [_merging_tiny_unet(4), *common, "model.context_merge_head=side"]))
-    np.testing.assert_array_equal(side.overrides["unet"]["context_merge/down/kernel"], np.asarray(heads["side"]["kernel"]))
-    with pytest.raises(ValueError, match="has 6 classes .* set model.unet_config.context_merge_rank=6 \\(now 4\\)"):
-        loop.build_models(load_config(TINY, [_merging_tiny_unet(4), *common]))
-    with pytest.raises(ValueError, match="no parse head 'color'; it has \\['role', 'side'\\]"):
-        loop.build_models(load_config(TINY, [_merging_tiny_unet(6), *common, "model.context_merge_head=color"]))
-    with pytest.raises(ValueError, match="does not merge text layers"):
-        loop.build_models(load_config(TINY, [*common[:1], "model.text_layer=-1", common[2]]))
+    with pytest.raises(ValueError, match="conditioner_up_std must be >= 0"):
+        loop.build_kind(load_config(TINY, [rank6, *common, "model.conditioner_up_std=-1"]))
+    side = loop.build_kind(load_config(TINY, ["model.conditioner={rank: 4}", *common,
+                                              "model.conditioner_init_head=parse_side"]))
+    np.testing.assert_array_equal(side.overrides()["conditioner"]["down/kernel"], heads["parse_side"]["kernel"])
+    with pytest.raises(ValueError, match=r"has 6 classes .* set model.conditioner.rank=6 \(now 4\)"):
+        loop.build_kind(load_config(TINY, ["model.conditioner={rank: 4}", *common]))
+    with pytest.raises(ValueError, match=r"no parse head 'color'; it has \['parse_role', 'parse_side'\]"):
+        loop.build_kind(load_config(TINY, [rank6, *common, "model.conditioner_init_head=color"]))
+    with pytest.raises(ValueError, match="the model has no conditioner; set model.conditioner="):
+        loop.build_kind(load_config(TINY, [common[0], "model.text_layer=-1", common[2]]))
     with pytest.raises(ValueError, match="not the one the head was trained on; set model.text_encoder_from="):
-        loop.build_models(load_config(TINY, [_merging_tiny_unet(6), *common[1:],
-                                             f"model.text_encoder_from={root / 'other' / 'text_encoder'}"]))
+        loop.build_kind(load_config(TINY, [rank6, *common[1:], f"model.text_encoder_from={root / 'other'}"]))
     with pytest.raises(ValueError, match="set model.text_encoder_from="):
-        loop.build_models(load_config(TINY, [_merging_tiny_unet(6), *common[1:]]))
+        loop.build_kind(load_config(TINY, [rank6, *common[1:]]))
+    with pytest.raises(ValueError, match="has no 'parse_heads' component"):
+        loop.build_kind(load_config(TINY, [rank6, *common[:2], f"model.conditioner_init_from={root / 'other'}"]))
+
+
+SMALL_UNET = ("model.unet_config={sample_size: 16, in_channels: 4, out_channels: 4, block_out_channels: [32], "
+              "layers_per_block: 1, down_block_types: [CrossAttnDownBlock2D], up_block_types: [CrossAttnUpBlock2D], "
+              "attention_head_dim: 2, cross_attention_dim: 32, norm_num_groups: 8}")
 
 
 def test_unet_init_from_copies_what_fits_and_refuses_other_shapes(tiny_model):
-    import numpy as np
-
-    from jaxt2i.convert.load import read_any
-    from jaxt2i.convert.native import flatten_params
-
     source = flatten_params(read_any(tiny_model).params["unet"])
-    grown = loop.build_models(load_config(TINY, [_merging_tiny_unet(2), "model.text_layer=[0, -1]",
-                                                 f"model.unet_init_from={tiny_model}"]))
-    values = grown.overrides["unet"]
-    assert values.keys() == source.keys()  # everything but the new merge
+    deeper = dataclasses.replace(presets.get("tiny_sd1").configs()["unet"], transformer_layers_per_block=2)
+    grown = loop.build_kind(load_config(TINY, ["model.unet_config=" + json.dumps(dataclasses.asdict(deeper)),
+                                               f"model.unet_init_from={tiny_model}"]))
+    values = grown.overrides()["unet"]
+    assert values.keys() == source.keys()  # every parameter of the source; the second transformer blocks are fresh
     np.testing.assert_array_equal(values["conv_in/kernel"], source["conv_in/kernel"])
+    fresh = set(flatten_params(presets.abstract_params("unet", deeper))) - set(values)
+    assert fresh and all("transformer_blocks_1" in k for k in fresh)
     with pytest.raises(ValueError, match="differ in shape from this run's U-Net"):
-        loop.build_models(load_config(TINY, [MERGING_UNET, "model.text_layer=[0, -1]",
-                                             f"model.unet_init_from={tiny_model}"]))
+        loop.build_kind(load_config(TINY, [SMALL_UNET, f"model.unet_init_from={tiny_model}"]))
 
 
-def test_a_run_keeps_a_frozen_merge_at_its_parse_head(parse_clip, tmp_path):
-    import numpy as np
-
-    from jaxt2i.convert.load import read_any
-    from jaxt2i.convert.native import flatten_params
-
+def test_a_run_keeps_a_frozen_conditioner_map_at_its_parse_head(parse_clip, tmp_path):
     root, heads = parse_clip
     cfg = load_config(TINY, [f"workdir={tmp_path / 'run'}", "steps=3", "checkpoint_every=3", "progress=false",
-                             "tensorboard=false", _merging_tiny_unet(6), "model.text_layer=[0, -1]",
-                             f"model.text_encoder_from={root / 'clip' / 'text_encoder'}",
-                             f"model.context_merge_from={root / 'clip'}", "trainable.freeze=[context_merge/down]",
-                             "optim.warmup_steps=0", "optim.lr=1e-2"])
+                             "tensorboard=false", "model.conditioner={rank: 6}", "model.text_layer=[0, -1]",
+                             f"model.text_encoder_from={root / 'clip'}", f"model.conditioner_init_from={root / 'clip'}",
+                             "trainable.freeze=[conditioner/down]", "optim.warmup_steps=0", "optim.lr=1e-2",
+                             "sample.steps=7", "sample.guidance_scale=2.5"])
     loop.run(cfg)
-    final = read_any(str(tmp_path / "run" / "final"))
-    unet_params = flatten_params(final.params["unet"])
-    np.testing.assert_array_equal(unet_params["context_merge/down/kernel"], np.asarray(heads["role"]["kernel"]))
-    assert np.abs(unet_params["context_merge/up/kernel"]).max() > 0  # the rest trained
-    assert final.text_layer == (0, -1)
+    final = read_native(str(tmp_path / "run" / "final"))
+    assert final.family == "latent_diffusion" and final.text_layer == (0, -1)
+    assert final.sampling == {"steps": 7, "guidance": 2.5}
+    conditioner = flatten_params(final.params["conditioner"])
+    np.testing.assert_array_equal(conditioner["down/kernel"], heads["parse_role"]["kernel"])
+    assert np.abs(conditioner["up/kernel"]).max() > 0  # the rest trained

@@ -12,14 +12,13 @@ import pytest
 from flax import traverse_util
 
 from jaxt2i.diffusion.losses import LossConfig
-from jaxt2i.diffusion.schedules import ScheduleConfig
+from jaxt2i.models.latent_diffusion import Models
 from jaxt2i.train import lora, sharding
 from jaxt2i.train.optim import OptimConfig
-from jaxt2i.train.state import Models, TrainableConfig, init_train_state, trained_unet_params
-from jaxt2i.train.step import make_train_step
+from jaxt2i.train.state import TrainableConfig, trained_components
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_sharding import cached_batch, denoiser, denoiser_params, flat_numpy  # noqa: E402
+from test_sharding import cached_batch, denoiser, denoiser_params, diffusion_run, flat_numpy  # noqa: E402
 
 
 def _random_adapters(params, rank, seed):
@@ -133,20 +132,18 @@ def test_lora_training_updates_only_adapters():
     trainable = TrainableConfig("lora", lora_rank=2, lora_alpha=4.0)
     optim = OptimConfig(lr=1e-2, warmup_steps=0, total_steps=5, ema_decay=0.5)
     mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])
-    models = Models(unet=module)
-    state, shardings = init_train_state(models, {"unet": denoiser_params(module)}, optim, trainable, mesh, seed=0)
+    state, step = diffusion_run(Models(None, None, module), {"unet": denoiser_params(module)}, optim, trainable,
+                                LossConfig(cond_dropout=0.2), mesh)
     base = flat_numpy(state.frozen["unet"])
     assert all(k.endswith(("lora_a", "lora_b")) for k in flat_numpy(state.params))
-    step = make_train_step(models, ScheduleConfig(), LossConfig(cond_dropout=0.2), optim, trainable, mesh=mesh,
-                           state_shardings=shardings)
     for _ in range(2):
         state, metrics = step(state, cached_batch(4))
         assert np.isfinite(float(metrics["loss"]))
     for k, v in flat_numpy(state.frozen["unet"]).items():
         np.testing.assert_array_equal(v, base[k], err_msg=k)
     adapters = flat_numpy(state.params)
-    assert all(np.abs(v).max() > 0 for k, v in adapters.items() if k.endswith("lora_b"))
-    merged = flat_numpy(trained_unet_params(state, trainable))
-    expected = flat_numpy(lora.merge_lora(state.frozen["unet"], state.params, 4.0))
+    assert adapters and all(np.abs(v).max() > 0 for k, v in adapters.items() if k.endswith("lora_b"))
+    merged = flat_numpy(trained_components(state, trainable)["unet"])
+    expected = flat_numpy(lora.merge_lora(state.frozen["unet"], state.params["unet"], 4.0))
     for k in expected:
         np.testing.assert_array_equal(merged[k], expected[k])

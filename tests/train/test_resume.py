@@ -79,10 +79,10 @@ def train(env, workdir: Path, *overrides: str, **opts) -> subprocess.CompletedPr
     harness = workdir.parent / "harness.py"
     harness.write_text(HARNESS)
     e = dict(env, HARNESS_OPTS=json.dumps(opts))
-    # text_layer=0 (the embeddings condition the U-Net): every run here also checks that a non-default layer trains,
-    # resumes and is recorded in the exported folder
-    cmd = [sys.executable, str(harness), str(CONFIG), f"workdir={workdir}", "progress=false", "model.text_layer=0",
-           *overrides]
+    # a conditioner merging text layers 0 and -1: every run here also checks that a conditioner trains with the
+    # U-Net, resumes, is cached before (text states of two layers) and is recorded in the exported folder
+    cmd = [sys.executable, str(harness), str(CONFIG), f"workdir={workdir}", "progress=false",
+           "model.text_layer=[0, -1]", "model.conditioner={rank: 2}", *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=900)
 
 
@@ -96,7 +96,7 @@ def losses(workdir: Path) -> dict[int, float]:
 def folder_params(folder: Path) -> dict[str, np.ndarray]:
     """``{"component/key": array}`` of a jaxt2i model folder."""
     out = {}
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("unet", "conditioner", "vae", "text_encoder"):
         out.update({f"{name}/{k}": v for k, v in load_file(str(folder / f"{name}.safetensors")).items()})
     return out
 
@@ -126,7 +126,9 @@ def test_uninterrupted_run_writes_metrics_checkpoints_and_final(reference):
     assert all("steps_per_s" in r and "images_per_s" in r for r in recs[1:])
     assert checkpoint_steps(reference) == [4, 8]
     manifest = json.loads((reference / "final" / "jaxt2i.json").read_text())
-    assert set(manifest["components"]) == {"unet", "vae", "text_encoder"} and manifest["text_layer"] == 0
+    assert set(manifest["components"]) == {"unet", "conditioner", "vae", "text_encoder"}
+    assert manifest["family"] == "latent_diffusion" and manifest["text_layer"] == [0, -1]
+    assert manifest["components"]["conditioner"]["config"] == {"width": 32, "rank": 2, "num_inputs": 2}
     assert json.loads((reference / "config.json").read_text())["steps"] == 8
 
 
@@ -140,8 +142,10 @@ def test_export_a_checkpoint_as_a_model_folder(env, reference, tmp_path):
     early = train(env, reference, "--export-to", str(tmp_path / "step4"), "--step", "4")
     assert early.returncode == 0, early.stderr[-4000:]
     got4 = folder_params(tmp_path / "step4")
-    assert any(not np.array_equal(got4[k], want[k]) for k in want if k.startswith("unet/"))
-    assert all(np.array_equal(got4[k], want[k]) for k in want if not k.startswith("unet/"))  # frozen encoders
+    trained = ("unet/", "conditioner/")
+    for part in trained:
+        assert any(not np.array_equal(got4[k], want[k]) for k in want if k.startswith(part)), part
+    assert all(np.array_equal(got4[k], want[k]) for k in want if not k.startswith(trained))  # frozen encoders
 
     again = train(env, reference, "--export-to", str(tmp_path / "step8"))  # never overwrites
     assert again.returncode == 2 and "already exists" in again.stderr

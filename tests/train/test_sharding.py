@@ -133,9 +133,26 @@ def cached_batch(batch_size: int, side: int = 8, dim: int = 32, seed: int = 1) -
     rng = np.random.default_rng(seed)
     return {
         "latents": rng.standard_normal((batch_size, side, side, 4)).astype(np.float32),
-        "context": rng.standard_normal((batch_size, 77, dim)).astype(np.float32),
-        "uncond_context": rng.standard_normal((77, dim)).astype(np.float32),
+        "text_states": rng.standard_normal((batch_size, 77, dim)).astype(np.float32),
+        "uncond_text_states": rng.standard_normal((77, dim)).astype(np.float32),
     }
+
+
+def diffusion_run(models, given, optim, trainable, loss, mesh, *, seed: int = 0, form: str = "jit",
+                  overrides=None, schedule=None):
+    """``(state, step)`` of the ``unet`` kind's objective on ``models`` (a latent_diffusion.Models): the U-Net (and
+    conditioner) train, the other modules are frozen; ``given``: ``{component: starting tree}``."""
+    from jaxt2i.diffusion.schedules import ScheduleConfig
+    from jaxt2i.train.kinds.diffusion import DiffusionLoss, component_initializers
+    from jaxt2i.train.state import init_train_state
+    from jaxt2i.train.step import make_train_step
+
+    trained = ("unet", "conditioner") if models.conditioner is not None else ("unet",)
+    state, shardings = init_train_state(component_initializers(models), given, trained, optim, trainable, mesh,
+                                        seed=seed, overrides=overrides)
+    step = make_train_step(DiffusionLoss(models, schedule or ScheduleConfig(), loss, uncond_ids=None), optim,
+                           trainable, mesh=mesh, state_shardings=shardings, form=form)
+    return state, step
 
 
 def flat_numpy(tree) -> dict[str, np.ndarray]:
@@ -160,16 +177,15 @@ def _run_configs(kind: str, configs: list[str], out: str, multiprocess: bool) ->
     from jax.experimental import multihost_utils
 
     from jaxt2i.diffusion.losses import LossConfig
-    from jaxt2i.diffusion.schedules import ScheduleConfig
+    from jaxt2i.models.latent_diffusion import Models
     from jaxt2i.train import distributed
     from jaxt2i.train.optim import OptimConfig
-    from jaxt2i.train.state import Models, TrainableConfig, init_train_state
-    from jaxt2i.train.step import make_train_step
+    from jaxt2i.train.state import TrainableConfig
 
     if multiprocess:
         assert distributed.maybe_initialize(), "expected JAXT2I_* variables for a multi-process run"
     module = denoiser(kind)
-    models = Models(unet=module)
+    models = Models(text_encoder=None, vae=None, unet=module)
     params = denoiser_params(module)
     batch = cached_batch(GLOBAL_BATCH)
     optim = OptimConfig(lr=1e-3, warmup_steps=1, total_steps=10, weight_decay=0.01, grad_clip_norm=1.0, ema_decay=0.9)
@@ -181,11 +197,10 @@ def _run_configs(kind: str, configs: list[str], out: str, multiprocess: bool) ->
         data, fsdp = (int(x) for x in shape.split("x"))
         devices = jax.devices()[: data * fsdp]
         mesh = sharding.make_mesh(MeshConfig(data=data, fsdp=fsdp), devices)
-        state, shardings = init_train_state(models, {"unet": params}, optim, trainable, mesh, seed=3)
-        step = make_train_step(models, ScheduleConfig(), loss, optim, trainable, mesh=mesh, state_shardings=shardings,
-                               form=form)
+        state, step = diffusion_run(models, {"unet": params}, optim, trainable, loss, mesh, seed=3, form=form)
+        fsdp_sharded = [x for x in jax.tree.leaves(state.params) if x.sharding.spec != P()]
         rows = sharding.host_batch_slice(GLOBAL_BATCH, mesh)
-        local = {k: (v if k == "uncond_context" else v[rows]) for k, v in batch.items()}
+        local = {k: (v if k in sharding.SHARED_KEYS else v[rows]) for k, v in batch.items()}
         losses = []
         for _ in range(STEPS):
             state, metrics = step(state, local)
@@ -197,7 +212,6 @@ def _run_configs(kind: str, configs: list[str], out: str, multiprocess: bool) ->
             for k, v in flat_numpy(tree).items():
                 results[f"{spec}|{name}|{k}"] = v
         results[f"{spec}|losses"] = np.asarray(losses)
-        fsdp_sharded = [s for s in jax.tree.leaves(shardings.params) if s.spec != P()]
         results[f"{spec}|num_sharded"] = np.asarray(len(fsdp_sharded))
     if jax.process_index() == 0:
         np.savez(out, **results)

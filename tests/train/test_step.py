@@ -13,13 +13,16 @@ import pytest
 from jaxt2i.diffusion import losses, schedules
 from jaxt2i.diffusion.losses import LossConfig
 from jaxt2i.diffusion.schedules import ScheduleConfig
+from jaxt2i.models.conditioner import Conditioner, ConditionerConfig
+from jaxt2i.models.latent_diffusion import Models
 from jaxt2i.train import sharding
+from jaxt2i.train.kinds.diffusion import DiffusionLoss
 from jaxt2i.train.optim import OptimConfig, ema_update, learning_rate_schedule
-from jaxt2i.train.state import Models, TrainableConfig, init_train_state, split_attention, trained_unet_params
-from jaxt2i.train.step import example_keys, make_train_step
+from jaxt2i.train.state import TrainableConfig, split_attention, trained_components
+from jaxt2i.train.step import example_keys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_sharding import cached_batch, denoiser, denoiser_params, flat_numpy  # noqa: E402
+from test_sharding import cached_batch, denoiser, denoiser_params, diffusion_run, flat_numpy  # noqa: E402
 
 ABAR = schedules.alphas_cumprod(ScheduleConfig())
 
@@ -121,10 +124,11 @@ def test_objective_matches_hand_computation():
     params = jax.tree.map(jnp.asarray, denoiser_params(module))
     batch = {k: jnp.asarray(v) for k, v in cached_batch(4).items()}
     cfg = LossConfig(prediction_target="v_prediction", min_snr_gamma=5.0, cond_dropout=0.0)
-    step = make_train_step(Models(unet=module), ScheduleConfig(), cfg, OptimConfig(), TrainableConfig(),
-                           mesh=_mesh(), state_shardings=None)
+    objective = DiffusionLoss(Models(None, None, module), ScheduleConfig(), cfg)
     key = jax.random.PRNGKey(11)
-    loss, per_example = jax.jit(step.objective)(params, {}, batch, key, jnp.int32(0))
+    per_example = jax.jit(objective.per_example)({"unet": params}, batch, key, jnp.int32(0))
+    loss, metrics = jax.jit(objective)({"unet": params}, batch, key, jnp.int32(0))
+    assert metrics == {}
 
     # documented derivation: example i uses fold_in(key, i), split into (timestep, noise, dropout, posterior)
     streams = [jax.random.split(jax.random.fold_in(key, i), 4) for i in range(4)]
@@ -134,7 +138,7 @@ def test_objective_matches_hand_computation():
     x0 = np.asarray(batch["latents"], np.float64)
     a, s = np.sqrt(abar)[:, None, None, None], np.sqrt(1 - abar)[:, None, None, None]
     x_t = (a * x0 + s * eps).astype(np.float32)
-    pred = np.asarray(jax.jit(module.apply)({"params": params}, x_t, t.astype(np.float32), batch["context"]),
+    pred = np.asarray(jax.jit(module.apply)({"params": params}, x_t, t.astype(np.float32), batch["text_states"]),
                       np.float64)
     target = a * eps - s * x0
     snr = abar / (1 - abar)
@@ -146,16 +150,13 @@ def test_objective_matches_hand_computation():
 # -- train steps -------------------------------------------------------------------------------------------------
 
 
-def _init(kind, trainable, optim, compute_dtype=jnp.float32, remat=None, loss=None, seed=0):
-    module = denoiser(kind)
-    models = Models(unet=module)
-    mesh = _mesh()
-    state, shardings = init_train_state(models, {"unet": denoiser_params(module, seed)}, optim, trainable, mesh,
-                                        seed=seed)
+def _init(kind, trainable, optim, compute_dtype=jnp.float32, remat=False, loss=None, seed=0):
+    """A step of the ``unet`` kind's objective on a U-Net computing in ``compute_dtype`` (float32 master weights),
+    as ``latent_diffusion.build_models`` builds it for ``compute_dtype`` / ``model.remat``."""
+    module = denoiser(kind, dtype=compute_dtype, param_dtype=jnp.float32, remat=remat)
     loss = loss or LossConfig(min_snr_gamma=5.0, cond_dropout=0.2)
-    step = make_train_step(models, ScheduleConfig(), loss, optim, trainable, compute_dtype=compute_dtype, mesh=mesh,
-                           state_shardings=shardings, remat=remat)
-    return state, step
+    return diffusion_run(Models(None, None, module), {"unet": denoiser_params(module, seed)}, optim, trainable, loss,
+                         _mesh(), seed=seed)
 
 
 OPTIM = OptimConfig(lr=1e-3, warmup_steps=2, total_steps=20, ema_decay=0.9)
@@ -190,14 +191,13 @@ def test_real_unet_step(real_fp32_run):
     # EMA: e_2 = d * (d * p0 + (1 - d) * p1) + (1 - d) * p2
     ema = flat_numpy(state.ema_params)
     d = OPTIM.ema_decay
-    for k in ("conv_in/kernel", "down_blocks_0/attentions_0/transformer_blocks_0/attn2/query/kernel"):
+    for k in ("unet/conv_in/kernel", "unet/down_blocks_0/attentions_0/transformer_blocks_0/attn2/query/kernel"):
         expected = d * (d * snapshots[0][k] + (1 - d) * snapshots[1][k]) + (1 - d) * snapshots[2][k]
         np.testing.assert_allclose(ema[k], expected, rtol=1e-5, atol=1e-7)
 
 
 def _check_bf16_remat_step(kind: str, fp32_metrics: dict):
     state, step = _init(kind, TrainableConfig("full"), OPTIM, compute_dtype=jnp.bfloat16, remat=True)
-    assert step.objective.unet.dtype == jnp.bfloat16 and step.objective.unet.remat
     state, m = step(state, cached_batch(2))
     # master weights and optimizer state stay float32
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves((state.params, state.ema_params)))
@@ -223,52 +223,77 @@ def test_attention_mode_trains_only_attention():
     state, step = _init("stand_in", TrainableConfig("attention"), OptimConfig(lr=1e-2, warmup_steps=0, total_steps=5))
     frozen_before = flat_numpy(state.frozen["unet"])
     params_before = flat_numpy(state.params)
-    assert all("/attn1/" in k or "/attn2/" in k for k in params_before)
+    assert all("/attn1/" in k or "/attn2/" in k for k in params_before) and params_before
     for _ in range(2):
         state, _ = step(state, cached_batch(4))
     frozen_after, params_after = flat_numpy(state.frozen["unet"]), flat_numpy(state.params)
     for k, v in frozen_before.items():
         np.testing.assert_array_equal(frozen_after[k], v, err_msg=k)
     assert all(not np.array_equal(params_after[k], v) for k, v in params_before.items())
-    full = flat_numpy(trained_unet_params(state, TrainableConfig("attention")))
-    assert full.keys() == frozen_before.keys() | params_before.keys()
+    full = flat_numpy(trained_components(state, TrainableConfig("attention"))["unet"])
+    assert {f"unet/{k}" for k in full} == {f"unet/{k}" for k in frozen_before} | params_before.keys()
 
 
 def test_freeze_holds_the_named_parameters_and_trains_the_rest():
-    trainable = TrainableConfig("full", freeze=("conv_in",))
+    trainable = TrainableConfig("full", freeze=("unet/conv_in",))
     values = {"conv_in/bias": np.full((32,), 0.25, np.float32)}  # set at init (e.g. a parse head), then held
     module = denoiser("stand_in")
-    models, mesh = Models(unet=module), _mesh()
-    state, shardings = init_train_state(models, {"unet": denoiser_params(module, 0)}, OPTIM, trainable, mesh,
-                                        overrides={"unet": values})
-    step = make_train_step(models, ScheduleConfig(), LossConfig(), OPTIM, trainable, mesh=mesh,
-                           state_shardings=shardings)
+    state, step = diffusion_run(Models(None, None, module), {"unet": denoiser_params(module, 0)}, OPTIM, trainable,
+                                LossConfig(), _mesh(), overrides={"unet": values})
     assert set(flat_numpy(state.frozen["unet"])) == {"conv_in/bias", "conv_in/kernel"}
     np.testing.assert_array_equal(flat_numpy(state.frozen["unet"])["conv_in/bias"], values["conv_in/bias"])
-    assert not any(k.startswith("conv_in/") for k in flat_numpy(state.params))
+    assert not any(k.startswith("unet/conv_in/") for k in flat_numpy(state.params))
     frozen_before, params_before = flat_numpy(state.frozen["unet"]), flat_numpy(state.params)
     for _ in range(3):
         state, _ = step(state, cached_batch(4))
     for k, v in frozen_before.items():
         np.testing.assert_array_equal(flat_numpy(state.frozen["unet"])[k], v, err_msg=k)
     assert all(not np.array_equal(flat_numpy(state.params)[k], v) for k, v in params_before.items())
-    full = flat_numpy(trained_unet_params(state, trainable, ema=True))
-    assert full.keys() == frozen_before.keys() | params_before.keys()
+    full = flat_numpy(trained_components(state, trainable, ema=True)["unet"])
+    assert {f"unet/{k}" for k in full} == {f"unet/{k}" for k in frozen_before} | params_before.keys()
     np.testing.assert_array_equal(full["conv_in/bias"], values["conv_in/bias"])
 
 
 def test_freeze_and_overrides_refuse_what_does_not_fit():
     module = denoiser("stand_in")
-    models, mesh, given = Models(unet=module), _mesh(), {"unet": denoiser_params(module, 0)}
-    with pytest.raises(ValueError, match="'conv_inn' names no U-Net parameter"):
-        init_train_state(models, given, OPTIM, TrainableConfig("full", freeze=("conv_inn",)), mesh)
+    models, mesh, given = Models(None, None, module), _mesh(), {"unet": denoiser_params(module, 0)}
+    with pytest.raises(ValueError, match="'unet/conv_inn' names no trainable parameter"):
+        diffusion_run(models, given, OPTIM, TrainableConfig("full", freeze=("unet/conv_inn",)), LossConfig(), mesh)
     with pytest.raises(ValueError, match="mode 'full' only"):
-        TrainableConfig("attention", freeze=("conv_in",))
+        TrainableConfig("attention", freeze=("unet/conv_in",))
     with pytest.raises(ValueError, match="no parameter 'conv_in/weight'"):
-        init_train_state(models, given, OPTIM, TrainableConfig(), mesh, overrides={"unet": {"conv_in/weight": 0}})
+        diffusion_run(models, given, OPTIM, TrainableConfig(), LossConfig(), mesh,
+                      overrides={"unet": {"conv_in/weight": 0}})
     with pytest.raises(ValueError, match="'conv_in/bias' has shape"):
-        init_train_state(models, given, OPTIM, TrainableConfig(), mesh,
-                         overrides={"unet": {"conv_in/bias": np.zeros((3, 3))}})
+        diffusion_run(models, given, OPTIM, TrainableConfig(), LossConfig(), mesh,
+                      overrides={"unet": {"conv_in/bias": np.zeros((3, 3))}})
+
+
+def test_a_conditioner_trains_with_the_unet_on_cached_text_states():
+    """Cached batches hold two text layers [B, 2, L, D] (before the conditioner); condition dropout swaps in the
+    empty prompt's two layers; the conditioner runs in the loss and trains, except the part frozen."""
+    module = denoiser("stand_in")
+    models = Models(None, None, module, Conditioner(ConditionerConfig(width=32, rank=3)), text_layer=(0, -1))
+    trainable = TrainableConfig("full", freeze=("conditioner/down",))
+    state, step = diffusion_run(models, {"unet": denoiser_params(module, 0)}, OPTIM, trainable,
+                                LossConfig(cond_dropout=0.5), _mesh())
+    assert set(state.params) == {"unet", "conditioner"} and set(state.frozen) == {"conditioner"}
+    assert set(flat_numpy(state.params["conditioner"])) == {"up/kernel", "up/bias"}
+    rng = np.random.default_rng(3)
+    batch = {"latents": rng.standard_normal((4, 8, 8, 4)).astype(np.float32),
+             "text_states": rng.standard_normal((4, 2, 77, 32)).astype(np.float32),
+             "uncond_text_states": rng.standard_normal((2, 77, 32)).astype(np.float32)}
+    down = flat_numpy(state.frozen["conditioner"])
+    up = flat_numpy(state.params["conditioner"])
+    assert all(not v.any() for v in up.values())  # a fresh conditioner is the identity on layer 0
+    for _ in range(3):
+        state, m = step(state, batch)
+        assert np.isfinite(float(m["loss"]))
+    for k, v in flat_numpy(state.frozen["conditioner"]).items():
+        np.testing.assert_array_equal(v, down[k], err_msg=k)
+    assert all(np.abs(v).max() > 0 for v in flat_numpy(state.params["conditioner"]).values())
+    with pytest.raises(ValueError, match=r"states must be \[B, 2, L, 32\]"):
+        step(state, dict(batch, text_states=batch["text_states"][:, 0], uncond_text_states=batch["text_states"][0, 0]))
 
 
 def test_split_attention_on_real_unet_tree():
@@ -289,21 +314,25 @@ def test_step_with_frozen_encoders_on_images():
     """The non-cached path: images and token ids go through the frozen VAE and text encoder."""
     from jaxt2i.models.clip import PRESETS as CLIP_PRESETS, CLIPTextModel
     from jaxt2i.models.vae import PRESETS as VAE_PRESETS, AutoencoderKL
+    from jaxt2i.train.kinds.diffusion import component_initializers
+    from jaxt2i.train.state import init_train_state
+    from jaxt2i.train.step import make_train_step
 
     module = denoiser("stand_in")
     vae = AutoencoderKL(VAE_PRESETS["tiny"])
     text = CLIPTextModel(CLIP_PRESETS["tiny_sd1"])
     ids = np.zeros((1, 77), np.int32)
     ids[0, 0], ids[0, 1:] = 49406, 49407
-    models = Models(unet=module, vae=vae, text_encoder=text, uncond_ids=ids)
+    models = Models(text, vae, module)
     mesh = _mesh()
     optim = OptimConfig(lr=1e-3, warmup_steps=0, total_steps=5, ema_decay=None)
     trainable = TrainableConfig("full")
-    state, shardings = init_train_state(models, {"unet": denoiser_params(module)}, optim, trainable, mesh, seed=0)
+    state, shardings = init_train_state(component_initializers(models), {"unet": denoiser_params(module)},
+                                        ("unet",), optim, trainable, mesh, seed=0)
     frozen_before = flat_numpy(state.frozen)
     assert state.ema_params is None and set(state.frozen) == {"vae", "text_encoder"}
-    step = make_train_step(models, ScheduleConfig(), LossConfig(cond_dropout=0.5), optim, trainable, mesh=mesh,
-                           state_shardings=shardings)
+    step = make_train_step(DiffusionLoss(models, ScheduleConfig(), LossConfig(cond_dropout=0.5), uncond_ids=ids),
+                           optim, trainable, mesh=mesh, state_shardings=shardings)
     side = 8 * VAE_PRESETS["tiny"].downsample_factor
     rng = np.random.default_rng(0)
     batch = {"images": rng.uniform(-1, 1, (2, side, side, 3)).astype(np.float32),
@@ -318,6 +347,6 @@ def test_step_with_frozen_encoders_on_images():
 def test_dropout_without_uncond_embedding_is_an_error():
     state, step = _init("stand_in", TrainableConfig("full"), OPTIM, loss=LossConfig(cond_dropout=0.1))
     batch = cached_batch(2)
-    del batch["uncond_context"]
-    with pytest.raises(ValueError, match="uncond_context"):
+    del batch["uncond_text_states"]
+    with pytest.raises(ValueError, match="uncond_text_states"):
         step(state, batch)

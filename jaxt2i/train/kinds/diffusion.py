@@ -1,0 +1,158 @@
+"""The latent-diffusion objective of the ``unet`` kind, on :mod:`jaxt2i.models.latent_diffusion`'s ``Models``.
+
+Batches are dicts, either
+  {"images": [B, H, W, 3] float32 in [-1, 1], "input_ids": [B, 77] int32}       (the frozen encoders run here)
+  {"latents": [B, h, w, C] float32 (already scaled), "text_states": [B, L, D] or [B, k, L, D] float32}  (cached)
+optionally with "uncond_text_states" ([L, D] / [k, L, D], one row shared by all, or with a leading 1): the empty
+prompt's text states (otherwise they are computed from ``uncond_ids`` with the frozen text encoder). Text states
+are the text encoder's output at ``models.text_layer``, before the conditioner: condition dropout replaces them,
+then the conditioner (when the model has one, trained with the U-Net) turns them into the U-Net's context. Every
+example's randomness (timestep, noise, condition dropout, VAE posterior sample) comes from a key derived from
+(step key, global example index).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxt2i.diffusion import losses, schedules
+from jaxt2i.models import latent_diffusion
+from jaxt2i.models.latent_diffusion import Models
+from jaxt2i.models.vae import scale_latents
+from jaxt2i.train.step import batch_rows, example_keys
+
+# Sub-streams of an example's key.
+_TIMESTEP, _NOISE, _DROPOUT, _POSTERIOR = range(4)
+_NUM_STREAMS = 4
+
+
+def _fp32(module):
+    """Master weights are float32 whatever dtype the caller built the module with."""
+    return module.clone(param_dtype=jnp.float32) if hasattr(module, "param_dtype") else module
+
+
+def _init_unet(module, key: jax.Array) -> Any:
+    cfg = module.config
+    factor = 2 ** (cfg.num_blocks - 1)
+    sample = jnp.zeros((1, factor, factor, cfg.in_channels), jnp.float32)
+    context = jnp.zeros((1, 1, cfg.cross_attention_dim), jnp.float32)
+    return _fp32(module).init(key, sample, jnp.zeros((1,), jnp.float32), context)["params"]
+
+
+def _init_vae(module, key: jax.Array) -> Any:
+    side = module.config.downsample_factor
+    return _fp32(module).init(key, jnp.zeros((1, side, side, module.config.in_channels), jnp.float32))["params"]
+
+
+def _init_text_encoder(module, key: jax.Array) -> Any:
+    return _fp32(module).init(key, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def _init_conditioner(module, key: jax.Array) -> Any:
+    cfg = module.config
+    return _fp32(module).init(key, jnp.zeros((1, cfg.num_inputs, 1, cfg.width), jnp.float32))["params"]
+
+
+_INITIALIZERS = {"unet": _init_unet, "vae": _init_vae, "text_encoder": _init_text_encoder,
+                 "conditioner": _init_conditioner}
+
+
+def component_initializers(models: Models) -> dict[str, Callable]:
+    """``{component: key -> fresh float32 tree}`` for the modules ``models`` has (U-Net, VAE, text encoder,
+    conditioner)."""
+    return {name: (lambda key, m=getattr(models, name), f=f: f(m, key))
+            for name, f in _INITIALIZERS.items() if getattr(models, name) is not None}
+
+
+def _substreams(keys: jax.Array) -> jax.Array:
+    """[B] example keys -> [4, B] keys: timestep, noise, dropout and posterior streams."""
+    return jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, _NUM_STREAMS))(keys), 0, 1)
+
+
+def _per_example_normal(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+
+
+def drop_text(states: jax.Array, uncond: jax.Array, mask: jax.Array) -> jax.Array:
+    """The empty prompt's states where ``mask`` is True.  states [B, ...], uncond [...] or [1, ...], mask [B]."""
+    uncond = jnp.broadcast_to(jnp.asarray(uncond, states.dtype), states.shape)
+    return jnp.where(mask.reshape((-1,) + (1,) * (states.ndim - 1)), uncond, states)
+
+
+class DiffusionLoss:
+    """``(components, batch, key, first_index, gather) -> (mean weighted loss over the batch, {})``; see the module
+    docstring. ``components``: ``{"unet"[, "conditioner"], "vae", "text_encoder"}`` trees (the encoders only when
+    batches need them). ``uncond_ids``: [1, 77] int32 ids of the empty prompt (for condition dropout), or None."""
+
+    def __init__(self, models: Models, schedule: schedules.ScheduleConfig, loss_cfg: losses.LossConfig,
+                 uncond_ids: Any = None):
+        self.models = models
+        self.uncond_ids = None if uncond_ids is None else jnp.asarray(np.asarray(uncond_ids).reshape(1, -1), jnp.int32)
+        self.alphas_cumprod = jnp.asarray(schedules.alphas_cumprod(schedule), jnp.float32)
+        self.num_timesteps = schedule.num_train_timesteps
+        self.loss_cfg = loss_cfg
+
+    def _text_states(self, components, input_ids):
+        if self.models.text_encoder is None:
+            raise ValueError("the batch has input_ids but the models have no text encoder; pass it, or feed cached "
+                             "batches with 'text_states'.")
+        return latent_diffusion.text_states(self.models, components, input_ids).astype(jnp.float32)
+
+    def latents_and_text(self, components, batch, posterior_keys):
+        """-> (x0 [B, h, w, C] float32 scaled latents, text states [B, L, D] / [B, k, L, D] float32)."""
+        if "latents" in batch:
+            latents = jnp.asarray(batch["latents"], jnp.float32)
+        elif "images" in batch:
+            if self.models.vae is None:
+                raise ValueError("the batch has images but the models have no VAE; pass it, or feed cached batches "
+                                 "with 'latents'.")
+            posterior = self.models.vae.apply({"params": components["vae"]}, batch["images"], method="encode")
+            mean = posterior.mean.astype(jnp.float32)
+            std = jnp.exp(0.5 * posterior.logvar.astype(jnp.float32))
+            z = mean + std * _per_example_normal(posterior_keys, mean.shape[1:])
+            latents = scale_latents(z, self.models.vae.config)
+        else:
+            raise ValueError(f"the batch needs 'latents' or 'images'; it has {sorted(batch)}.")
+        if "text_states" in batch:
+            states = jnp.asarray(batch["text_states"], jnp.float32)
+        elif "input_ids" in batch:
+            states = self._text_states(components, batch["input_ids"])
+        else:
+            raise ValueError(f"the batch needs 'text_states' or 'input_ids'; it has {sorted(batch)}.")
+        return latents, states
+
+    def uncond_states(self, components, batch, states):
+        """The empty prompt's text states with a leading axis of 1 ([1, L, D] or [1, k, L, D]) float32."""
+        if "uncond_text_states" in batch:
+            u = jnp.asarray(batch["uncond_text_states"], jnp.float32)
+            return u if u.ndim == states.ndim else u[None]
+        if self.models.text_encoder is not None and self.uncond_ids is not None:
+            return self._text_states(components, self.uncond_ids)
+        raise ValueError(
+            f"condition dropout (p={self.loss_cfg.cond_dropout}) needs the empty prompt's text states: put "
+            "'uncond_text_states' in the batch, give uncond_ids and the text encoder, or set cond_dropout=0.")
+
+    def per_example(self, components, batch, key, first_index) -> jax.Array:
+        """Weighted per-example losses [B]."""
+        cfg = self.loss_cfg
+        streams = _substreams(example_keys(key, first_index, batch_rows(batch)))
+        x0, states = self.latents_and_text(components, batch, streams[_POSTERIOR])
+        t = jax.vmap(lambda k: jax.random.randint(k, (), 0, self.num_timesteps))(streams[_TIMESTEP])
+        noise = _per_example_normal(streams[_NOISE], x0.shape[1:])
+        if cfg.cond_dropout > 0:
+            drop = losses.dropout_mask(streams[_DROPOUT], cfg.cond_dropout)
+            states = drop_text(states, self.uncond_states(components, batch, states), drop)
+        context = latent_diffusion.condition(self.models, components, states)
+        abar = self.alphas_cumprod[t]
+        x_t = losses.noisy_sample(x0, noise, abar)
+        prediction = latent_diffusion.predict(self.models, components, x_t, t.astype(jnp.float32), context)
+        target = losses.training_target(x0, noise, abar, cfg.prediction_target)
+        weights = losses.min_snr_weights(abar, cfg.min_snr_gamma, cfg.prediction_target)
+        return losses.per_example_mse(prediction, target) * weights
+
+    def __call__(self, components, batch, key, first_index, gather=None):
+        return self.per_example(components, batch, key, first_index).mean(), {}
