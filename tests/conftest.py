@@ -6,7 +6,7 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 import tempfile
 
-# One persistent compilation cache per test session: programs of the same shapes compile once.
+# One persistent compilation cache per test run: programs of the same shapes compile once.
 os.environ.setdefault("JAXT2I_CACHE_DIR", tempfile.mkdtemp(prefix="jaxt2i-xla-cache-"))
 
 import pytest
