@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 
 import pytest
 from PIL import Image
 
-from jaxt2i.cli import DEFAULT_MODEL, main
+from jaxt2i.cli import main
 from jaxt2i.convert import load
 from jaxt2i.convert.core import ConversionError
 from jaxt2i.shapes.cli import eval_main
@@ -69,13 +68,3 @@ def test_eval_adds_the_models_guidance_to_its_default_scales(tiny_model, tmp_pat
     assert sorted(result["guidance"], key=float) == ["1", "2", "3", "5"]
     assert result["settings"]["steps"] == 1  # the model's recommended steps
 
-
-def test_the_shipped_model_records_the_build_scripts_settings():
-    import importlib.util
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("build_shapes_model",
-                                                  os.path.join(root, "scripts", "build_shapes_model.py"))
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    assert load.read_any(DEFAULT_MODEL).sampling == build.SAMPLING
