@@ -5,6 +5,7 @@
     python scripts/shapes_report.py timing                                       # fresh-process + warm timings
     python scripts/shapes_report.py compare R1.json [R2.json ...] [--against O1.json ...]   # eval reports, pooled
     python scripts/shapes_report.py failures I1.npz [I2.npz ...] --guidance 4   # why two-object prompts fail
+    python scripts/shapes_report.py clip --clip RUN/final                        # what a CLIP knows of the world
 
 RUN: a ``jaxt2i train`` work folder (its ``metrics.jsonl``); R*.json: ``jaxt2i eval --out`` reports; I*.npz:
 ``jaxt2i eval --save-images`` files.
@@ -16,8 +17,9 @@ import argparse
 import json
 import sys
 
+from jaxt2i.eval.clip_metrics import load_clip
 from jaxt2i.pipeline import load_pipeline
-from jaxt2i.shapes import SHIPPED_MODEL, model_card
+from jaxt2i.shapes import SHIPPED_MODEL, clip_probes, model_card
 from jaxt2i.shapes.report import markdown_comparison
 
 
@@ -65,6 +67,13 @@ def failures(args) -> None:
                       f"{100 * p['axis'] / p['n']:.0f}%, relation right {100 * p['direction'] / p['n']:.0f}%")
 
 
+def clip(args) -> None:
+    encoders = load_clip(args.clip or SHIPPED_MODEL)
+    if encoders is None:
+        raise SystemExit(f"{args.clip}: no clip_vision component; pass a CLIP run's final folder or a model with one.")
+    print(json.dumps(clip_probes.clip_report(*encoders, n=args.n, seed=args.seed), indent=1))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -86,8 +95,13 @@ def main(argv=None) -> int:
     fa = sub.add_parser("failures")
     fa.add_argument("images", nargs="+", help="jaxt2i eval --save-images files (pooled)")
     fa.add_argument("--guidance", type=float, default=4.0)
+    cl = sub.add_parser("clip")
+    cl.add_argument("--clip", default=None, help="a model folder with text_encoder + clip_vision (default: shipped)")
+    cl.add_argument("--n", type=int, default=300)
+    cl.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    {"losses": losses, "grid": grid, "timing": timing, "compare": compare, "failures": failures}[args.what](args)
+    {"losses": losses, "grid": grid, "timing": timing, "compare": compare, "failures": failures,
+     "clip": clip}[args.what](args)
     return 0
 
 

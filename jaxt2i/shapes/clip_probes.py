@@ -98,3 +98,13 @@ def hard_negative_report(encode_images: ImageEncoder, encode_texts: TextEncoder,
             report[kind] = float(np.mean(true_sim > neg_sim))
         report[f"n_{kind}"] = len(rows)
     return report
+
+
+def clip_report(encode_images: ImageEncoder, encode_texts: TextEncoder, n: int = 300, seed: int = 0) -> dict:
+    """Zero-shot accuracy on ``n`` one-object renders of each split, and hard-negative accuracy on ``n`` held-out
+    scenes: ``{"zero_shot": {"train": ..., "heldout": ...}, "hard_negatives": {kind: accuracy, ...}}``."""
+    scenes = [world.scene(seed, i, "heldout") for i in range(n)]
+    images = np.stack([world.render(s) for s in scenes]).astype(np.float32) / 255.0
+    return {"zero_shot": {split: zero_shot_report(encode_images, encode_texts, split, n, seed)
+                          for split in ("train", "heldout")},
+            "hard_negatives": hard_negative_report(encode_images, encode_texts, images, scenes, seed)}
