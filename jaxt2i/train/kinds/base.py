@@ -9,6 +9,7 @@ cache), ``batches(...)``, the step with ``loss``, ``sample(...)`` every ``sample
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import os
 from pathlib import Path
@@ -24,7 +25,7 @@ from jaxt2i.dtypes import as_dtype
 from jaxt2i.train.state import Initializer, TrainState, components, host_tree
 
 
-class Kind:
+class Kind(abc.ABC):
     """A component kind; subclasses set ``ModelConfig``, ``LossConfig``, ``trainable`` and the methods below."""
 
     ModelConfig: type
@@ -36,9 +37,9 @@ class Kind:
         self.dtype = as_dtype(cfg.compute_dtype)
 
     # -- the state
+    @abc.abstractmethod
     def initializers(self) -> dict[str, Initializer]:
         """``{component: key -> fresh float32 tree}`` for every component of the run."""
-        raise NotImplementedError
 
     def initial_params(self) -> dict[str, Any]:
         """``{component: tree}`` of weights to start from (the others are freshly initialised)."""
@@ -49,9 +50,9 @@ class Kind:
         return {}
 
     # -- training
+    @abc.abstractmethod
     def loss(self, components: dict, batch: dict, key, first_index, gather: Callable) -> tuple[Any, dict]:
         """The batch's mean loss and scalar metrics (``jaxt2i.train.step``)."""
-        raise NotImplementedError
 
     def batches(self, local_batch: int, position: dict | None) -> BatchIterator:
         """This host's batches from ``position`` on."""
@@ -64,9 +65,9 @@ class Kind:
         """Writes a picture of the model at ``step`` (a sample grid) under ``out_dir``; returns its path."""
         return None
 
+    @abc.abstractmethod
     def export(self, state: TrainState, out: Path, *, overwrite: bool) -> None:
         """Writes the trained model as a model folder at ``out``."""
-        raise NotImplementedError
 
     # -- shared pieces
     def image_batches(self, local_batch: int, position: dict | None, *, tokenize=None, fields=None,
