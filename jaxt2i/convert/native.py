@@ -142,7 +142,7 @@ def upgrade_manifest(manifest: Mapping[str, Any]) -> dict:
         config = unet_entry["config"]
         if config.get("context_encoder_layers"):
             raise ConversionError("this version-1 folder's U-Net has a context encoder (context_encoder_layers="
-                                  f"{config['context_encoder_layers']}), which this jaxt2i no longer implements.")
+                                  f"{config['context_encoder_layers']}), which this jaxt2i does not implement.")
         rank = config.get(_V1_MERGE_FIELD) or 0
         for field in _V1_UNET_ONLY_FIELDS:
             config.pop(field, None)
