@@ -221,7 +221,7 @@ def read_single_file(path: str, *, config: str | None = None, ema: bool = False,
     """
     path = os.fspath(path)
     state_dict = read_state_dict(path)
-    if dit_keys.is_original_dit(state_dict):
+    if "x_embedder.proj.weight" in state_dict:  # facebookresearch/DiT's layout
         return _read_original_dit(path, state_dict, config, dtype)
     _check_stray_keys(state_dict, path)
     if config is not None and is_diffusers_folder(config):
@@ -261,7 +261,7 @@ def _read_original_dit(path: str, state_dict: Mapping[str, np.ndarray], config: 
         raise ConversionError(f"config={config} is a {base.family!r} model; an original DiT checkpoint takes its VAE, "
                               f"scheduler and class names from a DiT model (a diffusers DiTPipeline folder).")
     dit_config = dit_keys.config_from_original(state_dict, source=path)
-    params = params_from_torch("dit", dit_keys.original_dit_to_diffusers(state_dict), dit_config, source=path,
+    params = params_from_torch("dit", dit_keys.original_dit_to_diffusers(state_dict, source=path), dit_config, source=path,
                                dtype=dtype)
     name = next(k for k in base.configs if base.component_type(k) == "dit")
     return dataclasses.replace(base, configs={**base.configs, name: dit_config}, params={**base.params, name: params},

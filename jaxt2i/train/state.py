@@ -17,10 +17,12 @@ LoRA base). :func:`components` joins them back into whole trees.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -260,12 +262,15 @@ def init_train_state(
     if fresh:
         log.info("initialising %s from scratch (seed %d)", ", ".join(fresh), seed)
 
-    def build(given_params, override_values):
-        return _build_state(given_params, initializers, tuple(trainable), optim_cfg, trainable_cfg, seed,
-                            override_values)
+    def build(given_params, override_values, boxed=False):
+        state = _build_state(given_params, initializers, tuple(trainable), optim_cfg, trainable_cfg, seed,
+                             override_values)
+        return state if boxed else nn.unbox(state)
 
     overrides = {k: {p: np.asarray(v, np.float32) for p, v in d.items()} for k, d in (overrides or {}).items() if d}
-    abstract = jax.eval_shape(build, given, overrides)
+    # Parameters a model annotates with logical axis names (flax LogicallyPartitioned boxes; the optimizer's moments
+    # carry the same boxes) are placed by the rules; the state itself holds plain arrays.
+    abstract = jax.eval_shape(functools.partial(build, boxed=True), given, overrides)
     shardings = state_shardings_for(abstract, mesh, rules)
     state = jax.jit(build, out_shardings=shardings)(_place_on_mesh(given, mesh, rules), overrides)
     return state, shardings

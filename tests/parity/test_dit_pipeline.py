@@ -18,6 +18,7 @@ from tests.parity.sd_reference import nchw
 TOL = 2e-3
 STEPS = 4
 LATENT = 8  # latent side; the tiny VAE downsamples by 2 -> 16 px images
+# diffusers' DiTPipeline takes id 1000 as the null class, so the model has ImageNet's 1000 classes; ten are named.
 ID2LABEL = {str(i): name for i, name in enumerate(
     ["tench, Tinca tinca", "goldfish, Carassius auratus", "great white shark", "tiger shark", "hammerhead",
      "electric ray", "stingray", "cock", "hen", "ostrich, Struthio camelus"])}
@@ -38,8 +39,9 @@ def folder(tmp_path_factory):
     from jaxt2i import presets
 
     torch.manual_seed(0)
-    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=2,
-                                        sample_size=LATENT, patch_size=2, num_embeds_ada_norm=len(ID2LABEL)).eval()
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                        num_layers=2, sample_size=LATENT, patch_size=2,
+                                        num_embeds_ada_norm=1000).eval()
     vae = AutoencoderKL(**presets.get("tiny_sd1").configs()["vae"].to_diffusers()).eval()
     _perturb(transformer, 1)
     scheduler = DDIMScheduler(clip_sample=False)
@@ -100,7 +102,7 @@ def test_bad_labels_are_refused_with_a_clear_message(pipes):
     with pytest.raises(ValueError, match="Did you mean 'goldfish'"):
         jpipe.class_to_image(["goldfsh"])
     with pytest.raises(ValueError, match="out of range"):
-        jpipe.class_to_image([10])
+        jpipe.class_to_image([1000])
     with pytest.raises(ValueError, match="latents have shape"):
         jpipe.class_to_image([1], latents=np.zeros((1, LATENT, LATENT, 3), np.float32))
 

@@ -356,7 +356,8 @@ class UNetKind(Kind):
         """The trained model (host arrays): the latent-diffusion components, the pretrained model's other ones."""
         trees = self.host_components(state, self.cfg.model.export_ema)
         sc = self.cfg.sample
-        configs, params, types = dict(self.configs), {k: trees[k] for k in self.configs}, {}
+        configs, params = dict(self.configs), {k: trees[k] for k in self.configs}
+        types = {"transformer": "dit"} if "transformer" in configs else {}
         if self.extra is not None:
             configs.update(self.extra.configs)
             params.update({k: self.extra.params[k] for k in self.extra.configs})
