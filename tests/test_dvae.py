@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -215,3 +216,37 @@ def test_truncated_and_foreign_files_are_read_errors(tmp_path):
     (tmp_path / "text.pkl").write_text("not a pickle")
     with pytest.raises(CheckpointReadError):
         read_module_pickle(tmp_path / "text.pkl", ())
+
+
+def _strided_linear() -> torch.nn.Linear:
+    """A Linear whose weight is a transposed view and whose bias starts inside a larger storage."""
+    linear = torch.nn.Linear(3, 4)
+    linear.weight = torch.nn.Parameter(torch.randn(3, 4).t())
+    linear.bias = torch.nn.Parameter(torch.randn(10)[3:7])
+    return linear
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_the_reader_rebuilds_strided_and_offset_tensors(tmp_path, legacy):
+    linear = _strided_linear()
+    path = _save(linear, tmp_path / "linear.pkl", legacy)
+    record = read_module_pickle(path, [("torch.nn.modules.linear", "Linear")])
+    assert record.cls == "torch.nn.modules.linear.Linear" and record.fields["in_features"] == 3
+    for name, value in linear.state_dict().items():
+        np.testing.assert_array_equal(record.state_dict()[name], value.numpy())
+
+
+def test_the_reader_accepts_storages_named_for_a_gpu(tmp_path):
+    """torch < 2 saved tensors from a GPU with storages named torch.cuda.FloatStorage."""
+    linear = _strided_linear()
+    path = _save(linear, tmp_path / "linear.pkl", legacy=False)
+    gpu_path = tmp_path / "gpu.pkl"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(gpu_path, "w") as target:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith("data.pkl"):
+                assert b"ctorch\nFloatStorage\n" in data
+                data = data.replace(b"ctorch\nFloatStorage\n", b"ctorch.cuda\nFloatStorage\n")
+            target.writestr(info, data)
+    record = read_module_pickle(gpu_path, [("torch.nn.modules.linear", "Linear")])
+    np.testing.assert_array_equal(record.parameters["weight"], linear.weight.detach().numpy())

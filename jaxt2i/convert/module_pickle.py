@@ -184,7 +184,8 @@ class _Unpickler(pickle.Unpickler):
             return self.classes[key]
         if key in _BUILDERS:
             return _BUILDERS[key]
-        if module == "torch" and name in STORAGE_DTYPES:
+        # torch < 2 names the storage of a tensor saved from a GPU torch.cuda.FloatStorage (and so on)
+        if module in ("torch", "torch.cuda") and name in STORAGE_DTYPES:
             return _StorageType(name)
         raise UnsafePickleError(
             f"{self.source}: refused — the pickle asks for {module}.{name}, which is not a part of the models this "

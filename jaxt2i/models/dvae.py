@@ -246,11 +246,6 @@ class Decoder(nn.Module):
         return h.astype(jnp.float32)
 
 
-def _variables(params: Mapping[str, Any]) -> dict:
-    """Accepts either a parameter tree or ``{"params": tree}``."""
-    return dict(params) if set(params) == {"params"} else {"params": params}
-
-
 def init_encoder(config: DVAEConfig, key: jax.Array, param_dtype: Any = jnp.float32) -> dict:
     """Randomly initialised encoder parameters (the tree under ``"params"``)."""
     side = config.downsample_factor
@@ -277,18 +272,17 @@ def encode(params: Mapping[str, Any], images: jax.Array, config: DVAEConfig, *,
            dtype: Any = jnp.float32) -> jax.Array:
     """Images [B, H, W, input_channels] in [0, 1] -> token logits [B, H/f, W/f, vocab_size] float32.
 
-    ``params`` is the encoder's tree (or ``{"params": tree}``). To jit, close over ``config`` and ``dtype`` or
-    mark them static.
+    ``params`` is the encoder's tree. To jit, close over ``config`` and ``dtype`` or mark them static.
     """
     x = map_pixels(jnp.asarray(images, jnp.float32))
-    return Encoder(config, dtype=dtype).apply(_variables(params), x)
+    return Encoder(config, dtype=dtype).apply({"params": params}, x)
 
 
 def decoder_stats(params: Mapping[str, Any], tokens: jax.Array, config: DVAEConfig, *,
                   dtype: Any = jnp.float32) -> jax.Array:
     """Tokens [B, h, w] (int) or token probabilities [B, h, w, vocab_size] -> the decoder's raw logit-Laplace
     statistics [B, h*f, w*f, 2 * output_channels] float32 (``mu`` channels first, then the log-scales)."""
-    return Decoder(config, dtype=dtype).apply(_variables(params), jnp.asarray(tokens))
+    return Decoder(config, dtype=dtype).apply({"params": params}, jnp.asarray(tokens))
 
 
 def stats_to_images(stats: jax.Array) -> jax.Array:

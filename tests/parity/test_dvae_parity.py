@@ -128,7 +128,7 @@ def test_exported_weights_load_into_dall_e(reference, tmp_path):
     model = jaxt2i.load_dvae(_save(encoder, tmp_path / "encoder.pkl", legacy=False))
     state_dict = dvae_keys.encoder_to_torch(model.params["encoder"], model.config)
     fresh = dall_e.Encoder(**SMALL)
-    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
+    fresh.load_state_dict({k: torch.tensor(v) for k, v in state_dict.items()}, strict=True)
     for key, value in encoder.state_dict().items():
         np.testing.assert_array_equal(fresh.state_dict()[key].numpy(), value.numpy())
 
