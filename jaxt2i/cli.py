@@ -18,12 +18,10 @@ from jaxt2i.diffusion.samplers import SAMPLERS
 from jaxt2i.dtypes import DTYPES
 from jaxt2i.eval import clip_metrics
 from jaxt2i.eval.rerank import best_of
-from jaxt2i.shapes import SHIPPED_MODEL
-from jaxt2i.pipeline import load_pipeline
+from jaxt2i.pipelines import load_pipeline
 from jaxt2i.shapes.cli import eval_main
+from jaxt2i.shipped import DEFAULT_MODEL, SHIPPED_MODELS, model_path
 from jaxt2i.train.cli import train_main
-
-DEFAULT_MODEL = SHIPPED_MODEL
 
 
 class CLIError(Exception):
@@ -43,8 +41,9 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 def _add_sampling_args(p: argparse.ArgumentParser, default_strength: float | None = None) -> None:
     p.add_argument("prompt", help="what to draw")
-    p.add_argument("--model", default=None, help="diffusers folder, single .safetensors/.ckpt, or jaxt2i folder "
-                   "(default: the small shapes model shipped with jaxt2i)")
+    p.add_argument("--model", default=None, help="diffusers folder, single .safetensors/.ckpt, jaxt2i folder, or the "
+                   f"name of a shipped model ({', '.join(SHIPPED_MODELS)}; default: {DEFAULT_MODEL}, the small "
+                   "shapes model)")
     p.add_argument("--config", default=None, help="architecture of a single file: preset name or diffusers folder")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--steps", type=int, default=None,
@@ -107,12 +106,13 @@ def _free_path(path: str) -> str:
 
 
 def _load(args):
-    model = args.model or DEFAULT_MODEL
-    if args.model is None and not os.path.isdir(DEFAULT_MODEL):
+    model = model_path(args.model or DEFAULT_MODEL)
+    if args.model is None and not os.path.isdir(model):
         raise CLIError("No --model given and this jaxt2i install ships no default model; pass --model PATH "
                        "(a diffusers folder, a .safetensors/.ckpt file or a `jaxt2i convert` folder).")
     if not os.path.exists(model):
-        raise CLIError(f"--model {model}: no such file or folder.")
+        raise CLIError(f"--model {args.model}: no such file or folder, and no shipped model of that name "
+                       f"({', '.join(SHIPPED_MODELS)}).")
     t0 = time.perf_counter()
     pipe = load_pipeline(model, config=args.config, dtype=args.dtype)
     print(f"loaded {model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

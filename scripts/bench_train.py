@@ -97,7 +97,7 @@ def main() -> None:
     optim = OptimConfig(lr=1e-4, warmup_steps=0, total_steps=1000, weight_decay=1e-2, grad_clip_norm=1.0,
                         ema_decay=None)
     mesh = make_mesh(MeshConfig(data=1, fsdp=1))
-    models = Models(text_encoder=None, vae=None, unet=unet_lib.UNet(unet_config))
+    models = Models(text_encoder=None, vae=None, denoiser=unet_lib.UNet(unet_config))
     trainable = TrainableConfig(mode="full")
     state, shardings = init_train_state(component_initializers(models), {"unet": params}, ("unet",), optim, trainable,
                                         mesh, seed=0)

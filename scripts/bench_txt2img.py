@@ -34,7 +34,7 @@ def build_pipelines(tokenizer_dir: str):
     from jaxt2i import presets
     from jaxt2i.convert.load import LoadedModel
     from jaxt2i.diffusion.schedules import ScheduleConfig
-    from jaxt2i.pipeline import Pipeline
+    from jaxt2i.pipelines import Pipeline
     from jaxt2i.tokenizer import write_vocab_files
 
     spec = presets.get("sd15")
@@ -68,7 +68,7 @@ def main() -> None:
     import torch
 
     from jaxt2i.nn.attention import default_backend
-    from jaxt2i.pipeline import enable_compilation_cache
+    from jaxt2i.pipelines import enable_compilation_cache
 
     enable_compilation_cache("off")
     with tempfile.TemporaryDirectory() as tok_dir:

@@ -18,7 +18,7 @@ import json
 import sys
 
 from jaxt2i.eval.clip_metrics import load_clip
-from jaxt2i.pipeline import load_pipeline
+from jaxt2i.pipelines import load_pipeline
 from jaxt2i.shapes import SHIPPED_MODEL, clip_probes, model_card
 from jaxt2i.shapes.report import markdown_comparison
 

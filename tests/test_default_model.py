@@ -24,7 +24,7 @@ def test_default_model_is_shipped_and_small():
 
 @pytest.fixture(scope="module")
 def pipe():
-    from jaxt2i.pipeline import load_pipeline
+    from jaxt2i.pipelines import load_pipeline
 
     return load_pipeline(DEFAULT_MODEL)
 

@@ -15,7 +15,7 @@ from jaxt2i.cli import DEFAULT_MODEL
 from jaxt2i.convert import load, native
 from jaxt2i.convert.core import ConversionError
 from jaxt2i.convert.io import write_safetensors
-from jaxt2i.pipeline import load_pipeline
+from jaxt2i.pipelines import load_pipeline
 
 README_PROMPT = "a red circle above a blue square"
 SHIPPED_IMAGE = os.path.join(os.path.dirname(__file__), "data", "shipped_readme_image.npy")

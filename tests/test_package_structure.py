@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "jaxt2i"
-CORE = ("jaxt2i.models", "jaxt2i.nn", "jaxt2i.diffusion", "jaxt2i.pipeline", "jaxt2i.convert", "jaxt2i.train")
+CORE = ("jaxt2i.models", "jaxt2i.nn", "jaxt2i.diffusion", "jaxt2i.pipelines", "jaxt2i.convert", "jaxt2i.train")
 # Optional heavy dependencies a module may import where it needs them (and nothing else).
 LAZY_ALLOWED = ("torch", "tensorflow", "tensorflow_datasets", "diffusers")
 MAX_LINES = 600
@@ -125,7 +125,7 @@ def test_the_core_never_imports_the_shapes_benchmark():
     offenders = sorted(f"{name} -> {target}" for name, targets in _graph().items()
                        if name.startswith(CORE) for target in targets if target.startswith("jaxt2i.shapes"))
     assert offenders == []
-    code = ("import sys, jaxt2i.models.unet, jaxt2i.pipeline, jaxt2i.train.loop; "
+    code = ("import sys, jaxt2i.models.unet, jaxt2i.pipelines, jaxt2i.train.loop; "
             "print(sorted(m for m in sys.modules if m.startswith('jaxt2i.shapes')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=PACKAGE.parent, env={**os.environ, "JAX_PLATFORMS": "cpu"})

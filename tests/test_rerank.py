@@ -12,7 +12,7 @@ from PIL import Image
 from jaxt2i.cli import DEFAULT_MODEL, main
 from jaxt2i.shapes import world as shapes
 from jaxt2i.eval import clip_metrics, rerank
-from jaxt2i.pipeline import load_pipeline
+from jaxt2i.pipelines import load_pipeline
 from jaxt2i.shapes.cli import eval_main
 
 COLORS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0)}
@@ -104,7 +104,7 @@ def test_the_shipped_clip_ranks_the_render_of_the_prompt_first(shipped_clip):
 
 def test_generate_with_candidates_writes_the_draw_the_clip_scores_best(tmp_path, shipped_clip):
     from jaxt2i.images import to_uint8
-    from jaxt2i.pipeline import load_pipeline
+    from jaxt2i.pipelines import load_pipeline
 
     out = tmp_path / "best.png"
     assert main(["generate", "a red circle", "--steps", "2", "--candidates", "2", "--seed", "5",

@@ -13,10 +13,10 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from jaxt2i.convert import clip_keys, unet_keys, vae_keys
+from jaxt2i.convert import clip_keys, dit_keys, unet_keys, vae_keys
 from jaxt2i.convert import dvae_keys
 from jaxt2i.convert.core import ConversionError
-from jaxt2i.models import clip, clip_vision, conditioner, token_heads, unet, vae
+from jaxt2i.models import clip, clip_vision, conditioner, dit, token_heads, unet, vae
 from jaxt2i.models import dvae
 
 
@@ -50,6 +50,8 @@ COMPONENTS: dict[str, Component] = {
                      vae_keys.params_to_diffusers, "diffusion_pytorch_model"),
     "unet": Component(unet.UNetConfig, unet.abstract_params, unet_keys.params_from_diffusers,
                       unet_keys.params_to_diffusers, "diffusion_pytorch_model"),
+    "dit": Component(dit.DiTConfig, dit.abstract_params, dit_keys.params_from_diffusers, dit_keys.params_to_diffusers,
+                     "diffusion_pytorch_model"),
     "conditioner": Component(conditioner.ConditionerConfig, conditioner.abstract_params),
     "clip_vision": Component(clip_vision.CLIPVisionConfig, clip_vision.image_tower_abstract_params),
     "token_heads": Component(token_heads.TokenHeadsConfig, token_heads.abstract_params),

@@ -1,8 +1,10 @@
 """Reading every checkpoint kind into one in-memory form, and writing it back out.
 
 ``LoadedModel`` (configs + Flax params + schedule + tokenizer settings) is what every reader returns:
-- :func:`read_diffusers_folder`: a diffusers-format folder (``model_index.json``), safetensors or .bin, fp16 variants;
-- :func:`read_single_file`: an original Stable Diffusion ``.safetensors``/``.ckpt`` (SD1, SD2, inpainting; EMA);
+- :func:`read_diffusers_folder`: a diffusers-format folder (``model_index.json``: Stable Diffusion, DiT), safetensors
+  or .bin, fp16 variants;
+- :func:`read_single_file`: an original Stable Diffusion ``.safetensors``/``.ckpt`` (SD1, SD2, inpainting; EMA), or
+  an original DiT ``.pt`` (its transformer; the rest of the pipeline from ``config``);
 - :func:`read_native`: a folder written by ``jaxt2i convert``.
 Writers: :func:`write_native`, :func:`write_diffusers_folder`, :func:`write_single_file`.
 """
@@ -21,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxt2i import presets
-from jaxt2i.convert import clip_keys, native, unet_keys, vae_keys
+from jaxt2i.convert import clip_keys, dit_keys, native, unet_keys, vae_keys
 from jaxt2i.convert.components import component, params_from_torch, params_to_torch
 from jaxt2i.convert.core import ConversionError, Rule, to_flax
 from jaxt2i.convert.io import atomic_folder, read_state_dict, write_safetensors
@@ -30,9 +32,11 @@ from jaxt2i.models import clip, latent_diffusion
 from jaxt2i.tokenizer import write_vocab_files
 
 COMPONENT_NAMES = ("text_encoder", "vae", "unet")  # the Stable Diffusion components every other format holds
-# diffusers pipeline classes -> the jaxt2i family that loads them.
-DIFFUSERS_PIPELINES = {"StableDiffusionPipeline": "latent_diffusion",
-                       "StableDiffusionInpaintPipeline": "latent_diffusion"}
+_SD_COMPONENTS = {name: name for name in COMPONENT_NAMES}
+# diffusers pipeline classes -> (the jaxt2i family that loads them, {component folder: component type}).
+DIFFUSERS_PIPELINES = {"StableDiffusionPipeline": ("latent_diffusion", _SD_COMPONENTS),
+                       "StableDiffusionInpaintPipeline": ("latent_diffusion", _SD_COMPONENTS),
+                       "DiTPipeline": ("dit", {"transformer": "dit", "vae": "vae"})}
 
 
 @dataclasses.dataclass
@@ -49,6 +53,8 @@ class LoadedModel:
     a tuple: several, for a conditioner). Only jaxt2i's own format can store another value than -1.
     sampling: the model's recommended sampling settings (``{"steps": int, "guidance": float}``, either may be
     absent; ``jaxt2i generate``'s defaults), stored only by jaxt2i's own format.
+    extras: family-specific settings kept with the model (the ``dit`` family's class names: ``{"id2label":
+    {"0": "tench, Tinca tinca", ...}}``, as in diffusers' model index).
     """
 
     configs: dict[str, Any]
@@ -60,6 +66,7 @@ class LoadedModel:
     sampling: dict = dataclasses.field(default_factory=dict)
     family: str | None = "latent_diffusion"
     types: dict[str, str] = dataclasses.field(default_factory=dict)
+    extras: dict = dataclasses.field(default_factory=dict)
 
     def component_type(self, name: str) -> str:
         """The ``jaxt2i.convert.components`` type of component ``name``."""
@@ -119,10 +126,10 @@ def schedule_from_folder(path: str) -> ScheduleConfig:
     return ScheduleConfig.from_diffusers(_read_json(config_path)) if os.path.isfile(config_path) else ScheduleConfig()
 
 
-def configs_from_folder(path: str) -> dict[str, Any]:
-    """Component configs from a diffusers folder's ``*/config.json`` files."""
-    return {name: component(name).config_cls.from_diffusers(_read_json(os.path.join(path, name, "config.json")))
-            for name in COMPONENT_NAMES}
+def configs_from_folder(path: str, types: Mapping[str, str] = _SD_COMPONENTS) -> dict[str, Any]:
+    """Component configs from a diffusers folder's ``*/config.json`` files (``types``: folder -> component type)."""
+    return {name: component(kind).config_cls.from_diffusers(_read_json(os.path.join(path, name, "config.json")))
+            for name, kind in types.items()}
 
 
 def tokenizer_settings_from_folder(path: str) -> dict:
@@ -131,19 +138,25 @@ def tokenizer_settings_from_folder(path: str) -> dict:
 
 
 def read_diffusers_folder(path: str, *, variant: str | None = None, dtype: Any = None) -> LoadedModel:
-    """Reads a diffusers-format Stable Diffusion folder. ``variant="fp16"`` picks ``*.fp16.*`` weight files."""
+    """Reads a diffusers-format folder of a pipeline class in :data:`DIFFUSERS_PIPELINES` (Stable Diffusion, DiT).
+    ``variant="fp16"`` picks ``*.fp16.*`` weight files."""
     path = os.fspath(path)
     index = _read_json(os.path.join(path, "model_index.json"))
     class_name = index.get("_class_name")
     if class_name not in DIFFUSERS_PIPELINES:
         raise ConversionError(f"{path}: model_index.json names {class_name!r}; jaxt2i reads "
                               f"{', '.join(DIFFUSERS_PIPELINES)} folders.")
-    configs = configs_from_folder(path)
+    family, types = DIFFUSERS_PIPELINES[class_name]
+    configs = configs_from_folder(path, types)
     params = {}
-    for name in _each(COMPONENT_NAMES, "reading"):
-        sd, source = _read_component_state_dict(os.path.join(path, name), component(name).weight_stem, variant)
-        params[name] = params_from_torch(name, sd, configs[name], source=source, dtype=dtype)
-    return LoadedModel(configs, params, schedule_from_folder(path), tokenizer_settings_from_folder(path), path)
+    for name in _each(types, "reading"):
+        kind = types[name]
+        sd, source = _read_component_state_dict(os.path.join(path, name), component(kind).weight_stem, variant)
+        params[name] = params_from_torch(kind, sd, configs[name], source=source, dtype=dtype)
+    extras = {"id2label": dict(index["id2label"])} if isinstance(index.get("id2label"), dict) else {}
+    tokenizer = tokenizer_settings_from_folder(path) if "text_encoder" in types else {"folder": None, "pad": None}
+    return LoadedModel(configs, params, schedule_from_folder(path), tokenizer, path, family=family,
+                       types={k: v for k, v in types.items() if k != v}, extras=extras)
 
 
 # --------------------------------------------------------------------------------------------- original single files
@@ -208,6 +221,8 @@ def read_single_file(path: str, *, config: str | None = None, ema: bool = False,
     """
     path = os.fspath(path)
     state_dict = read_state_dict(path)
+    if dit_keys.is_original_dit(state_dict):
+        return _read_original_dit(path, state_dict, config, dtype)
     _check_stray_keys(state_dict, path)
     if config is not None and is_diffusers_folder(config):
         configs, schedule = configs_from_folder(config), schedule_from_folder(config)
@@ -231,6 +246,26 @@ def read_single_file(path: str, *, config: str | None = None, ema: bool = False,
         except ConversionError as e:
             raise _name_original_key(e, torch_layout[name], state_dict) from e
     return LoadedModel(configs, params, schedule, tokenizer, path)
+
+
+def _read_original_dit(path: str, state_dict: Mapping[str, np.ndarray], config: str | None, dtype) -> LoadedModel:
+    """An original DiT checkpoint (facebookresearch's ``DiT-XL-2-256x256.pt``: the transformer alone) with the VAE,
+    schedule and class names of ``config``, a diffusers ``DiTPipeline`` folder or a jaxt2i ``dit`` folder."""
+    if config is None or not os.path.isdir(config):
+        raise ConversionError(
+            f"{path} is an original DiT checkpoint: it holds the transformer alone. Name a model that has the rest "
+            f"of the pipeline (VAE, scheduler, class names) with config=FOLDER (`--config FOLDER`): a diffusers "
+            f"DiTPipeline folder such as facebook/DiT-XL-2-256, or a jaxt2i DiT folder.")
+    base = read_any(config, dtype=dtype)
+    if base.family != "dit":
+        raise ConversionError(f"config={config} is a {base.family!r} model; an original DiT checkpoint takes its VAE, "
+                              f"scheduler and class names from a DiT model (a diffusers DiTPipeline folder).")
+    dit_config = dit_keys.config_from_original(state_dict, source=path)
+    params = params_from_torch("dit", dit_keys.original_dit_to_diffusers(state_dict), dit_config, source=path,
+                               dtype=dtype)
+    name = next(k for k in base.configs if base.component_type(k) == "dit")
+    return dataclasses.replace(base, configs={**base.configs, name: dit_config}, params={**base.params, name: params},
+                               source=path)
 
 
 def _name_original_key(error: ConversionError, renamed: Mapping[str, Any], original: Mapping[str, Any]):
@@ -294,13 +329,21 @@ def read_native(path: str, *, dtype: Any = None) -> LoadedModel:
     if family == "latent_diffusion":
         _check_latent_diffusion(path, configs, text_layer)
     sampling = native.sampling_settings(manifest.get("sampling", {}), path)
-    return LoadedModel(configs, params, schedule, tokenizer, path, text_layer, sampling, family, types)
+    extras = manifest.get("extras") or {}
+    if not isinstance(extras, dict):
+        raise ConversionError(f"{path}: jaxt2i.json \"extras\" must be an object; got {extras!r}.")
+    return LoadedModel(configs, params, schedule, tokenizer, path, text_layer, sampling, family, types, extras)
 
 
 def _check_latent_diffusion(path: str, configs: Mapping[str, Any], text_layer) -> None:
-    missing = [name for name in COMPONENT_NAMES if name not in configs]
+    missing = [name for name in ("text_encoder", "vae") if name not in configs]
     if missing:
-        raise ConversionError(f"{path}: a latent-diffusion folder needs {list(COMPONENT_NAMES)}; {missing} missing.")
+        raise ConversionError(f"{path}: a latent-diffusion folder needs a text_encoder, a vae and a denoiser (unet or "
+                              f"transformer); {missing} missing.")
+    try:
+        latent_diffusion.denoiser_name(configs)
+    except ValueError as e:
+        raise ConversionError(f"{path}: {e}") from None
     try:
         latent_diffusion.check_text_layer(configs, text_layer)
     except ValueError as e:
@@ -324,6 +367,8 @@ def write_native(path: str, model: LoadedModel, *, overwrite: bool = False) -> N
     }
     if sampling:
         manifest["sampling"] = sampling
+    if model.extras:
+        manifest["extras"] = model.extras
     with atomic_folder(path, overwrite=overwrite) as staging:
         for name, tree in _each(model.params.items(), "writing"):
             write_safetensors(os.path.join(staging, f"{name}.safetensors"), native.flatten_params(tree),

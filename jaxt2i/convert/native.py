@@ -3,9 +3,10 @@
 ``jaxt2i.json`` (format version 2)::
 
     {"format": "jaxt2i", "version": 2,
-     "family": "latent_diffusion" | null,        # which pipeline loads it (null: components alone, e.g. a VAE)
+     "family": "latent_diffusion" | "dit" | null,   # which pipeline loads it (null: components alone, e.g. a VAE)
      "components": {NAME: {"type": TYPE, "config": {...}}},   # TYPE a jaxt2i.convert.components type
-     "schedule": {...} | null, "tokenizer": {...}, "text_layer": -1 | [0, -1], "sampling": {"steps", "guidance"}}
+     "schedule": {...} | null, "tokenizer": {...}, "text_layer": -1 | [0, -1], "sampling": {"steps", "guidance"},
+     "extras": {...}}                            # optional, family-specific (the dit family's "id2label")
 
 ``NAME.safetensors`` holds component NAME's Flax parameter tree flattened with ``/``-joined paths; ``tokenizer/``
 optionally holds the tokenizer's own files. Loading needs no key table and no transposes, so it is fast; every
@@ -28,7 +29,7 @@ from jaxt2i.convert.io import read_safetensors
 
 MANIFEST = "jaxt2i.json"
 FORMAT_VERSION = 2
-FAMILIES = ("latent_diffusion",)
+FAMILIES = ("latent_diffusion", "dit")
 
 
 def is_native_folder(path: str | os.PathLike) -> bool:

@@ -31,11 +31,14 @@ class LossConfig:
     min_snr_gamma: gamma of min-SNR weighting (5.0 is the paper's choice); None trains with plain MSE.
     cond_dropout: probability of replacing an example's text conditioning by the empty-prompt embedding, so the
         model also learns the unconditional prediction that classifier-free guidance needs.
+    vlb_weight: weight of the variational bound that trains a learned variance (a DiT with ``learn_sigma``; DiT
+        uses 1); ignored for models without one.
     """
 
     prediction_target: str = "epsilon"
     min_snr_gamma: float | None = None
     cond_dropout: float = 0.1
+    vlb_weight: float = 1.0
 
     def __post_init__(self):
         if self.prediction_target not in PREDICTION_TARGETS:
@@ -46,6 +49,8 @@ class LossConfig:
             raise ValueError(f"LossConfig.min_snr_gamma={self.min_snr_gamma} must be > 0, or None to disable it.")
         if not 0.0 <= self.cond_dropout <= 1.0:
             raise ValueError(f"LossConfig.cond_dropout={self.cond_dropout} must be a probability in [0, 1].")
+        if not self.vlb_weight >= 0:
+            raise ValueError(f"LossConfig.vlb_weight={self.vlb_weight} must be >= 0.")
 
 
 def _per_sample(v: jax.Array, x: jax.Array) -> jax.Array:

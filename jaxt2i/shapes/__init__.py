@@ -6,6 +6,6 @@ geometry), ``adherence`` (did an image show what its prompt asked for?), ``repor
 detector), ``clip_probes`` (what a CLIP knows about the world), ``data`` (the world as a training data source).
 """
 
-import os
+from jaxt2i.shipped import DEFAULT_MODEL, SHIPPED_MODELS
 
-SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "shapes_model")
+SHIPPED_MODEL = SHIPPED_MODELS[DEFAULT_MODEL]

@@ -18,8 +18,9 @@ import sys
 import time
 
 from jaxt2i.eval import clip_metrics
-from jaxt2i.pipeline import load_pipeline
+from jaxt2i.pipelines import load_pipeline
 from jaxt2i.shapes import SHIPPED_MODEL, report
+from jaxt2i.shipped import SHIPPED_MODELS, model_path
 
 
 class EvalError(Exception):
@@ -41,7 +42,8 @@ def _parse_guidance(text: str) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxt2i eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help=f"model folder or file (default: the shipped {SHIPPED_MODEL})")
+    p.add_argument("--model", default=None, help=f"model folder or file, or a shipped model's name "
+                   f"({', '.join(SHIPPED_MODELS)}; default: the shipped {SHIPPED_MODEL})")
     p.add_argument("--guidance", default=None, help="comma-separated guidance scales (default 1,3,5 and the "
                                                     "model's recommended scale, from its jaxt2i.json)")
     p.add_argument("--n", type=int, default=25, help="prompts per split and prompt type (default 25: 100 prompts)")
@@ -110,7 +112,7 @@ def _run(args) -> int:
     given = _read_given_images(args) if args.from_images else None
     if given is not None:
         guidance = [float(k) for k in given]
-    model = args.model or SHIPPED_MODEL
+    model = model_path(args.model or SHIPPED_MODEL)
     if not os.path.exists(model):
         hint = " (the shipped model is missing: run scripts/build_shapes_model.py)" if args.model is None else ""
         raise EvalError(f"no model at {model}{hint}; pass --model PATH")

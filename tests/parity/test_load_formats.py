@@ -16,7 +16,7 @@ import torch
 from jaxt2i.convert import clip_keys, load, unet_keys, vae_keys
 from jaxt2i.convert.core import ConversionError
 from jaxt2i.convert.io import CheckpointReadError, read_safetensors, write_safetensors
-from jaxt2i.pipeline import load_pipeline
+from jaxt2i.pipelines import load_pipeline
 from tests.parity.sd_reference import nchw, nhwc, save_diffusers_folder, to_numpy_state_dict
 
 PROMPTS = ["a red circle above a blue square", "Über-café 🎨, with\ttabs  and   spaces"]

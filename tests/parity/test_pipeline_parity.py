@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from jaxt2i import pipeline as jpipeline
-from jaxt2i.pipeline import load_pipeline
+from jaxt2i.pipelines import latent_diffusion as jpipeline
+from jaxt2i.pipelines import load_pipeline
 from tests.parity.sd_reference import nchw, save_diffusers_folder
 
 TOL = 2e-3

@@ -192,7 +192,7 @@ def test_mfu_and_peak_table():
 
 def test_compute_dtype_and_remat_build_the_modules_master_weights_stay_float32():
     kind = loop.build_kind(load_config(TINY, ["compute_dtype=bfloat16", "model.remat=true"]))
-    unet = kind.models.unet
+    unet = kind.models.denoiser
     assert unet.dtype == jnp.bfloat16 and unet.param_dtype == jnp.float32 and unet.remat
     assert kind.models.text_encoder.dtype == jnp.bfloat16 and kind.trainable == ("unet",)
 

@@ -185,7 +185,7 @@ def _run_configs(kind: str, configs: list[str], out: str, multiprocess: bool) ->
     if multiprocess:
         assert distributed.maybe_initialize(), "expected JAXT2I_* variables for a multi-process run"
     module = denoiser(kind)
-    models = Models(text_encoder=None, vae=None, unet=module)
+    models = Models(text_encoder=None, vae=None, denoiser=module)
     params = denoiser_params(module)
     batch = cached_batch(GLOBAL_BATCH)
     optim = OptimConfig(lr=1e-3, warmup_steps=1, total_steps=10, weight_decay=0.01, grad_clip_norm=1.0, ema_decay=0.9)

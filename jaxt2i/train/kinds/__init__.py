@@ -14,6 +14,7 @@ KINDS: dict[str, str] = {
     "unet": "jaxt2i.train.kinds.unet:UNetKind",
     "vae": "jaxt2i.train.kinds.vae:VAEKind",
     "clip": "jaxt2i.train.kinds.clip:CLIPKind",
+    "dit": "jaxt2i.train.kinds.dit:DiTKind",
 }
 
 

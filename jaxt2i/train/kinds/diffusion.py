@@ -1,4 +1,4 @@
-"""The latent-diffusion objective of the ``unet`` kind, on :mod:`jaxt2i.models.latent_diffusion`'s ``Models``.
+"""The latent-diffusion objective of the ``unet`` and ``dit`` kinds, on :mod:`jaxt2i.models.latent_diffusion`'s ``Models``.
 
 Batches are dicts, either
   {"images": [B, H, W, 3] float32 in [-1, 1], "input_ids": [B, 77] int32}       (the frozen encoders run here)
@@ -8,19 +8,23 @@ prompt's text states (otherwise they are computed from ``uncond_ids`` with the f
 are the text encoder's output at ``models.text_layer``, before the conditioner: condition dropout replaces them,
 then the conditioner (when the model has one, trained with the U-Net) turns them into the U-Net's context. Every
 example's randomness (timestep, noise, condition dropout, VAE posterior sample) comes from a key derived from
-(step key, global example index).
+(step key, global example index). A denoiser with a learned variance (a DiT with ``learn_sigma``) trains with
+IDDPM's hybrid objective as DiT does: the (min-SNR weighted) noise MSE plus ``loss.vlb_weight`` times the
+variational bound, whose gradient reaches only the variance channels (:func:`jaxt2i.diffusion.variance.hybrid_loss`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxt2i.diffusion import losses, schedules
+from jaxt2i.diffusion import losses, schedules, variance
 from jaxt2i.models import latent_diffusion
+from jaxt2i.models.dit import DiTConfig
 from jaxt2i.models.latent_diffusion import Models
 from jaxt2i.models.vae import scale_latents
 from jaxt2i.train.step import batch_rows, example_keys
@@ -35,11 +39,14 @@ def _fp32(module):
     return module.clone(param_dtype=jnp.float32) if hasattr(module, "param_dtype") else module
 
 
-def _init_unet(module, key: jax.Array) -> Any:
+def _init_denoiser(module, key: jax.Array) -> Any:
     cfg = module.config
-    factor = 2 ** (cfg.num_blocks - 1)
-    sample = jnp.zeros((1, factor, factor, cfg.in_channels), jnp.float32)
-    context = jnp.zeros((1, 1, cfg.cross_attention_dim), jnp.float32)
+    if isinstance(cfg, DiTConfig):
+        side, width = cfg.patch_size, cfg.caption_channels
+    else:
+        side, width = 2 ** (cfg.num_blocks - 1), cfg.cross_attention_dim
+    sample = jnp.zeros((1, side, side, cfg.in_channels), jnp.float32)
+    context = jnp.zeros((1, 1, width), jnp.float32)
     return _fp32(module).init(key, sample, jnp.zeros((1,), jnp.float32), context)["params"]
 
 
@@ -57,15 +64,15 @@ def _init_conditioner(module, key: jax.Array) -> Any:
     return _fp32(module).init(key, jnp.zeros((1, cfg.num_inputs, 1, cfg.width), jnp.float32))["params"]
 
 
-_INITIALIZERS = {"unet": _init_unet, "vae": _init_vae, "text_encoder": _init_text_encoder,
+_INITIALIZERS = {"denoiser": _init_denoiser, "vae": _init_vae, "text_encoder": _init_text_encoder,
                  "conditioner": _init_conditioner}
 
 
 def component_initializers(models: Models) -> dict[str, Callable]:
-    """``{component: key -> fresh float32 tree}`` for the modules ``models`` has (U-Net, VAE, text encoder,
-    conditioner)."""
-    return {name: (lambda key, m=getattr(models, name), f=f: f(m, key))
-            for name, f in _INITIALIZERS.items() if getattr(models, name) is not None}
+    """``{component: key -> fresh float32 tree}`` for the modules ``models`` has (the denoiser under its component
+    name, VAE, text encoder, conditioner)."""
+    return {(models.denoiser_name if field == "denoiser" else field): (lambda key, m=getattr(models, field), f=f: f(m, key))
+            for field, f in _INITIALIZERS.items() if getattr(models, field) is not None}
 
 
 def _substreams(keys: jax.Array) -> jax.Array:
@@ -85,13 +92,14 @@ def drop_text(states: jax.Array, uncond: jax.Array, mask: jax.Array) -> jax.Arra
 
 class DiffusionLoss:
     """``(components, batch, key, first_index, gather) -> (mean weighted loss over the batch, {})``; see the module
-    docstring. ``components``: ``{"unet"[, "conditioner"], "vae", "text_encoder"}`` trees (the encoders only when
+    docstring. ``components``: ``{"unet" | "transformer"[, "conditioner"], "vae", "text_encoder"}`` trees (the encoders only when
     batches need them). ``uncond_ids``: [1, 77] int32 ids of the empty prompt (for condition dropout), or None."""
 
     def __init__(self, models: Models, schedule: schedules.ScheduleConfig, loss_cfg: losses.LossConfig,
                  uncond_ids: Any = None):
         self.models = models
         self.uncond_ids = None if uncond_ids is None else jnp.asarray(np.asarray(uncond_ids).reshape(1, -1), jnp.int32)
+        self.schedule = dataclasses.replace(schedule, prediction_type=loss_cfg.prediction_target)
         self.alphas_cumprod = jnp.asarray(schedules.alphas_cumprod(schedule), jnp.float32)
         self.num_timesteps = schedule.num_train_timesteps
         self.loss_cfg = loss_cfg
@@ -150,8 +158,11 @@ class DiffusionLoss:
         abar = self.alphas_cumprod[t]
         x_t = losses.noisy_sample(x0, noise, abar)
         prediction = latent_diffusion.predict(self.models, components, x_t, t.astype(jnp.float32), context)
-        target = losses.training_target(x0, noise, abar, cfg.prediction_target)
         weights = losses.min_snr_weights(abar, cfg.min_snr_gamma, cfg.prediction_target)
+        if latent_diffusion.has_learned_variance(self.models.denoiser.config):
+            parts = variance.hybrid_loss(prediction, x0, noise, x_t, t, self.schedule)
+            return parts["mse"] * weights + jnp.float32(cfg.vlb_weight) * parts["vb"]
+        target = losses.training_target(x0, noise, abar, cfg.prediction_target)
         return losses.per_example_mse(prediction, target) * weights
 
     def __call__(self, components, batch, key, first_index, gather=None):

@@ -45,7 +45,7 @@ from jaxt2i.train.kinds.base import Kind, read_components
 from jaxt2i.train.kinds.diffusion import DiffusionLoss, component_initializers
 from jaxt2i.train.state import TrainState, components, host_tree
 
-MODEL_COMPONENTS = ("text_encoder", "vae", "unet", "conditioner")
+MODEL_COMPONENTS = ("text_encoder", "vae", "unet", "transformer", "conditioner")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +214,7 @@ class UNetKind(Kind):
         if m.conditioner is not None:
             configs["conditioner"] = conditioner_config(m, configs["text_encoder"])
             params.pop("conditioner", None)
+        configs, params = self.choose_denoiser(configs, params)
         self.configs = {k: configs[k] for k in MODEL_COMPONENTS if k in configs}
         self.params = {k: params[k] for k in MODEL_COMPONENTS if k in params}
         text_layer = clip.text_layer_setting(default_layer if m.text_layer is None else m.text_layer)
@@ -233,7 +234,8 @@ class UNetKind(Kind):
                           else CLIPTokenizer.default(pad=tok_settings.get("pad") or "eos"))
         self.tokenizer_settings = tok_settings
         conditioned = "conditioner" in self.configs and cfg.trainable.mode == "full"
-        self.trainable = ("unet", "conditioner") if conditioned else ("unet",)
+        denoiser = self.models.denoiser_name
+        self.trainable = (denoiser, "conditioner") if conditioned else (denoiser,)
         self._overrides = {}
         if m.unet_init_from:
             self._overrides["unet"] = unet_weights_that_fit(m.unet_init_from, self.configs["unet"])
@@ -241,6 +243,10 @@ class UNetKind(Kind):
             self._overrides["conditioner"] = conditioner_from_head(m, self.configs, self.params, text_layer, cfg.seed)
         uncond_ids = np.asarray(self.tokenizer([""]), np.int32)
         self._loss = DiffusionLoss(self.models, cfg.schedule, cfg.loss, uncond_ids)
+
+    def choose_denoiser(self, configs: dict, params: dict) -> tuple[dict, dict]:
+        """The run's components with the denoiser it trains (here: the preset's or pretrained model's U-Net)."""
+        return configs, params
 
     # -- the state
     def initializers(self):
@@ -324,14 +330,14 @@ class UNetKind(Kind):
         side = self.cfg.data.image_size // self.configs["vae"].downsample_factor
         ids = jnp.asarray(self.tokenizer(prompts), jnp.int32)
         uncond_ids = jnp.asarray(self.tokenizer([""] * len(prompts)), jnp.int32)
-        noise = jax.random.normal(jax.random.key(sc.seed), (len(prompts), side, side,
-                                                            self.configs["unet"].in_channels), jnp.float32)
+        channels = self.configs["vae"].latent_channels
+        noise = jax.random.normal(jax.random.key(sc.seed), (len(prompts), side, side, channels), jnp.float32)
         schedule = self._schedule()
 
         @jax.jit
         def run_sampler(params, ids, uncond_ids, noise):
             def model_fn(x, t, c):
-                return latent_diffusion.predict(models, params, x, t, c)
+                return latent_diffusion.predict_noise(models, params, x, t, c)
 
             denoise = cfg_denoise_fn(model_fn, latent_diffusion.encode_text(models, params, ids),
                                      latent_diffusion.encode_text(models, params, uncond_ids), sc.guidance_scale)
@@ -366,7 +372,7 @@ class UNetKind(Kind):
         (``lora.safetensors`` beside it in LoRA mode; ``WORKDIR/final_diffusers`` too with ``export_diffusers`` when
         writing ``WORKDIR/final``)."""
         model = self.model_folder(state)
-        lora = host_tree(state.params["unet"]) if self.cfg.trainable.mode == "lora" else None
+        lora = host_tree(state.params[self.models.denoiser_name]) if self.cfg.trainable.mode == "lora" else None
         if jax.process_index() != 0:
             return
         write_native(str(out), model, overwrite=overwrite)

@@ -1,4 +1,5 @@
-"""The Stable Diffusion pipeline: jitted programs from token ids to pixels, over pure functional models.
+"""The latent-diffusion pipeline (Stable Diffusion; text-conditioned DiTs): jitted programs from token ids to pixels,
+over pure functional models.
 
 Each public method runs one compiled program (tokens -> text encoder -> sampler scan -> VAE decode). Everything
 that may change between calls without changing shapes (prompt text, seed, guidance scale, the image given to
@@ -12,44 +13,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
-from jaxt2i.convert.load import LoadedModel, read_any
+from jaxt2i.convert.load import LoadedModel
 from jaxt2i.diffusion import samplers
 from jaxt2i.diffusion.guidance import cfg_denoise_fn
 from jaxt2i.diffusion.schedules import ScheduleConfig
 from jaxt2i.dtypes import as_dtype
 from jaxt2i.models import latent_diffusion
 from jaxt2i.models.latent_diffusion import Models
+from jaxt2i.pipelines.common import ProgressBar, ProgressFn, cast_floats
 from jaxt2i.tokenizer import CLIPTokenizer
-
-# --------------------------------------------------------------------------------------- compilation cache
-def enable_compilation_cache(path: str | None = None) -> str | None:
-    """Turns on JAX's persistent compilation cache so a second process does not compile again.
-
-    ``path`` defaults to ``$JAXT2I_CACHE_DIR`` or ``~/.cache/jaxt2i/xla``; ``JAXT2I_CACHE_DIR=off`` disables it.
-    Returns the directory used, or None when disabled.
-    """
-    path = path or os.environ.get("JAXT2I_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "jaxt2i", "xla")
-    if path.lower() in ("off", "0", "none", ""):
-        return None
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------- progress
-ProgressFn = Callable[[int, int], None]  # (model calls done, total model calls)
-
 
 # ------------------------------------------------------------------------------------------ static program spec
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +61,7 @@ class _Spec:
 
 # The functional pieces, jitted once per distinct Models value (shared by every Pipeline of the same architecture).
 _jit_encode_text = jax.jit(latent_diffusion.encode_text, static_argnums=0)
-_jit_unet = jax.jit(latent_diffusion.predict, static_argnums=0)
+_jit_predict_noise = jax.jit(latent_diffusion.predict_noise, static_argnums=0)
 _jit_decode = jax.jit(latent_diffusion.decode, static_argnums=0)
 _jit_encode_latents = jax.jit(latent_diffusion.encode_images, static_argnums=0)
 
@@ -113,7 +91,7 @@ def _setup(spec: _Spec, params, inputs: dict, key):
             factor = masks.shape[1] // noise.shape[1]
             # Nearest-neighbour downsampling to the latent grid (what diffusers' interpolate does).
             latent_mask = masks[:, ::factor, ::factor, :].astype(jnp.float32)
-            if spec.models.unet.config.in_channels == 9:
+            if spec.models.denoiser.config.in_channels == 9:
                 # The repainted region is blanked to mid-gray (0 in the VAE's [-1, 1] range), as SD's inpainting
                 # models were trained.
                 masked_images = jnp.where(masks < 0.5, inputs["images"], 0.5)
@@ -126,14 +104,14 @@ def _setup(spec: _Spec, params, inputs: dict, key):
 
 
 def _denoiser(spec: _Spec, params, cond, guidance, rescale):
-    """denoise_fn(x, t) for the sampler: the U-Net with classifier-free guidance (one batched call)."""
+    """denoise_fn(x, t) for the sampler: the denoiser with classifier-free guidance (one batched call)."""
     extra = cond.get("extra")
 
     def model_fn(x, t, ctx):
         if extra is not None:  # 9-channel inpainting U-Net: [x, mask, masked-image latents]
             reps = x.shape[0] // extra.shape[0]
             x = jnp.concatenate([x, jnp.tile(extra, (reps, 1, 1, 1)).astype(x.dtype)], axis=-1)
-        return latent_diffusion.predict(spec.models, params, x, t, ctx)
+        return latent_diffusion.predict_noise(spec.models, params, x, t, ctx)
 
     if spec.use_cfg:
         return cfg_denoise_fn(model_fn, cond["context"], cond["uncond"], guidance, rescale)
@@ -191,12 +169,14 @@ SD_SAMPLING = (50, 7.5)  # (steps, guidance): Stable Diffusion's usual settings,
 
 
 class Pipeline:
-    """A loaded Stable-Diffusion-style model: CLIP text encoder, KL-VAE and U-Net with their parameters.
+    """A loaded latent-diffusion model: CLIP text encoder, KL-VAE and a denoiser (a U-Net, or a text-conditioned
+    diffusion transformer) with their parameters.
 
     Attributes:
       models: :class:`~jaxt2i.models.latent_diffusion.Models` (linen modules); params: component name ->
-      parameter tree (``text_encoder``, ``vae``, ``unet``, optionally ``conditioner``, and components the pipeline
-      does not run, such as a CLIP image tower ``clip_vision`` for reranking); configs: component configs; schedule: the noise schedule; tokenizer: the CLIP tokenizer;
+      parameter tree (``text_encoder``, ``vae``, ``unet`` or ``transformer``, optionally ``conditioner``, and
+      components the pipeline does not run, such as a CLIP image tower ``clip_vision`` for reranking); configs:
+      component configs; schedule: the noise schedule; tokenizer: the CLIP tokenizer;
       sampling: the model's recommended ``{"steps", "guidance"}`` (from its jaxt2i.json; may be empty).
     """
 
@@ -213,7 +193,7 @@ class Pipeline:
         self.tokenizer = _tokenizer_for(loaded)
         self._tokenizer_settings = dict(loaded.tokenizer)
         self.models = latent_diffusion.build_models(self.configs, loaded.text_layer, dtype=self.dtype)
-        self.params = {name: jax.device_put(_cast_floats(tree, _param_dtype(self.models, name)))
+        self.params = {name: jax.device_put(cast_floats(tree, _param_dtype(self.models, name)))
                        for name, tree in loaded.params.items()}
 
     # ------------------------------------------------------------------------------------ properties
@@ -224,8 +204,8 @@ class Pipeline:
 
     @property
     def default_size(self) -> tuple[int, int]:
-        """(height, width) the U-Net was trained at."""
-        side = self.configs["unet"].sample_size * self.vae_scale_factor
+        """(height, width) the denoiser was trained at."""
+        side = self.configs[self.models.denoiser_name].sample_size * self.vae_scale_factor
         return side, side
 
     def sampling_defaults(self, steps: int | None = None, guidance: float | None = None, *,
@@ -238,7 +218,7 @@ class Pipeline:
 
     @property
     def is_inpainting_model(self) -> bool:
-        return self.configs["unet"].in_channels == 9
+        return self.configs[self.models.denoiser_name].in_channels == 9
 
     def to_loaded_model(self) -> LoadedModel:
         """The pipeline's configs and parameters (as numpy) in the format-independent form, for export."""
@@ -252,14 +232,15 @@ class Pipeline:
         return self.tokenizer(prompts)
 
     def encode_prompt(self, prompts: str | Sequence[str]) -> jax.Array:
-        """Prompts -> [B, 77, D] conditioning, as the U-Net receives it."""
+        """Prompts -> [B, 77, D] conditioning, as the denoiser receives it."""
         return _jit_encode_text(self.models, self.params, jnp.asarray(self.tokenize(prompts)))
 
     def predict_noise(self, latents, timesteps, context) -> jax.Array:
-        """latents [B, h, w, C] NHWC, timesteps [B] or scalar, context [B, 77, D] -> U-Net output [B, h, w, 4]."""
+        """latents [B, h, w, C] NHWC, timesteps [B] or scalar, context [B, 77, D] -> the denoiser's prediction
+        [B, h, w, 4] (a learned variance dropped)."""
         latents = jnp.asarray(latents)
         t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (latents.shape[0],))
-        return _jit_unet(self.models, self.params, latents, t, jnp.asarray(context))
+        return _jit_predict_noise(self.models, self.params, latents, t, jnp.asarray(context))
 
     def decode_latents(self, latents) -> jax.Array:
         """Scaled latents [B, h, w, 4] (as the sampler returns them) -> images [B, H, W, 3] float32 in [0, 1]."""
@@ -297,7 +278,7 @@ class Pipeline:
             inputs["masks"] = masks
         guidance, rescale = jnp.float32(guidance_scale), jnp.float32(guidance_rescale)
         if progress:
-            report = progress if callable(progress) else _ProgressBar()
+            report = progress if callable(progress) else ProgressBar()
             out = _run_with_progress(spec, self.params, inputs, guidance, rescale, program_key, report)
         else:
             out = _program(self.params, inputs, guidance, rescale, program_key, spec=spec)
@@ -380,29 +361,13 @@ class Pipeline:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-class _ProgressBar:
-    """``progress=True``: a tqdm bar (stderr) over the model calls of one sampling run."""
-
-    def __init__(self):
-        self.bar = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            self.bar = tqdm.tqdm(total=total, desc="sampling", unit="call", file=sys.stderr)
-        self.bar.update(done - self.bar.n)
-        if done == total:
-            self.bar.close()
-
-
 def _param_dtype(models: Models, name: str) -> Any:
     """Storage dtype of component ``name``: its module's ``param_dtype`` (components the pipeline does not run
     keep float32)."""
-    module = getattr(models, name, None) if name in Models._fields else None
+    if name == models.denoiser_name:
+        return models.denoiser.param_dtype
+    module = getattr(models, name, None) if name in ("text_encoder", "vae", "conditioner") else None
     return jnp.float32 if module is None else module.param_dtype
-
-
-def _cast_floats(tree, dtype):
-    return jax.tree.map(lambda a: np.asarray(a, dtype) if np.issubdtype(np.asarray(a).dtype, np.floating) else a, tree)
 
 
 def _tokenizer_for(loaded: LoadedModel) -> CLIPTokenizer:
@@ -458,31 +423,3 @@ def _batch_images(images: jax.Array, batch: int) -> jax.Array:
     if images.shape[0] == 1:
         return jnp.repeat(images, batch, axis=0)
     raise ValueError(f"Got {images.shape[0]} images for {batch} prompts; give one image, or one per prompt.")
-
-
-def load_pipeline(path: str | os.PathLike, config: str | None = None, dtype: str = "float32", *, ema: bool = False,
-                  variant: str | None = None, compilation_cache: str | None = None) -> Pipeline:
-    """Loads a model from any supported format, with the pipeline of its family (:data:`PIPELINES`).
-
-    Args:
-      path: a diffusers-format folder (model_index.json), an original single-file checkpoint
-        (.safetensors or .ckpt), or a jaxt2i model folder (``jaxt2i convert``, ``jaxt2i train``).
-      config: for single files: a preset name (``sd15``, ``sd15_inpaint``, ``sd21``, ``sd21_base``,
-        ``sd2_inpaint``) or a diffusers folder whose configs describe the architecture; default: detected.
-      dtype: compute and storage dtype: ``float32``, ``bfloat16`` or ``float16``.
-      ema: for single files, use the EMA copy of the U-Net weights.
-      variant: for diffusers folders, a weight-file variant such as ``fp16``.
-      compilation_cache: directory of the persistent compilation cache (see :func:`enable_compilation_cache`).
-    """
-    enable_compilation_cache(compilation_cache)
-    loaded = read_any(os.fspath(path), config=config, ema=ema, variant=variant)
-    if loaded.family not in PIPELINES:
-        what = "components alone (no pipeline family)" if loaded.family is None else f"family {loaded.family!r}"
-        raise ValueError(f"{path} holds {what}: {sorted(loaded.configs)}; jaxt2i samples from the families "
-                         f"{sorted(PIPELINES)}. A training stage's output (a VAE, a CLIP) is a part for "
-                         "`jaxt2i train`, not a model to sample from.")
-    return PIPELINES[loaded.family](loaded, dtype=dtype)
-
-
-# jaxt2i.json "family" -> the pipeline class that loads it.
-PIPELINES: dict[str, type] = {"latent_diffusion": Pipeline}
