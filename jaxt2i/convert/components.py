@@ -14,8 +14,10 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from jaxt2i.convert import clip_keys, dit_keys, unet_keys, vae_keys
+from jaxt2i.convert import dvae_keys
 from jaxt2i.convert.core import ConversionError
 from jaxt2i.models import clip, clip_vision, conditioner, dit, token_heads, unet, vae
+from jaxt2i.models import dvae
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,10 @@ COMPONENTS: dict[str, Component] = {
     "conditioner": Component(conditioner.ConditionerConfig, conditioner.abstract_params),
     "clip_vision": Component(clip_vision.CLIPVisionConfig, clip_vision.image_tower_abstract_params),
     "token_heads": Component(token_heads.TokenHeadsConfig, token_heads.abstract_params),
+    "dvae_encoder": Component(dvae.DVAEConfig, dvae.encoder_abstract_params, dvae_keys.encoder_from_torch,
+                              dvae_keys.encoder_to_torch),
+    "dvae_decoder": Component(dvae.DVAEConfig, dvae.decoder_abstract_params, dvae_keys.decoder_from_torch,
+                              dvae_keys.decoder_to_torch),
 }
 
 
