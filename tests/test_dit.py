@@ -259,8 +259,8 @@ def test_logical_axes_map_to_mesh_axes():
     assert block["norm1"]["emb"]["class_embedder"]["embedding"].spec == P(None, "fsdp")
     assert specs["pos_embed"]["proj"]["kernel"].spec == P(None, None, None, "fsdp")
     # plain trees (conversion) carry no boxes
-    assert not any(isinstance(x, nn.LogicallyPartitioned)
-                   for x in jax.tree.leaves(abstract_params(TINY), is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)))
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+    assert not any(is_box(x) for x in jax.tree.leaves(abstract_params(TINY), is_leaf=is_box))
 
 
 _SHARDED_STATE_SCRIPT = textwrap.dedent("""
