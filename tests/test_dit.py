@@ -66,21 +66,22 @@ def test_shapes_any_latent_size(config):
 def test_condition_changes_output_and_mask_hides_padding():
     params = random_tree(abstract_params(TINY))
     sample, _ = _inputs(TINY, 2, 8, 8)
-    a = DiT(TINY).apply({"params": params}, sample, 10.0, jnp.array([1, 1]))
-    b = DiT(TINY).apply({"params": params}, sample, 10.0, jnp.array([1, TINY.null_class]))
+    apply = jax.jit(DiT(TINY).apply)
+    a = apply({"params": params}, sample, 10.0, jnp.array([1, 1]))
+    b = apply({"params": params}, sample, 10.0, jnp.array([1, TINY.null_class]))
     np.testing.assert_allclose(a[0], b[0], rtol=0, atol=1e-6)
     assert np.abs(a[1] - b[1]).max() > 1e-3
 
     params = random_tree(abstract_params(TINY_TEXT))
     sample, states = _inputs(TINY_TEXT, 1, 8, 8)
     mask = np.array([[1, 1, 1, 0, 0]], np.float32)
-    model = DiT(TINY_TEXT)
-    masked = model.apply({"params": params}, sample, 10.0, states, condition_mask=mask)
+    apply = jax.jit(DiT(TINY_TEXT).apply)
+    masked = apply({"params": params}, sample, 10.0, states, condition_mask=mask)
     changed = states.copy()
     changed[:, 3:] += 5.0  # the padded positions change: a masked model does not see it
-    np.testing.assert_allclose(model.apply({"params": params}, sample, 10.0, changed, condition_mask=mask), masked,
+    np.testing.assert_allclose(apply({"params": params}, sample, 10.0, changed, condition_mask=mask), masked,
                                rtol=0, atol=1e-5)
-    assert np.abs(model.apply({"params": params}, sample, 10.0, changed) - masked).max() > 1e-3
+    assert np.abs(apply({"params": params}, sample, 10.0, changed) - masked).max() > 1e-3
 
 
 def test_init_zero_output_and_remat_same_values():
@@ -259,8 +260,8 @@ def test_logical_axes_map_to_mesh_axes():
     assert block["norm1"]["emb"]["class_embedder"]["embedding"].spec == P(None, "fsdp")
     assert specs["pos_embed"]["proj"]["kernel"].spec == P(None, None, None, "fsdp")
     # plain trees (conversion) carry no boxes
-    assert not any(isinstance(x, nn.LogicallyPartitioned)
-                   for x in jax.tree.leaves(abstract_params(TINY), is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)))
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+    assert not any(is_box(x) for x in jax.tree.leaves(abstract_params(TINY), is_leaf=is_box))
 
 
 _SHARDED_STATE_SCRIPT = textwrap.dedent("""

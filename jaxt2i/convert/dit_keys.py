@@ -185,7 +185,8 @@ def original_dit_to_diffusers(state_dict: Mapping[str, Any], *, source: str = "c
     expected = _expected_original_keys(depth)
     missing = sorted(expected - set(state_dict))
     if missing:
-        raise ConversionError(f"{source}: missing {len(missing)} original DiT tensor(s), e.g. {', '.join(missing[:5])}.")
+        raise ConversionError(f"{source}: missing {len(missing)} original DiT tensor(s), e.g. "
+                              f"{', '.join(missing[:5])}.")
     unexpected = sorted(set(state_dict) - expected)
     if unexpected:
         raise ConversionError(f"{source}: {len(unexpected)} unexpected tensor(s) for an original DiT, e.g. "
