@@ -65,7 +65,7 @@ stage unet "$runs/shapes_unet/final" \
     "model.vae_from=$runs/shapes_vae/final" "model.text_encoder_from=$runs/shapes_clip_role/final" \
     "model.conditioner_init_from=$runs/shapes_clip_role/final"
 stage build "" \
-    python "$here/scripts/build_shapes_model.py" --unet "$runs/shapes_unet/final" --vae "$runs/shapes_vae/final" \
+    python "$here/scripts/build_shapes_model.py" --run "$runs/shapes_unet/final" --vae "$runs/shapes_vae/final" \
     --clip "$runs/shapes_clip_role/final" --out "$model_out"
 echo "== stage times (s):"
 cat "$times"

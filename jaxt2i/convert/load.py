@@ -55,6 +55,8 @@ class LoadedModel:
     absent; ``jaxt2i generate``'s defaults), stored only by jaxt2i's own format.
     extras: family-specific settings kept with the model (the ``dit`` family's class names: ``{"id2label":
     {"0": "tench, Tinca tinca", ...}}``, as in diffusers' model index).
+    shared: component name -> the shipped model (``jaxt2i.shipped``) whose identical component :func:`write_native`
+    refers to instead of writing the weights (for models built to ship inside the package; readers leave it empty).
     """
 
     configs: dict[str, Any]
@@ -67,6 +69,7 @@ class LoadedModel:
     family: str | None = "latent_diffusion"
     types: dict[str, str] = dataclasses.field(default_factory=dict)
     extras: dict = dataclasses.field(default_factory=dict)
+    shared: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def component_type(self, name: str) -> str:
         """The ``jaxt2i.convert.components`` type of component ``name``."""
@@ -312,10 +315,11 @@ def read_native(path: str, *, dtype: Any = None) -> LoadedModel:
     for name, entry in _each(manifest["components"].items(), "reading"):
         kind = entry["type"]
         config = native.config_from_dict(component(kind).config_cls, entry["config"], source=path)
-        flat = native.read_component(path, name, version)
+        folder = native.shared_component_folder(path, name, entry)
+        flat = native.read_component(folder, name, version)
         rules = [Rule(tuple(k.split("/")), k, "identity") for k in flat]
         params[name] = to_flax(flat, rules, presets.abstract_params(kind, config),
-                               source=os.path.join(path, f"{name}.safetensors"), dtype=dtype)
+                               source=os.path.join(folder, f"{name}.safetensors"), dtype=dtype)
         configs[name] = config
         if kind != name:
             types[name] = kind
@@ -359,18 +363,21 @@ def write_native(path: str, model: LoadedModel, *, overwrite: bool = False) -> N
         "format": "jaxt2i",
         "version": native.FORMAT_VERSION,
         "family": model.family,
-        "components": {name: {"type": model.component_type(name), "config": native.config_to_dict(config)}
+        "components": {name: {"type": model.component_type(name), "config": native.config_to_dict(config),
+                              **({"from": model.shared[name]} if name in model.shared else {})}
                        for name, config in model.configs.items()},
         "schedule": None if model.schedule is None else native.config_to_dict(model.schedule),
         "tokenizer": {"pad": model.tokenizer.get("pad")},
         "text_layer": list(text_layer) if isinstance(text_layer, (list, tuple)) else int(text_layer),
     }
+    for name in model.shared:  # the shipped model must hold the same component
+        native.shared_component_folder(path, name, manifest["components"][name])
     if sampling:
         manifest["sampling"] = sampling
     if model.extras:
         manifest["extras"] = model.extras
     with atomic_folder(path, overwrite=overwrite) as staging:
-        for name, tree in _each(model.params.items(), "writing"):
+        for name, tree in _each([(k, v) for k, v in model.params.items() if k not in model.shared], "writing"):
             write_safetensors(os.path.join(staging, f"{name}.safetensors"), native.flatten_params(tree),
                               metadata={"format": "jaxt2i"})
         native.write_manifest(staging, manifest)

@@ -8,6 +8,11 @@
      "schedule": {...} | null, "tokenizer": {...}, "text_layer": -1 | [0, -1], "sampling": {"steps", "guidance"},
      "extras": {...}}                            # optional, family-specific (the dit family's "id2label")
 
+A component entry of a model that ships inside the package may say ``"from": MODEL`` (a name in
+:data:`jaxt2i.shipped.SHIPPED_MODELS`): its weights are that shipped model's component of the same name (with the
+same config), so shipped models share a text encoder or a VAE instead of each carrying a copy. Folders written
+from a loaded model are always self-contained.
+
 ``NAME.safetensors`` holds component NAME's Flax parameter tree flattened with ``/``-joined paths; ``tokenizer/``
 optionally holds the tokenizer's own files. Loading needs no key table and no transposes, so it is fast; every
 tree is still checked against its type's abstract tree, like every other format. Version-1 folders (components
@@ -26,6 +31,7 @@ from flax import traverse_util
 
 from jaxt2i.convert.core import ConversionError
 from jaxt2i.convert.io import read_safetensors
+from jaxt2i.shipped import SHIPPED_MODELS, model_path
 
 MANIFEST = "jaxt2i.json"
 FORMAT_VERSION = 2
@@ -121,6 +127,9 @@ def read_manifest(folder: str | os.PathLike) -> dict:
         if not isinstance(entry, dict) or not isinstance(entry.get("type"), str) \
                 or not isinstance(entry.get("config"), dict):
             raise ConversionError(f"{path}: component {name!r} must be {{\"type\": ..., \"config\": {{...}}}}.")
+        if "from" in entry and entry["from"] not in SHIPPED_MODELS:
+            raise ConversionError(f"{path}: component {name!r} takes its weights from {entry['from']!r}, which is not "
+                                  f"a model shipped with this jaxt2i ({', '.join(SHIPPED_MODELS)}).")
     return manifest
 
 
@@ -179,6 +188,23 @@ def read_component(folder: str | os.PathLike, name: str, version: int = FORMAT_V
     if version < 2 and name == "clip_vision":
         return read_safetensors(os.path.join(folder, _V1_CLIP_VISION_DIR, "params.safetensors"))
     return _read_file(folder, name)
+
+
+def shared_component_folder(folder: str | os.PathLike, name: str, entry: Mapping[str, Any]) -> str:
+    """Where component ``name`` of ``folder`` keeps its weights: ``folder`` itself, or the shipped model its
+    ``"from"`` names, after checking that the shipped model holds that component with the same config."""
+    origin = entry.get("from")
+    if origin is None:
+        return os.fspath(folder)
+    source = model_path(origin)
+    theirs = read_manifest(source)["components"].get(name)
+    same = theirs is not None and theirs["type"] == entry["type"] and \
+        json.loads(json.dumps(theirs["config"])) == json.loads(json.dumps(entry["config"]))
+    if not same:
+        raise ConversionError(f"{folder}: component {name!r} shares the weights of the shipped model {origin!r}, whose "
+                              f"{name!r} is not the same component any more (another type or config); rebuild this "
+                              f"folder with its own copy.")
+    return source
 
 
 def _read_file(folder: str | os.PathLike, name: str) -> dict[str, np.ndarray]:
