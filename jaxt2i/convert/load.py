@@ -263,10 +263,12 @@ def _read_original_dit(path: str, state_dict: Mapping[str, np.ndarray], config: 
     if base.family != "dit":
         raise ConversionError(f"config={config} is a {base.family!r} model; an original DiT checkpoint takes its VAE, "
                               f"scheduler and class names from a DiT model (a diffusers DiTPipeline folder).")
-    dit_config = dit_keys.config_from_original(state_dict, source=path)
-    params = params_from_torch("dit", dit_keys.original_dit_to_diffusers(state_dict, source=path), dit_config, source=path,
-                               dtype=dtype)
     name = next(k for k in base.configs if base.component_type(k) == "dit")
+    width = int(np.shape(state_dict["x_embedder.proj.weight"])[0])
+    heads = base.configs[name].num_attention_heads if base.configs[name].width == width else None  # else the paper's
+    dit_config = dit_keys.config_from_original(state_dict, num_heads=heads, source=path)
+    params = params_from_torch("dit", dit_keys.original_dit_to_diffusers(state_dict, source=path), dit_config,
+                               source=path, dtype=dtype)
     return dataclasses.replace(base, configs={**base.configs, name: dit_config}, params={**base.params, name: params},
                                source=path)
 

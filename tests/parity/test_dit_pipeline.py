@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from jaxt2i.convert.core import ConversionError
+from jaxt2i.convert.dit_keys import params_from_diffusers
 from jaxt2i.convert.load import read_any, write_native
 from jaxt2i.pipelines import ClassPipeline, load_pipeline
 from tests.parity.sd_reference import nchw
+from tests.parity.test_dit_parity import original_state_dict, tied_embedders
 
 TOL = 2e-3
 STEPS = 4
@@ -123,3 +126,28 @@ def test_any_sampler_runs(pipes):
     images = jpipe.class_to_image([0, 9], steps=3, sampler="dpmpp_2m", seed=1)
     assert images.shape == (2, 2 * LATENT, 2 * LATENT, 3) and np.isfinite(images).all()
     assert not np.allclose(images[0], images[1], atol=1e-3)  # two classes, two seeds' worth of noise: two images
+
+
+def test_original_checkpoint_with_the_folder_as_config(pipes, folder, tmp_path):
+    """facebookresearch's .pt layout (one shared timestep/label embedder) takes the VAE, schedule and class names
+    from a DiTPipeline folder; with the folder's embedders tied to block 0's it samples the same images."""
+    from safetensors.numpy import load_file
+
+    _, jpipe = pipes
+    config = jpipe.configs["transformer"]
+    tied = tied_embedders(load_file(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors")),
+                          config)
+    path = tmp_path / "DiT-tiny.pt"
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in original_state_dict(tied, config).items()},
+               path)
+    with pytest.raises(ConversionError, match="holds the transformer alone"):
+        load_pipeline(path)
+    from_pt = load_pipeline(path, config=folder)
+    assert from_pt.labels == jpipe.labels and from_pt.configs["transformer"] == config
+    tied_folder = tmp_path / "tied"
+    model = read_any(folder)
+    model.params["transformer"] = params_from_diffusers(tied, config, source="tied")
+    write_native(str(tied_folder), model)
+    noise = _noise(1)
+    np.testing.assert_array_equal(from_pt.class_to_image(["hen"], steps=2, latents=noise),
+                                  load_pipeline(tied_folder).class_to_image(["hen"], steps=2, latents=noise))
