@@ -19,6 +19,10 @@ from jaxt2i.data.example import Example, UnreadableExample
 _AUTO_CAPTION_KEYS = ("caption", "captions/text", "captions", "text", "label")
 
 
+def _label_caption(name: str) -> str:
+    return f"a photo of a {name}"
+
+
 def import_tfds():
     """``tensorflow_datasets``, or an ImportError telling the user how to install it."""
     try:
@@ -123,9 +127,20 @@ class TFDSSource:
     def __len__(self) -> int:
         return len(self.source)
 
+    @property
+    def class_captions(self) -> list[str] | None:
+        """The caption of each class id when the caption feature is a class label (None otherwise): what a
+        class-conditional run maps captions back to ids with."""
+        return None if self._label_names is None else [_label_caption(name) for name in self._label_names]
+
+    @property
+    def label_names(self) -> list[str] | None:
+        """The class names of a class-label caption feature, in id order (None otherwise)."""
+        return None if self._label_names is None else list(self._label_names)
+
     def _captions(self, value) -> tuple[str, ...]:
         if self._label_names is not None and np.ndim(value) == 0 and not isinstance(value, (str, bytes)):
-            return (f"a photo of a {self._label_names[int(value)]}",)
+            return (_label_caption(self._label_names[int(value)]),)
         if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1):
             return tuple(_as_text(v) for v in value)
         return (_as_text(value),)

@@ -183,6 +183,35 @@ def test_one_step_from_tfds_mock_data(env, tmp_path):
     assert (tmp_path / "run" / "final" / "vae.safetensors").is_file()
 
 
+def test_class_dit_from_tfds_mock_data(env, tmp_path):
+    """kind dit_class: a class-conditional DiT from TFDS labels (mock mnist: "a photo of a 3"), exported as a `dit`
+    model folder that samples by class id or name (the dataset's class names)."""
+    pytest.importorskip("tensorflow_datasets")
+    script = (
+        "import sys, tensorflow_datasets as tfds\n"
+        "from jaxt2i.train.cli import train_main\n"
+        "with tfds.testing.mock_data(num_examples=16):\n"
+        "    sys.exit(train_main(sys.argv[1:]))\n")
+    names = [f"digit {i}" for i in range(10)]
+    args = [str(ROOT / "configs" / "dit_class_tfds.yaml"), "steps=2", "batch_size=4", "log_every=1",
+            "checkpoint_every=2", "progress=false", "tensorboard=false", "compute_dtype=float32",
+            "model.transformer=tiny", "model.vae=tiny", "data.name=mnist", "data.image_size=16",
+            "data.num_examples=16", "optim.ema_decay=0.9", f"workdir={tmp_path / 'run'}"]
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(losses(tmp_path / "run")) == [1, 2] and all(np.isfinite(list(losses(tmp_path / "run").values())))
+    pipe = load_pipeline(tmp_path / "run" / "final")
+    assert pipe.num_classes == 10 and pipe.configs["transformer"].learn_sigma
+    assert pipe.label_ids(["3", "7"]).tolist() == [3, 7]  # mnist's class names are the digits
+    images = pipe.class_to_image([3, "7"], steps=2, guidance_scale=2.0)
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+    bad = subprocess.run([sys.executable, "-c", script, *args, "model.classes=[" + ", ".join(names) + "]",
+                          f"workdir={tmp_path / 'named'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert bad.returncode != 0 and "none of the classes' captions" in bad.stderr, bad.stderr[-2000:]
+
+
 def test_the_core_imports_nothing_of_the_shapes_world():
     code = ("import sys, jaxt2i.train.loop, jaxt2i.train.kinds.unet, jaxt2i.train.kinds.vae, jaxt2i.train.kinds.clip, "
             "jaxt2i.data.sources; bad = [m for m in sys.modules if m.startswith('jaxt2i.shapes')]; assert not bad, bad")

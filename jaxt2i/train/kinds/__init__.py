@@ -15,6 +15,7 @@ KINDS: dict[str, str] = {
     "vae": "jaxt2i.train.kinds.vae:VAEKind",
     "clip": "jaxt2i.train.kinds.clip:CLIPKind",
     "dit": "jaxt2i.train.kinds.dit:DiTKind",
+    "dit_class": "jaxt2i.train.kinds.dit_class:ClassDiTKind",
 }
 
 

@@ -30,7 +30,7 @@ from jaxt2i.models.vae import scale_latents
 from jaxt2i.train.step import batch_rows, example_keys
 
 # Sub-streams of an example's key.
-_TIMESTEP, _NOISE, _DROPOUT, _POSTERIOR = range(4)
+TIMESTEP, NOISE, DROPOUT, POSTERIOR = range(4)
 _NUM_STREAMS = 4
 
 
@@ -84,6 +84,50 @@ def _per_example_normal(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
 
 
+def batch_latents(vae_module, vae_params, batch: dict, posterior_keys: jax.Array) -> jax.Array:
+    """The batch's scaled latents [B, h, w, C] float32: its cached ``latents``, else a posterior sample of its
+    ``images`` ([B, H, W, 3] in [-1, 1]) under the frozen VAE, one key per example."""
+    if "latents" in batch:
+        return jnp.asarray(batch["latents"], jnp.float32)
+    if "images" not in batch:
+        raise ValueError(f"the batch needs 'latents' or 'images'; it has {sorted(batch)}.")
+    if vae_module is None:
+        raise ValueError("the batch has images but the models have no VAE; pass it, or feed cached batches with "
+                         "'latents'.")
+    posterior = vae_module.apply({"params": vae_params}, batch["images"], method="encode")
+    mean = posterior.mean.astype(jnp.float32)
+    std = jnp.exp(0.5 * posterior.logvar.astype(jnp.float32))
+    z = mean + std * _per_example_normal(posterior_keys, mean.shape[1:])
+    return scale_latents(z, vae_module.config)
+
+
+def example_streams(key: jax.Array, first_index, batch: dict) -> jax.Array:
+    """[4, B] keys of the batch's examples: timestep, noise, dropout and posterior streams (see the module)."""
+    return _substreams(example_keys(key, first_index, batch_rows(batch)))
+
+
+def diffuse(streams: jax.Array, x0: jax.Array, alphas_cumprod: jax.Array):
+    """A training timestep and noise per example (``streams`` from :func:`example_streams`) -> (t [B] int32,
+    noise, abar [B], x_t), x0 / noise / x_t [B, h, w, C] float32."""
+    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, alphas_cumprod.shape[0]))(streams[TIMESTEP])
+    noise = _per_example_normal(streams[NOISE], x0.shape[1:])
+    abar = alphas_cumprod[t]
+    return t, noise, abar, losses.noisy_sample(x0, noise, abar)
+
+
+def denoising_loss(prediction: jax.Array, x0: jax.Array, noise: jax.Array, x_t: jax.Array, t: jax.Array,
+                   schedule: schedules.ScheduleConfig, loss_cfg: losses.LossConfig, abar: jax.Array,
+                   learned_variance: bool) -> jax.Array:
+    """Per-example losses [B] of a denoiser's ``prediction`` [B, h, w, C or 2C]: the (min-SNR weighted) MSE to the
+    ``loss_cfg.prediction_target``, plus ``vlb_weight`` x the variational bound with a learned variance."""
+    weights = losses.min_snr_weights(abar, loss_cfg.min_snr_gamma, loss_cfg.prediction_target)
+    if learned_variance:
+        parts = variance.hybrid_loss(prediction, x0, noise, x_t, t, schedule)
+        return parts["mse"] * weights + jnp.float32(loss_cfg.vlb_weight) * parts["vb"]
+    target = losses.training_target(x0, noise, abar, loss_cfg.prediction_target)
+    return losses.per_example_mse(prediction, target) * weights
+
+
 def drop_text(states: jax.Array, uncond: jax.Array, mask: jax.Array) -> jax.Array:
     """The empty prompt's states where ``mask`` is True.  states [B, ...], uncond [...] or [1, ...], mask [B]."""
     uncond = jnp.broadcast_to(jnp.asarray(uncond, states.dtype), states.shape)
@@ -112,19 +156,7 @@ class DiffusionLoss:
 
     def latents_and_text(self, components, batch, posterior_keys):
         """-> (x0 [B, h, w, C] float32 scaled latents, text states [B, L, D] / [B, k, L, D] float32)."""
-        if "latents" in batch:
-            latents = jnp.asarray(batch["latents"], jnp.float32)
-        elif "images" in batch:
-            if self.models.vae is None:
-                raise ValueError("the batch has images but the models have no VAE; pass it, or feed cached batches "
-                                 "with 'latents'.")
-            posterior = self.models.vae.apply({"params": components["vae"]}, batch["images"], method="encode")
-            mean = posterior.mean.astype(jnp.float32)
-            std = jnp.exp(0.5 * posterior.logvar.astype(jnp.float32))
-            z = mean + std * _per_example_normal(posterior_keys, mean.shape[1:])
-            latents = scale_latents(z, self.models.vae.config)
-        else:
-            raise ValueError(f"the batch needs 'latents' or 'images'; it has {sorted(batch)}.")
+        latents = batch_latents(self.models.vae, components.get("vae"), batch, posterior_keys)
         if "text_states" in batch:
             states = jnp.asarray(batch["text_states"], jnp.float32)
         elif "input_ids" in batch:
@@ -147,23 +179,16 @@ class DiffusionLoss:
     def per_example(self, components, batch, key, first_index) -> jax.Array:
         """Weighted per-example losses [B]."""
         cfg = self.loss_cfg
-        streams = _substreams(example_keys(key, first_index, batch_rows(batch)))
-        x0, states = self.latents_and_text(components, batch, streams[_POSTERIOR])
-        t = jax.vmap(lambda k: jax.random.randint(k, (), 0, self.num_timesteps))(streams[_TIMESTEP])
-        noise = _per_example_normal(streams[_NOISE], x0.shape[1:])
+        streams = example_streams(key, first_index, batch)
+        x0, states = self.latents_and_text(components, batch, streams[POSTERIOR])
+        t, noise, abar, x_t = diffuse(streams, x0, self.alphas_cumprod)
         if cfg.cond_dropout > 0:
-            drop = losses.dropout_mask(streams[_DROPOUT], cfg.cond_dropout)
+            drop = losses.dropout_mask(streams[DROPOUT], cfg.cond_dropout)
             states = drop_text(states, self.uncond_states(components, batch, states), drop)
         context = latent_diffusion.condition(self.models, components, states)
-        abar = self.alphas_cumprod[t]
-        x_t = losses.noisy_sample(x0, noise, abar)
         prediction = latent_diffusion.predict(self.models, components, x_t, t.astype(jnp.float32), context)
-        weights = losses.min_snr_weights(abar, cfg.min_snr_gamma, cfg.prediction_target)
-        if latent_diffusion.has_learned_variance(self.models.denoiser.config):
-            parts = variance.hybrid_loss(prediction, x0, noise, x_t, t, self.schedule)
-            return parts["mse"] * weights + jnp.float32(cfg.vlb_weight) * parts["vb"]
-        target = losses.training_target(x0, noise, abar, cfg.prediction_target)
-        return losses.per_example_mse(prediction, target) * weights
+        return denoising_loss(prediction, x0, noise, x_t, t, self.schedule, cfg, abar,
+                              latent_diffusion.has_learned_variance(self.models.denoiser.config))
 
     def __call__(self, components, batch, key, first_index, gather=None):
         return self.per_example(components, batch, key, first_index).mean(), {}
