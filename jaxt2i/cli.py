@@ -158,6 +158,9 @@ def _run_sampling(args, kind: str) -> int:
     if args.candidates < 1:
         raise CLIError("--candidates must be >= 1.")
     pipe, model = _load(args)
+    if kind != "generate" and not hasattr(pipe, "image_to_image"):
+        raise CLIError(f"{model} is a {type(pipe).__name__} model; it generates from prompts only (jaxt2i generate), "
+                       f"it has no {kind}.")
     clip = _ranking_clip(args, model, pipe) if args.candidates > 1 else None
     steps, guidance = pipe.sampling_defaults(args.steps, args.guidance)
     prompts = [args.prompt] * args.num

@@ -151,3 +151,12 @@ def test_original_checkpoint_with_the_folder_as_config(pipes, folder, tmp_path):
     noise = _noise(1)
     np.testing.assert_array_equal(from_pt.class_to_image(["hen"], steps=2, latents=noise),
                                   load_pipeline(tied_folder).class_to_image(["hen"], steps=2, latents=noise))
+
+
+def test_command_line_generates_by_class_name(folder, tmp_path):
+    from jaxt2i.cli import main
+
+    out = tmp_path / "fish.png"
+    assert main(["generate", "goldfish", "--model", folder, "--steps", "2", "--out", str(out)]) == 0
+    assert out.is_file()
+    assert main(["img2img", "goldfish", "--model", folder, "--image", str(out), "--out", str(tmp_path / "x.png")]) == 2
