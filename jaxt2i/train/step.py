@@ -6,7 +6,10 @@ whole parameter trees (``jaxt2i.train.state.components``), ``batch`` this progra
 ``first_index`` the global index of the batch's first row (per-example randomness comes from ``fold_in(key,
 global index)``, never from the device layout), ``gather(x)`` the global rows of a per-row array ``x`` (identity in
 the jit form; an all-gather over the batch axes in the shard_map form), for losses that compare examples with each
-other (contrastive). The loss is the mean over the global batch; metrics are scalars, likewise means.
+other (contrastive). The loss is the mean over the global batch; metrics are scalars, likewise means. A loss may also
+return, under the metrics key :data:`FROZEN_UPDATES`, ``{component: tree}``: new values of frozen components that
+replace them after the step (statistics kept outside the optimizer, e.g. a VQ codebook's moving averages); compute
+them from ``gather``-ed rows, so that they are the same on every device.
 
 * ``form="jit"``: one program over global arrays; the state keeps the shardings it was created with (FSDP) and
   XLA inserts the collectives. In/out shardings are explicit and the state's buffers are donated.
@@ -36,6 +39,7 @@ from jaxt2i.train.sharding import (DEFAULT_RULES, SHARED_KEYS, LogicalRules, bat
 from jaxt2i.train.state import TrainableConfig, TrainState, components
 
 FORMS = ("jit", "shard_map")
+FROZEN_UPDATES = "frozen_updates"  # a loss's metrics entry: {component: tree} replacing frozen components
 
 LossFn = Callable[..., tuple[jax.Array, dict]]
 StepFn = Callable[..., tuple[TrainState, dict]]
@@ -56,8 +60,20 @@ def _identity(x):
     return x
 
 
+def _frozen_after(state: TrainState, aux: dict) -> tuple[Any, dict]:
+    """(the frozen trees after the step, the metrics without ``FROZEN_UPDATES``)."""
+    aux = dict(aux)
+    updates = aux.pop(FROZEN_UPDATES, None) or {}
+    wrong = set(updates) - (set(state.frozen) - set(state.params))
+    if wrong:
+        raise ValueError(f"the loss updates {sorted(wrong)} through {FROZEN_UPDATES!r}; only frozen components take "
+                         f"such updates (the run's are {sorted(set(state.frozen) - set(state.params))}).")
+    return {**state.frozen, **updates}, aux
+
+
 def _apply_gradients(state: TrainState, grads, loss, aux: dict, tx: optax.GradientTransformation,
                      optim_cfg: OptimConfig):
+    frozen, aux = _frozen_after(state, aux)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
@@ -69,7 +85,7 @@ def _apply_gradients(state: TrainState, grads, loss, aux: dict, tx: optax.Gradie
         "grad_norm": optax.global_norm(grads),
         "lr": jnp.asarray(learning_rate_schedule(optim_cfg)(state.step), jnp.float32),
     }
-    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+    new_state = state.replace(step=state.step + 1, params=params, frozen=frozen, ema_params=ema, opt_state=opt_state)
     return new_state, metrics
 
 
