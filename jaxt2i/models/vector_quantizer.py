@@ -28,10 +28,11 @@ import numpy as np
 
 
 def init_codebook(key: jax.Array, vocab_size: int, code_dim: int, *, ema: bool) -> dict:
-    """A fresh codebook: ``embedding`` [K, D] ~ N(0, 1); with ``ema``, the moving averages start as if every code
+    """A fresh codebook: ``embedding`` [K, D] ~ N(0, 1 / D), vectors of unit expected norm (the scale of the
+    freshly initialised encoder's outputs); with ``ema``, the moving averages start as if every code
     had been assigned once, to itself (``cluster_size = 1``, ``embed_sum = embedding``), so a code no batch
     chooses keeps its vector while its count decays."""
-    embedding = jax.random.normal(key, (vocab_size, code_dim), jnp.float32)
+    embedding = jax.random.normal(key, (vocab_size, code_dim), jnp.float32) / np.sqrt(code_dim)
     if not ema:
         return {"embedding": embedding}
     return {"embedding": embedding, "cluster_size": jnp.ones((vocab_size,), jnp.float32), "embed_sum": embedding}
