@@ -153,6 +153,19 @@ def test_remat_changes_nothing_in_the_forward():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
 
 
+def test_bfloat16_compute_keeps_float32_logits_and_a_bfloat16_cache():
+    _, params = _model_and_params(TINY)
+    model = dalle.DalleTransformer(TINY, dtype=jnp.bfloat16)
+    text, image = _tokens(TINY, 2, seed=7)
+    logits, cache = model.apply({"params": params}, text, method=dalle.DalleTransformer.prefill)
+    assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
+    assert {leaf.dtype for leaf in jax.tree.leaves(cache)} == {jnp.dtype(jnp.bfloat16)}
+    _, reference = model.apply({"params": params}, text, image)
+    assert reference.dtype == jnp.float32
+    # The same bfloat16 arithmetic on both paths; 1e-2 is bfloat16's resolution at these magnitudes.
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(reference[:, 0]), atol=1e-2, rtol=0)
+
+
 def test_the_loss_weights_text_and_image_as_configured():
     config = TINY
     text, image = _tokens(config, 2, seed=5)

@@ -204,15 +204,23 @@ def _residual_stddev(config: DalleConfig) -> float:
     return 0.02 / math.sqrt(2 * config.num_layers)
 
 
-class SelfAttention(nn.Module):
-    """Masked self-attention; ``__call__`` over a whole sequence, ``step`` for one new token against a cache."""
+class _Layer(nn.Module):
+    """What every layer takes: the config, the compute dtype and the parameter (storage) dtype."""
 
     config: DalleConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    @property
+    def dtypes(self) -> dict[str, Any]:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+
+class SelfAttention(_Layer):
+    """Masked self-attention; ``__call__`` over a whole sequence, ``step`` for one new token against a cache."""
+
     def setup(self):
-        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        cfg, kw = self.config, self.dtypes
         inner = cfg.num_heads * cfg.head_dim
         self.query = _dense(inner, ("embed", "heads"), "query", **kw)
         self.key = _dense(inner, ("embed", "heads"), "key", **kw)
@@ -240,29 +248,21 @@ class SelfAttention(nn.Module):
         return self._merge(attention(q, keys, values, mask=mask_row)), {"key": keys, "value": values}
 
 
-class MLP(nn.Module):
+class MLP(_Layer):
     """Linear to ``mlp_ratio * D``, GELU, linear back: [B, L, D] -> [B, L, D]."""
-
-    config: DalleConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        cfg, kw = self.config, self.dtypes
         h = nn.gelu(_dense(cfg.mlp_ratio * cfg.width, ("embed", "mlp"), "fc", **kw)(x))
         return _dense(cfg.width, ("mlp", "embed"), "proj", stddev=_residual_stddev(cfg), **kw)(h)
 
 
-class Block(nn.Module):
+class Block(_Layer):
     """Pre-LayerNorm block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
 
-    config: DalleConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
     def setup(self):
-        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        cfg, kw = self.config, self.dtypes
         self.ln_1 = _layer_norm(cfg, self.param_dtype, "ln_1")
         self.attn = SelfAttention(cfg, name="attn", **kw)
         self.ln_2 = _layer_norm(cfg, self.param_dtype, "ln_2")
@@ -288,7 +288,7 @@ class Block(nn.Module):
 # -- the model -------------------------------------------------------------------------------------------------------
 
 
-class DalleTransformer(nn.Module):
+class DalleTransformer(_Layer):
     """The transformer; see the module docstring. ``remat=True`` recomputes each block in the backward pass.
 
     Calls (through ``apply``; ``method=`` for the others):
@@ -301,13 +301,10 @@ class DalleTransformer(nn.Module):
       index + 1 [B, image_vocab_size], cache)``.
     """
 
-    config: DalleConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
     remat: bool = False
 
     def setup(self):
-        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        cfg, kw = self.config, self.dtypes
         table = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
         positions = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed"))
         self.text_embed = nn.Embed(cfg.text_vocab_total, cfg.width, embedding_init=table, **kw)
