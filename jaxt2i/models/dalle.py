@@ -368,6 +368,8 @@ class DalleTransformer(_Layer):
         return self._trunk(x, deterministic)[0]
 
     def __call__(self, text_tokens: jax.Array, image_tokens: jax.Array, *, deterministic: bool = True):
+        """-> (text_logits [B, T-1, text_vocab_total] for ``text[:, 1:]``, image_logits [B, h*w, image_vocab_size]
+        for every image token), float32."""
         h = self.states(text_tokens, image_tokens, deterministic=deterministic)
         last_text = self.config.text_length - 1
         text_logits = self.text_head(h[:, :last_text])
