@@ -35,7 +35,7 @@ from jaxt2i.shipped import SHIPPED_MODELS, model_path
 
 MANIFEST = "jaxt2i.json"
 FORMAT_VERSION = 2
-FAMILIES = ("latent_diffusion", "dit")
+FAMILIES = ("latent_diffusion", "dit", "dalle")
 
 
 def is_native_folder(path: str | os.PathLike) -> bool:

@@ -16,6 +16,7 @@ KINDS: dict[str, str] = {
     "clip": "jaxt2i.train.kinds.clip:CLIPKind",
     "dit": "jaxt2i.train.kinds.dit:DiTKind",
     "dit_class": "jaxt2i.train.kinds.dit_class:ClassDiTKind",
+    "dalle": "jaxt2i.train.kinds.dalle:DalleKind",
 }
 
 
