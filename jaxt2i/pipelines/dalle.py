@@ -112,8 +112,12 @@ def _program(params, text_tokens, uncond_tokens, key, temperature, top_p, guidan
     return tokens, images
 
 
-_encode_tokens = jax.jit(lambda params, images, config, dtype: jnp.argmax(
-    dvae_model.encode(params, images, config, dtype=dtype), axis=-1).astype(jnp.int32), static_argnums=(2, 3))
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def _encode_tokens(params, images, *, config: dvae_model.DVAEConfig, dtype):
+    """Images [B, H, W, 3] in [0, 1] -> the dVAE encoder's most likely tokens [B, H/f, W/f] int32."""
+    return jnp.argmax(dvae_model.encode(params, images, config, dtype=dtype), axis=-1).astype(jnp.int32)
+
+
 _decode_tokens = jax.jit(dvae_model.decode, static_argnames=("config", "dtype"))
 
 
@@ -158,9 +162,9 @@ class DallePipeline:
                              f"draws from {config.image_vocab_size}; they must be the same vocabulary.")
         self.tokenizer = self._tokenizer(loaded.tokenizer, config.text_length)
         if len(self.tokenizer.backend) > config.text_vocab_size:
-            raise ValueError(f"{loaded.source}: the tokenizer has {len(self.tokenizer.backend)} ids but the transformer "
-                             f"reads {config.text_vocab_size}; the folder's tokenizer is not the one it was trained "
-                             "with.")
+            raise ValueError(f"{loaded.source}: the tokenizer has {len(self.tokenizer.backend)} ids but the "
+                             f"transformer reads {config.text_vocab_size}; the folder's tokenizer is not the one it "
+                             "was trained with.")
         self.transformer = DalleTransformer(config, dtype=self.dtype, param_dtype=self.dtype)
         self.decoder_dtype = jnp.float32 if jnp.dtype(self.dtype) == jnp.float16 else self.dtype
         self.params = {name: jax.device_put(cast_floats(tree, self._param_dtype(name)))
@@ -238,8 +242,8 @@ class DallePipeline:
         if self.encoder_name is None:
             raise ValueError(f"{self.source} has no dVAE encoder (component type {ENCODER_TYPE!r}); it can only draw "
                              "images, not encode them.")
-        return _encode_tokens(self.params[self.encoder_name], jnp.asarray(images, jnp.float32), self.dvae_config,
-                              self.decoder_dtype)
+        return _encode_tokens(self.params[self.encoder_name], jnp.asarray(images, jnp.float32),
+                              config=self.dvae_config, dtype=self.decoder_dtype)
 
     def decode_latents(self, tokens) -> jax.Array:
         """Image tokens [B, h, w] int -> images [B, h*f, w*f, 3] float32 in [0, 1] (the dVAE decoder's mean)."""
@@ -253,8 +257,9 @@ class DallePipeline:
             self._clip = clip_metrics.clip_for_model(self)
             vision = self.configs.get("clip_vision")
             if self._clip is not None and vision.image_size != self.default_size[0]:
-                raise ValueError(f"{self.source}: its CLIP reads {vision.image_size}x{vision.image_size} images but the "
-                                 f"model draws {self.default_size[1]}x{self.default_size[0]}; it cannot rank them.")
+                raise ValueError(f"{self.source}: its CLIP reads {vision.image_size}x{vision.image_size} images but "
+                                 f"the model draws {self.default_size[1]}x{self.default_size[0]}; it cannot rank "
+                                 "them.")
         return self._clip
 
     # ------------------------------------------------------------------------------ sampling
