@@ -163,8 +163,8 @@ class DallePipeline:
         self.tokenizer = self._tokenizer(loaded.tokenizer, config.text_length)
         if len(self.tokenizer.backend) > config.text_vocab_size:
             raise ValueError(f"{loaded.source}: the tokenizer has {len(self.tokenizer.backend)} ids but the "
-                             f"transformer reads {config.text_vocab_size}; the folder's tokenizer is not the one it "
-                             "was trained with.")
+                             f"transformer reads {config.text_vocab_size}; the folder's tokenizer does not fit the "
+                             "transformer.")
         self.transformer = DalleTransformer(config, dtype=self.dtype, param_dtype=self.dtype)
         self.decoder_dtype = jnp.float32 if jnp.dtype(self.dtype) == jnp.float16 else self.dtype
         self.params = {name: jax.device_put(cast_floats(tree, self._param_dtype(name)))
