@@ -45,4 +45,4 @@ def load_pipeline(path: str | os.PathLike, config: str | None = None, dtype: str
     return PIPELINES[loaded.family](loaded, dtype=dtype)
 
 
-__all__ = ["PIPELINES", "ClassPipeline", "Pipeline", "enable_compilation_cache", "load_pipeline"]
+__all__ = ["PIPELINES", "ClassPipeline", "DallePipeline", "Pipeline", "enable_compilation_cache", "load_pipeline"]
