@@ -191,6 +191,8 @@ def _run_sampling(args, kind: str) -> int:
     meta = {"prompt": args.prompt, "negative_prompt": args.negative or "", "steps": steps, "guidance": guidance,
             "sampler": args.sampler, "karras": args.karras, "seed": args.seed, "size": f"{out.shape[2]}x{out.shape[1]}",
             "model": model, "command": kind, "software": "jaxt2i"}
+    if hasattr(pipe, "image_metadata"):  # a family's own settings (DALL-E: sampler, temperature, top-k, top-p)
+        meta.update(pipe.image_metadata(guidance_scale=guidance))
     if kind != "generate":
         meta["strength"] = args.strength
     if args.candidates > 1:

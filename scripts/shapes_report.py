@@ -2,7 +2,8 @@
 
     python scripts/shapes_report.py losses --vae RUN --clip RUN --unet RUN --out docs/images/shapes_losses.png
     python scripts/shapes_report.py grid --out docs/images/shapes_grid.png      # the shipped model, its settings
-    python scripts/shapes_report.py timing                                       # fresh-process + warm timings
+    python scripts/shapes_report.py timing [--model M]                           # fresh-process + warm timings
+    python scripts/shapes_report.py compute [--model M ...]                      # denoiser parameters, MACs/image
     python scripts/shapes_report.py compare R1.json [R2.json ...] [--against O1.json ...]   # eval reports, pooled
     python scripts/shapes_report.py failures I1.npz [I2.npz ...] --guidance 4   # why two-object prompts fail
     python scripts/shapes_report.py clip --clip RUN/final                        # what a CLIP knows of the world
@@ -39,10 +40,15 @@ def grid(args) -> None:
 
 
 def timing(args) -> None:
-    result = model_card.first_image_seconds()
+    result = model_card.first_image_seconds(model=args.model)
     pipe = load_pipeline(args.model or SHIPPED_MODEL)
     result.update(model_card.warm_seconds_per_image(pipe, *pipe.sampling_defaults()))
     print(json.dumps(result))
+
+
+def compute(args) -> None:
+    for model in args.model or [SHIPPED_MODEL]:
+        print(json.dumps({"model": model, **model_card.denoiser_cost(load_pipeline(model))}))
 
 
 def compare(args) -> None:
@@ -89,6 +95,8 @@ def main(argv=None) -> int:
     gr.add_argument("--out", default="docs/images/shapes_grid.png")
     ti = sub.add_parser("timing")
     ti.add_argument("--model", default=None)
+    cp = sub.add_parser("compute")
+    cp.add_argument("--model", nargs="*", default=None, help="model folders or shipped names (default: shipped)")
     co = sub.add_parser("compare")
     co.add_argument("reports", nargs="+", help="jaxt2i eval --out JSON files (draws with other seeds are pooled)")
     co.add_argument("--against", nargs="*", default=[], help="reports of the model to compare with, pooled too")
@@ -100,7 +108,7 @@ def main(argv=None) -> int:
     cl.add_argument("--n", type=int, default=300)
     cl.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    {"losses": losses, "grid": grid, "timing": timing, "compare": compare, "failures": failures,
+    {"losses": losses, "grid": grid, "timing": timing, "compute": compute, "compare": compare, "failures": failures,
      "clip": clip}[args.what](args)
     return 0
 

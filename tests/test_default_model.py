@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from jaxt2i.cli import DEFAULT_MODEL
+from jaxt2i.shapes import SHIPPED_MODEL as DEFAULT_MODEL
 
 MAX_BYTES = 20 * 10**6
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxt2i.cli import DEFAULT_MODEL
+from jaxt2i.shapes import SHIPPED_MODEL as DEFAULT_MODEL
 from jaxt2i.convert import load, native
 from jaxt2i.convert.core import ConversionError
 from jaxt2i.convert.io import write_safetensors

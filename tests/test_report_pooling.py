@@ -47,3 +47,13 @@ def test_markdown_comparison_pools_percentages_by_counts_and_brackets_the_other_
                     "| 37.5% (31.5%) | 36.0% of 75 (33.3% of 63) |"]
     # without `against`, no brackets
     assert "(" not in markdown_comparison(new).splitlines()[-1]
+
+
+def test_a_draw_where_no_image_has_both_objects_pools():
+    """`evaluate_pipeline` reports the relation given both objects as None when no image had both."""
+    a = _report({"2": ((50, 2, 2, 40), (50, 0, 0, 30, 0))})
+    for split in ("train", "heldout"):
+        a["guidance"]["2"]["adherence"][split]["two_object"]["relation_accuracy_given_objects"] = None
+    b = _report({"2": ((50, 1, 1, 40), (50, 1, 2, 30, 1))})
+    assert pooled_adherence([a, b], 2)[("heldout", "two_object")]["relation"] == 1
+    assert "| 2 | heldout | 100 |" in markdown_comparison([a, b])

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxt2i.cli import DEFAULT_MODEL, main
+from jaxt2i.cli import main
+from jaxt2i.shapes import SHIPPED_MODEL as DEFAULT_MODEL
 from jaxt2i.shapes import world as shapes
 from jaxt2i.eval import clip_metrics, rerank
 from jaxt2i.pipelines import load_pipeline

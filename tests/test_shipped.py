@@ -71,3 +71,18 @@ def test_a_shared_component_must_match_the_shipped_one(shipped, tmp_path):
     (out / native.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ConversionError, match="not a model shipped"):
         read_native(str(out))
+
+
+def test_dit_shapes_ships_small_shares_the_encoders_and_generates():
+    from jaxt2i.pipelines import load_pipeline
+
+    folder = SHIPPED_MODELS["dit-shapes"]
+    size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+    assert size <= 10 * 10**6
+    manifest = json.loads(open(os.path.join(folder, native.MANIFEST)).read())
+    assert {k for k, v in manifest["components"].items() if v.get("from") == "shapes"} == {
+        "text_encoder", "vae", "clip_vision"}
+    pipe = load_pipeline("dit-shapes")
+    assert pipe.models.denoiser_name == "transformer" and pipe.models.denoiser.config.learn_sigma
+    image = pipe.text_to_image("a red circle", steps=2, seed=0)
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all() and image.std() > 0

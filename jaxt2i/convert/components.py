@@ -17,7 +17,7 @@ from jaxt2i.convert import clip_keys, dit_keys, unet_keys, vae_keys
 from jaxt2i.convert import dvae_keys
 from jaxt2i.convert.core import ConversionError
 from jaxt2i.models import clip, clip_vision, conditioner, dit, token_heads, unet, vae
-from jaxt2i.models import dvae
+from jaxt2i.models import dalle, dvae
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +59,7 @@ COMPONENTS: dict[str, Component] = {
                               dvae_keys.encoder_to_torch),
     "dvae_decoder": Component(dvae.DVAEConfig, dvae.decoder_abstract_params, dvae_keys.decoder_from_torch,
                               dvae_keys.decoder_to_torch),
+    "dalle_transformer": Component(dalle.DalleConfig, dalle.abstract_params),
 }
 
 

@@ -3,7 +3,7 @@
 ``jaxt2i.json`` (format version 2)::
 
     {"format": "jaxt2i", "version": 2,
-     "family": "latent_diffusion" | "dit" | null,   # which pipeline loads it (null: components alone, e.g. a VAE)
+     "family": "latent_diffusion" | "dit" | "dalle" | null,  # the pipeline that loads it (null: components alone)
      "components": {NAME: {"type": TYPE, "config": {...}}},   # TYPE a jaxt2i.convert.components type
      "schedule": {...} | null, "tokenizer": {...}, "text_layer": -1 | [0, -1], "sampling": {"steps", "guidance"},
      "extras": {...}}                            # optional, family-specific (the dit family's "id2label")
@@ -35,7 +35,7 @@ from jaxt2i.shipped import SHIPPED_MODELS, model_path
 
 MANIFEST = "jaxt2i.json"
 FORMAT_VERSION = 2
-FAMILIES = ("latent_diffusion", "dit")
+FAMILIES = ("latent_diffusion", "dit", "dalle")
 
 
 def is_native_folder(path: str | os.PathLike) -> bool:

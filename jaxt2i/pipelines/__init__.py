@@ -7,12 +7,13 @@ import os
 
 from jaxt2i.convert.load import read_any
 from jaxt2i.pipelines.common import enable_compilation_cache
+from jaxt2i.pipelines.dalle import DallePipeline
 from jaxt2i.pipelines.dit import ClassPipeline
 from jaxt2i.pipelines.latent_diffusion import Pipeline
 from jaxt2i.shipped import SHIPPED_MODELS, model_path
 
 # jaxt2i.json "family" (or the family of a diffusers pipeline class) -> the pipeline class that loads it.
-PIPELINES: dict[str, type] = {"latent_diffusion": Pipeline, "dit": ClassPipeline}
+PIPELINES: dict[str, type] = {"latent_diffusion": Pipeline, "dit": ClassPipeline, "dalle": DallePipeline}
 
 
 def load_pipeline(path: str | os.PathLike, config: str | None = None, dtype: str = "float32", *, ema: bool = False,
@@ -44,4 +45,4 @@ def load_pipeline(path: str | os.PathLike, config: str | None = None, dtype: str
     return PIPELINES[loaded.family](loaded, dtype=dtype)
 
 
-__all__ = ["PIPELINES", "ClassPipeline", "Pipeline", "enable_compilation_cache", "load_pipeline"]
+__all__ = ["PIPELINES", "ClassPipeline", "DallePipeline", "Pipeline", "enable_compilation_cache", "load_pipeline"]

@@ -16,9 +16,12 @@ import tempfile
 import time
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from jaxt2i.models import latent_diffusion
 from jaxt2i.shapes import adherence, detector, report
 
 GRID_PROMPTS = [
@@ -146,9 +149,9 @@ def prompt_grid(pipe, out: str, steps: int, guidance: float, seed: int = 0) -> N
     sheet.save(out)
 
 
-def first_image_seconds(prompt: str = "a red circle above a blue square") -> dict:
-    """Seconds for ``jaxt2i generate`` (the shipped model) from a fresh process: without the compilation cache,
-    with an empty one and with a filled one."""
+def first_image_seconds(prompt: str = "a red circle above a blue square", model: str | None = None) -> dict:
+    """Seconds for ``jaxt2i generate`` (``model``, default the shipped one) from a fresh process: without the
+    compilation cache, with an empty one and with a filled one."""
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = os.path.join(tmp, "xla")
@@ -156,10 +159,27 @@ def first_image_seconds(prompt: str = "a red circle above a blue square") -> dic
                              ("fresh_process_warm_cache_s", cache_dir)):
             env = dict(os.environ, JAXT2I_CACHE_DIR=cache)
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "jaxt2i.cli", "generate", prompt, "--out",
+            model_args = ["--model", model] if model else []
+            subprocess.run([sys.executable, "-m", "jaxt2i.cli", "generate", prompt, *model_args, "--out",
                             os.path.join(tmp, "x.png")], env=env, check=True, capture_output=True)
             result[label] = round(time.perf_counter() - t0, 1)
     return result
+
+
+def denoiser_cost(pipe) -> dict:
+    """A latent-diffusion pipeline's denoiser: parameters and multiply-adds of one forward per image at the trained
+    size (XLA's cost analysis of the compiled program, FLOPs / 2), with the text context of one prompt."""
+    models, name = pipe.models, pipe.models.denoiser_name
+    config = pipe.configs[name]
+    side = config.sample_size
+    x = jax.ShapeDtypeStruct((1, side, side, pipe.configs["vae"].latent_channels), jnp.float32)
+    context = jax.eval_shape(lambda p, ids: latent_diffusion.encode_text(models, p, ids), pipe.params,
+                             jax.ShapeDtypeStruct((1, pipe.tokenizer.max_length), jnp.int32))
+    forward = jax.jit(lambda p, x, c: latent_diffusion.predict(models, p, x, jnp.zeros((1,), jnp.float32), c))
+    cost = forward.lower(pipe.params, x, context).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    params = sum(int(np.prod(np.shape(a))) for a in jax.tree.leaves(pipe.params[name]))
+    return {"denoiser": name, "params": params, "gmacs_per_image": round(float(cost["flops"]) / 2e9, 4)}
 
 
 def warm_seconds_per_image(pipe, steps: int, guidance: float, batches: Sequence[int] = (1, 8)) -> dict:

@@ -266,8 +266,8 @@ def _counts(cell: dict) -> dict:
     n = cell["n"]
     out = {"n": n, "right": round(cell["accuracy"] * n), "exact": round(cell["exact_accuracy"] * n),
            "objects": round(cell["objects_accuracy"] * n), "count": round(cell["count_accuracy"] * n)}
-    if "relation_accuracy_given_objects" in cell:
-        out["relation"] = round(cell["relation_accuracy_given_objects"] * out["objects"])
+    if "relation_accuracy_given_objects" in cell:  # None when no image had both objects
+        out["relation"] = round((cell["relation_accuracy_given_objects"] or 0.0) * out["objects"])
     return out
 
 

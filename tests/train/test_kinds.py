@@ -50,7 +50,10 @@ SHIPPED = ROOT / "jaxt2i" / "assets" / "shapes_model"
 DIT = (str(ROOT / "configs" / "shapes_dit.yaml"), *COMMON, f"model.vae_from={SHIPPED}",
        f"model.text_encoder_from={SHIPPED}", "data.image_size=32",
        "model.transformer_config={num_layers: 1, num_attention_heads: 2, attention_head_dim: 16}")
-KINDS = {"vae": VAE, "clip": CLIP, "dit": DIT}
+DALLE = (str(ROOT / "configs" / "shapes_dalle.yaml"), *COMMON, "data.image_size=16", "model.dvae=tiny",
+         "model.dvae_from=null", "model.clip_from=null", "model.transformer=tiny",
+         "model.transformer_config={text_length: 16}")
+KINDS = {"vae": VAE, "clip": CLIP, "dit": DIT, "dalle": DALLE}
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +106,13 @@ def test_kind_resumes_bit_exactly_after_sigkill(env, tmp_path, kind):
     manifest = json.loads((tmp_path / "ref" / "final" / "jaxt2i.json").read_text())
     expected = {"vae": {"vae": "vae"},
                 "clip": {"text_encoder": "text_encoder", "clip_vision": "clip_vision", "parse_heads": "token_heads"},
-                "dit": {"text_encoder": "text_encoder", "vae": "vae", "transformer": "dit", "conditioner": "conditioner"}}
+                "dit": {"text_encoder": "text_encoder", "vae": "vae", "transformer": "dit", "conditioner": "conditioner"},
+                "dalle": {"transformer": "dalle_transformer", "dvae_encoder": "dvae_encoder",
+                          "dvae_decoder": "dvae_decoder"}}
     assert {k: v["type"] for k, v in manifest["components"].items()} == expected[kind]
+    if kind == "dalle":  # tests/train/test_dalle_kind.py samples from it
+        assert manifest["family"] == "dalle"
+        return
     if kind == "dit":  # a latent-diffusion model with a transformer denoiser, which the pipeline samples from
         assert manifest["family"] == "latent_diffusion"
         pipe = load_pipeline(tmp_path / "ref" / "final")

@@ -17,6 +17,7 @@ KINDS: dict[str, str] = {
     "dit": "jaxt2i.train.kinds.dit:DiTKind",
     "dit_class": "jaxt2i.train.kinds.dit_class:ClassDiTKind",
     "dvae": "jaxt2i.train.kinds.dvae:DVAEKind",
+    "dalle": "jaxt2i.train.kinds.dalle:DalleKind",
 }
 
 
