@@ -310,7 +310,7 @@ print("RESULT " + json.dumps(out))
 '''
 
 
-@pytest.mark.parametrize("variant", ["gumbel", "vq_ema"])
+@pytest.mark.parametrize("variant", ["gumbel", pytest.param("vq_ema", marks=pytest.mark.slow)])
 def test_jit_and_shard_map_forms_agree_on_8_devices(env, tmp_path, variant):
     """Per-example Gumbel noise, the global batch's token histogram and moving-average codebook updates (from
     all-gathered rows) are the same in both forms."""

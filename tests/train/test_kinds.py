@@ -151,7 +151,13 @@ print("RESULT " + json.dumps(out))
 '''
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+# The transformer kinds' whole-run form comparisons run with -m slow (the default run's budget); the text DiT's
+# sharded step stays in the default run in tests/train/test_sharding.py (data x fsdp mesh == one device).
+SLOW_FORMS = ("dalle", "dit")
+
+
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k in SLOW_FORMS else k
+                                  for k in sorted(KINDS)])
 def test_jit_and_shard_map_forms_agree_on_8_devices(env, tmp_path, kind):
     e = dict(env, XLA_FLAGS=env["XLA_FLAGS"] + " --xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, "-c", SHARDED, json.dumps(KINDS[kind]), str(tmp_path)], cwd=ROOT, env=e,
