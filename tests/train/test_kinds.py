@@ -179,15 +179,19 @@ def test_jit_and_shard_map_forms_agree_on_8_devices(env, tmp_path, kind):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
+# `jaxt2i train ARGS` on tfds.testing.mock_data (16 random examples of the named dataset)
+TFDS_MOCK_TRAIN = (
+    "import sys, tensorflow_datasets as tfds\n"
+    "from jaxt2i.train.cli import train_main\n"
+    "with tfds.testing.mock_data(num_examples=16):\n"
+    "    sys.exit(train_main(sys.argv[1:]))\n")
+
+
 def test_one_step_from_tfds_mock_data(env, tmp_path):
     """`data.source: tfds` through `jaxt2i train`'s data path, on tfds.testing.mock_data (mnist: a 28x28 grayscale
     image and its label as the caption)."""
     pytest.importorskip("tensorflow_datasets")
-    script = (
-        "import sys, tensorflow_datasets as tfds\n"
-        "from jaxt2i.train.cli import train_main\n"
-        "with tfds.testing.mock_data(num_examples=16):\n"
-        "    sys.exit(train_main(sys.argv[1:]))\n")
+    script = TFDS_MOCK_TRAIN
     args = [*VAE, "steps=1", "data.source=tfds", "data.name=mnist", "data.split=train", "model.heldout_split=test",
             f"workdir={tmp_path / 'run'}"]
     proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -201,11 +205,7 @@ def test_class_dit_from_tfds_mock_data(env, tmp_path):
     """kind dit_class: a class-conditional DiT from TFDS labels (mock mnist: "a photo of a 3"), exported as a `dit`
     model folder that samples by class id or name (the dataset's class names)."""
     pytest.importorskip("tensorflow_datasets")
-    script = (
-        "import sys, tensorflow_datasets as tfds\n"
-        "from jaxt2i.train.cli import train_main\n"
-        "with tfds.testing.mock_data(num_examples=16):\n"
-        "    sys.exit(train_main(sys.argv[1:]))\n")
+    script = TFDS_MOCK_TRAIN
     names = [f"digit {i}" for i in range(10)]
     args = [str(ROOT / "configs" / "dit_class_tfds.yaml"), "steps=2", "batch_size=4", "log_every=1",
             "checkpoint_every=2", "progress=false", "tensorboard=false", "compute_dtype=float32",
