@@ -272,7 +272,7 @@ def check_run(workdir, variant: str):
     assert dvae.encode(images).shape == (2, 8, 8, 64) and dvae.decode(dvae.tokens(images)).shape == images.shape
 
 
-@pytest.mark.parametrize("variant", ["gumbel", "vq_ema"])
+@pytest.mark.parametrize("variant", ["gumbel", pytest.param("vq_ema", marks=pytest.mark.slow)])
 def test_dvae_resumes_bit_exactly_after_sigkill(env, tmp_path, variant):
     ref = train(env, tmp_path / "ref", VARIANTS[variant])
     assert ref.returncode == 0, ref.stderr[-4000:]

@@ -53,6 +53,10 @@ DIT = (str(ROOT / "configs" / "shapes_dit.yaml"), *COMMON, f"model.vae_from={SHI
 DALLE = (str(ROOT / "configs" / "shapes_dalle.yaml"), *COMMON, "data.image_size=16", "model.dvae=tiny",
          "model.dvae_from=null", "model.clip_from=null", "model.transformer=tiny",
          "model.transformer_config={text_length: 16}")
+# The transformer kinds' whole-run resume and form comparisons run with -m slow (the default run's budget); in the
+# default run the text DiT's sharded step is checked by tests/train/test_sharding.py (data x fsdp mesh == one
+# device) and the dalle kind's export by tests/train/test_dalle_kind.py.
+SLOW_FORMS = ("dalle", "dit")
 KINDS = {"vae": VAE, "clip": CLIP, "dit": DIT, "dalle": DALLE}
 
 
@@ -89,7 +93,8 @@ def folder(workdir: Path) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k in SLOW_FORMS else k
+                                  for k in sorted(KINDS)])
 def test_kind_resumes_bit_exactly_after_sigkill(env, tmp_path, kind):
     ref = train(env, tmp_path / "ref", KINDS[kind])
     assert ref.returncode == 0, ref.stderr[-4000:]
@@ -149,11 +154,6 @@ for form in ("jit", "shard_map"):
                                    zip(leaf_paths(grads), jax.tree.leaves(grads)) if p.endswith("key/bias")}
 print("RESULT " + json.dumps(out))
 '''
-
-
-# The transformer kinds' whole-run form comparisons run with -m slow (the default run's budget); the text DiT's
-# sharded step stays in the default run in tests/train/test_sharding.py (data x fsdp mesh == one device).
-SLOW_FORMS = ("dalle", "dit")
 
 
 @pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k in SLOW_FORMS else k
