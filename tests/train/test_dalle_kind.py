@@ -23,7 +23,8 @@ CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "shapes_dalle.yam
 # 64x64 images as 4x4 tokens (five groups, factor 16), so the shipped CLIP (64x64) can rank the model's images.
 DVAE_64 = dvae.DVAEConfig(vocab_size=32, n_hid=8, n_blk_per_group=1, group_count=5, n_init=8, image_size=64)
 TINY = ("model.transformer=tiny", "model.transformer_config={text_length: 16}", "progress=false",
-        "tensorboard=false", "async_checkpoints=false", "log_every=1", "optim.warmup_steps=1")
+        "tensorboard=false", "async_checkpoints=false", "log_every=1", "optim.warmup_steps=1",
+        "model.text_vocabulary=clip")
 
 
 def random_weights(abstract, seed: int, std: float = 0.1) -> dict:
