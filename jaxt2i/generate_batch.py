@@ -179,7 +179,8 @@ def make_items(rows: Sequence[dict], *, num: int, seed: int, steps: int | None, 
         width, height = row.get("size", size)
         first = row.get("seed", seed)
         if not 0 <= first <= MAX_SEED - num:
-            raise PromptsFileError(f"prompt {p + 1}: seeds {first}..{first + num - 1} must lie in [0, 2**32).")
+            raise PromptsFileError(f"prompt {p + 1}: its seeds {first}..{first + num - 1} (--seed or its \"seed\", "
+                                   "and --num) must lie in [0, 2**32).")
         for k in range(num):
             items.append(Item(p * num + k, row["prompt"], first + k, int(row_steps), float(row_guidance),
                               row.get("negative", negative) or "", width, height))
@@ -291,8 +292,10 @@ def image_metadata(item: Item, settings: dict, family_metadata: Callable[..., di
 
 
 def write_manifest(outdir: str, items: Sequence[Item], digits: int, settings: dict, family_metadata) -> None:
-    """:data:`MANIFEST_FILE`: one JSON line per image of the run (file name + :func:`image_metadata`)."""
-    lines = [json.dumps({"file": i.file_name(digits), **image_metadata(i, settings, family_metadata)}) for i in items]
+    """:data:`MANIFEST_FILE`: one JSON line per image of the run in ``outdir`` (file name +
+    :func:`image_metadata`)."""
+    done = [i for i in items if os.path.exists(os.path.join(outdir, i.file_name(digits)))]
+    lines = [json.dumps({"file": i.file_name(digits), **image_metadata(i, settings, family_metadata)}) for i in done]
 
     def write(path):
         with open(path, "w", encoding="utf-8") as f:
@@ -353,15 +356,17 @@ class Summary:
 
 
 def generate(pipe, items: Sequence[Item], outdir: str, settings: dict, *, batch_size: int = 8,
-             devices: Sequence[jax.Device] | None = None, clip=None, progress: bool = True) -> Summary:
-    """Draws every item not yet in ``outdir`` and writes it (see the module docstring); returns this process's
-    :class:`Summary`.
+             devices: Sequence[jax.Device] | None = None, process: tuple[int, int] | None = None, clip=None,
+             progress: bool = True) -> Summary:
+    """Draws every item of this process's share not yet in ``outdir`` and writes it (see the module docstring);
+    returns this process's :class:`Summary`. Process 0 writes the manifest, after every process is done.
 
     settings: ``{"model", "sampler", "karras", "candidates", ...}``, everything besides the items the images depend
     on (recorded in :data:`SETTINGS_FILE`); devices: default ``jax.local_devices()``; batch_size: images per
-    program call, rounded up to a multiple of the device count.
+    program call, rounded up to a multiple of the device count; process: ``(index, count)``, default
+    ``(jax.process_index(), jax.process_count())``. With several hosts, ``outdir`` must be one shared folder.
     """
-    index, count = jax.process_index(), jax.process_count()
+    index, count = process or (jax.process_index(), jax.process_count())
     devices = list(devices or jax.local_devices())
     size = device_batch_size(batch_size, len(devices))
     digits = max(6, len(str(len(items) - 1)))
@@ -385,7 +390,7 @@ def generate(pipe, items: Sequence[Item], outdir: str, settings: dict, *, batch_
                 written += save_image(outdir, item, digits, image, image_metadata(item, settings, family_metadata))
             bar.update(len(batch))
     summary = Summary(written, len(mine) - len(todo), time.perf_counter() - start, first)
-    if count > 1:
+    if jax.process_count() > 1:
         multihost_utils.sync_global_devices("jaxt2i generate: all images written")
     if index == 0:
         write_manifest(outdir, items, digits, settings, family_metadata)

@@ -122,7 +122,7 @@ def test_items_shares_batches():
     assert [[i.index for i in b] for b in gb.batches(items[:3], 4)] == [[0, 1], [2]]
     assert [i.index for i in gb.pad(items[:1], 3)] == [0, 0, 0]
     assert gb.device_batch_size(5, 4) == 8 and gb.device_batch_size(8, 4) == 8
-    with pytest.raises(gb.PromptsFileError, match="prompt 1: seeds"):
+    with pytest.raises(gb.PromptsFileError, match="prompt 1: its seeds"):
         gb.make_items([{"prompt": "a", "seed": 2 ** 32 - 1}], num=2, seed=0, steps=1, guidance=1.0, negative=None,
                       size=(32, 32), defaults=lambda s, g: (s, g))
 
@@ -171,6 +171,21 @@ def test_interrupted_run_resumes_without_touching_finished_images(prompts_file, 
     again = {n: (outdir / n).stat().st_mtime_ns for n in png_names(outdir)}
     assert run_cli(prompts_file, outdir) == 0  # all done: nothing rewritten
     assert {n: (outdir / n).stat().st_mtime_ns for n in png_names(outdir)} == again
+
+
+def test_processes_share_the_work(pipe, finished, tmp_path):
+    """Two processes (run one after the other here): each draws its share only, together every image once."""
+    items = gb.make_items([{"prompt": p} for p in PROMPTS], num=NUM, seed=0, steps=STEPS, guidance=None, negative=None,
+                          size=(32, 32), defaults=pipe.sampling_defaults)
+    settings = {"model": "shapes", "sampler": "ddim", "karras": False}
+    second = gb.generate(pipe, items, str(tmp_path), settings, batch_size=BATCH, process=(1, 2), progress=False)
+    assert png_names(tmp_path) == ["000001_1.png", "000003_1.png", "000005_1.png"] and second.written == 3
+    first = gb.generate(pipe, items, str(tmp_path), settings, batch_size=BATCH, process=(0, 2), progress=False)
+    assert (first.written, first.skipped) == (3, 0) and png_names(tmp_path) == png_names(finished[0])
+    manifest = [json.loads(line)["file"] for line in (tmp_path / gb.MANIFEST_FILE).read_text().splitlines()]
+    assert manifest == png_names(tmp_path)
+    for name in png_names(tmp_path):
+        assert np.abs(pixels(tmp_path / name) - pixels(finished[0] / name)).max() <= 1
 
 
 @pytest.mark.parametrize("change, what", [(["--sampler", "euler"], "sampler ('ddim' there, 'euler' now)"),
