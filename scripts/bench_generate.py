@@ -1,9 +1,10 @@
 """Benchmark: `jaxt2i generate --prompts-file` (batched, one program per settings group, every local device) against
 single-prompt ``Pipeline.text_to_image`` calls in a loop, same process, same model and settings.
 
-N shapes-world captions go through the command (wall time from the start of the command to its summary: model load,
-compilation, every batch and every PNG written). The single-prompt loop runs on a subset (``--single``; its first
-call, which compiles, is left out) and its rate stands for N such calls.
+N shapes-world captions go through what the command runs (``generate_batch.read_prompts``, ``make_items``,
+``generate``): its rate counts compilation, every batch and every PNG written; its steady rate leaves the first batch
+(which compiles) out. The single-prompt loop runs on a subset (``--single``; its first call, which compiles, is left
+out) and its rate stands for N such calls. The model is loaded once, outside both timings.
 
     python scripts/bench_generate.py --n 200 --batch-size 16
 
@@ -34,29 +35,26 @@ def main() -> None:
     import jax
 
     import jaxt2i
-    from jaxt2i.cli import main as cli_main
+    from jaxt2i import generate_batch as gb
     from jaxt2i.shapes.world import example_caption
 
+    pipe = jaxt2i.load_pipeline(args.model)
+    steps, guidance = pipe.sampling_defaults(args.steps, None)
+    height, width = pipe.default_size
     prompts = [example_caption(0, i, "heldout") for i in range(args.n)]
-    steps_args = [] if args.steps is None else ["--steps", str(args.steps)]
     print(f"{command_line()}\nload {loadavg()} at start; {len(jax.local_devices())} local device(s) "
           f"({jax.default_backend()})", file=sys.stderr)
     with tempfile.TemporaryDirectory() as folder:
         prompts_file = os.path.join(folder, "prompts.txt")
         with open(prompts_file, "w") as f:
             f.write("\n".join(prompts) + "\n")
-        start = time.perf_counter()
-        code = cli_main(["generate", "--prompts-file", prompts_file, "--outdir", os.path.join(folder, "out"),
-                         "--model", args.model, "--batch-size", str(args.batch_size), *steps_args])
-        batched_seconds = time.perf_counter() - start
-        if code != 0:
-            raise SystemExit(f"jaxt2i generate --prompts-file exited with {code}")
-        written = len([n for n in os.listdir(os.path.join(folder, "out")) if n.endswith(".png")])
-    assert written == args.n, f"{written} images written for {args.n} prompts"
-
-    pipe = jaxt2i.load_pipeline(args.model)
-    steps, guidance = pipe.sampling_defaults(args.steps, None)
-    height, width = pipe.default_size
+        items = gb.make_items(gb.read_prompts(prompts_file), num=1, seed=0, steps=steps, guidance=guidance,
+                              negative=None, size=(width, height), defaults=pipe.sampling_defaults)
+        settings = {"model": args.model, "sampler": "ddim", "karras": False}
+        summary = gb.generate(pipe, items, os.path.join(folder, "out"), settings, batch_size=args.batch_size)
+    assert summary.written == args.n, f"{summary.written} images written for {args.n} prompts"
+    first = gb.device_batch_size(args.batch_size, len(jax.local_devices()))
+    steady_rate = (args.n - first) / (summary.seconds - summary.first_batch_seconds) if args.n > first else 0.0
 
     def single(i: int):
         return pipe.text_to_image([prompts[i]], steps=steps, guidance_scale=guidance, seed=i, height=height,
@@ -67,13 +65,13 @@ def main() -> None:
     for i in range(1, args.single + 1):
         single(i % args.n)
     single_rate = args.single / (time.perf_counter() - start)
-    batched_rate = args.n / batched_seconds
-    print(f"--prompts-file: {args.n} images in {batched_seconds:.1f} s = {batched_rate:.2f} images/s "
-          f"(batch {args.batch_size}; load, compilation and PNG writing included)")
+    print(f"--prompts-file: {args.n} images in {summary.seconds:.1f} s = {summary.images_per_second:.2f} images/s "
+          f"(batch {first}; compilation and PNG writing included); after the first batch {steady_rate:.2f} images/s")
     print(f"single-prompt text_to_image loop: {args.single} calls = {single_rate:.2f} images/s "
           f"(compilation left out) -> {args.n / single_rate:.1f} s for {args.n}")
-    print(f"ratio (--prompts-file / single): {batched_rate / single_rate:.2f}x; {steps} steps, guidance {guidance}, "
-          f"{width}x{height}; load {loadavg()} at end")
+    print(f"ratio (--prompts-file / single): {summary.images_per_second / single_rate:.2f}x, after the first batch "
+          f"{steady_rate / single_rate:.2f}x; {steps} steps, guidance {guidance}, {width}x{height}; "
+          f"load {loadavg()} at end")
 
 
 if __name__ == "__main__":
