@@ -230,8 +230,11 @@ def claim_outdir(outdir: str, record: dict, names: Sequence[str]) -> None:
     """
     path = os.path.join(outdir, SETTINGS_FILE)
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            stored = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                stored = json.load(f)
+        except (OSError, ValueError) as e:
+            raise OutdirError(f"{path}: cannot read this run's settings ({e}); choose a new --outdir.") from None
         if stored != record:
             differs = sorted((k for k in set(stored) | set(record) if stored.get(k) != record.get(k)),
                              key=lambda k: (k == "items_sha256", k))
@@ -241,7 +244,10 @@ def claim_outdir(outdir: str, record: dict, names: Sequence[str]) -> None:
             raise OutdirError(f"--outdir {outdir} holds images of other settings: {what}. Rerun with the settings "
                               f"in {path} to finish that run, or choose a new --outdir.")
         return
-    os.makedirs(outdir, exist_ok=True)
+    try:
+        os.makedirs(outdir, exist_ok=True)
+    except OSError as e:
+        raise OutdirError(f"--outdir {outdir}: cannot create this folder ({e.strerror or e}).") from None
     ours = [n for n in names if os.path.exists(os.path.join(outdir, n))]
     if ours:
         raise OutdirError(f"--outdir {outdir} holds {ours[0]} but no {SETTINGS_FILE}: not a folder `jaxt2i generate "

@@ -205,6 +205,17 @@ def test_a_folder_of_other_files_named_like_ours_is_refused(prompts_file, tmp_pa
     assert (tmp_path / "000000_0.png").read_bytes() == b"someone's file"
 
 
+def test_unusable_folders_are_refused(prompts_file, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert run_cli(prompts_file, tmp_path / "file" / "out") == 2
+    assert "cannot create this folder" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / gb.SETTINGS_FILE).write_text("{")
+    assert run_cli(prompts_file, tmp_path / "run") == 2
+    assert "cannot read this run's settings" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "run") == [gb.SETTINGS_FILE]
+
+
 def test_each_image_is_its_single_prompt_call(pipe, finished, tmp_path):
     outdir = finished[0]
     items = gb.make_items([{"prompt": p} for p in PROMPTS], num=NUM, seed=0, steps=STEPS, guidance=None, negative=None,
