@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import tqdm
 
+from jaxt2i import generate_batch
 from jaxt2i import images as imio
 from jaxt2i.convert import load
 from jaxt2i.diffusion.samplers import SAMPLERS
@@ -39,8 +40,9 @@ def _parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, default_strength: float | None = None) -> None:
-    p.add_argument("prompt", help="what to draw")
+def _add_sampling_args(p: argparse.ArgumentParser, default_strength: float | None = None,
+                       prompt_optional: bool = False) -> None:
+    p.add_argument("prompt", nargs="?" if prompt_optional else None, help="what to draw")
     p.add_argument("--model", default=None, help="diffusers folder, single .safetensors/.ckpt, jaxt2i folder, or the "
                    f"name of a shipped model ({', '.join(SHIPPED_MODELS)}; default: {DEFAULT_MODEL}, the small "
                    "shapes model)")
@@ -71,8 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxt2i", description="Text-to-image generation in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="text -> image")
-    _add_sampling_args(gen)
+    _add_sampling_args(gen, prompt_optional=True)
     gen.add_argument("--size", type=_parse_size, default=None, help="WIDTHxHEIGHT, multiples of 8 (default: model's)")
+    gen.add_argument("--prompts-file", default=None,
+                     help="many prompts instead of PROMPT: one per line, or JSON Lines with \"prompt\" and optional "
+                          "\"seed\", \"steps\", \"guidance\", \"negative\", \"size\"; --num images per prompt "
+                          "(seeds SEED, SEED+1, ...), one PNG each in --outdir, batched over every device, resumable")
+    gen.add_argument("--outdir", default=None, help="folder of the --prompts-file images (a rerun with the same "
+                                                    "arguments finishes it; finished images are never rewritten)")
+    gen.add_argument("--batch-size", type=int, default=8,
+                     help="--prompts-file images per program call, rounded up to a multiple of the device count "
+                          "(default 8)")
     i2i = sub.add_parser("img2img", help="text + image -> image")
     _add_sampling_args(i2i, default_strength=0.8)
     i2i.add_argument("--image", required=True, help="input image file")
@@ -202,6 +213,16 @@ def _run_sampling(args, kind: str) -> int:
     return 0
 
 
+def _generate_many(args) -> int:
+    """`jaxt2i generate --prompts-file FILE --outdir DIR` (:mod:`jaxt2i.generate_batch`)."""
+    if args.prompt is not None or args.prompts_file is None or args.outdir is None:
+        raise CLIError("give PROMPT (one image file, --out), or --prompts-file FILE with --outdir DIR (many images).")
+    rows = generate_batch.read_prompts(args.prompts_file)
+    pipe, model = _load(args)
+    clip = _ranking_clip(args, model, pipe) if args.candidates > 1 else None
+    return generate_batch.run(args, rows, pipe, model, clip)
+
+
 def _convert(args) -> int:
     if os.path.exists(args.dst):
         raise CLIError(f"{args.dst} already exists; choose a new destination (nothing was written).")
@@ -225,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "generate" and (args.prompt is None or args.prompts_file or args.outdir):
+            return _generate_many(args)
         if args.command in ("generate", "img2img", "inpaint"):
             return _run_sampling(args, args.command)
         if args.command == "convert":

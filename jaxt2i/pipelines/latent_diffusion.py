@@ -26,7 +26,8 @@ from jaxt2i.diffusion.schedules import ScheduleConfig
 from jaxt2i.dtypes import as_dtype
 from jaxt2i.models import latent_diffusion
 from jaxt2i.models.latent_diffusion import Models
-from jaxt2i.pipelines.common import ProgressBar, ProgressFn, cast_floats
+from jaxt2i.pipelines.common import (ProgressBar, ProgressFn, cast_floats, example_keys, example_seeds, map_examples,
+                                     normal_per_example, place)
 from jaxt2i.tokenizer import CLIPTokenizer
 
 # ------------------------------------------------------------------------------------------ static program spec
@@ -137,6 +138,14 @@ def _program(params, inputs, guidance, rescale, key, *, spec: _Spec):
     run, cond = _setup(spec, params, inputs, setup_key)
     state = _run_segment(spec, params, run.state, run.xs, cond, guidance, rescale, sample_key)
     return latent_diffusion.decode(spec.models, params, state["x"])
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _program_per_example(params, inputs, guidance, rescale, keys, *, spec: _Spec):
+    """:func:`_program` with one key per example (keys [B]): example ``i`` is computed as ``_program`` computes a
+    batch of one with ``keys[i]``, vmapped into one batched program."""
+    return map_examples(lambda example, key: _program(params, example, guidance, rescale, key, spec=spec), inputs,
+                        keys)
 
 
 # The same program in three stages, so a caller can watch progress between segments of model calls (each stage
@@ -254,7 +263,7 @@ class Pipeline:
     # ---------------------------------------------------------------------------------- programs
     def _run(self, kind: str, prompts, negative_prompt, steps, guidance_scale, sampler, seed, eta, guidance_rescale,
              use_karras_sigmas, progress, *, height, width, latents=None, strength=1.0, images=None,
-             masks=None) -> np.ndarray:
+             masks=None, sharding=None) -> np.ndarray:
         """Validates the arguments, builds the static spec and runs the program (or its stages, with progress)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -268,27 +277,41 @@ class Pipeline:
         spec = _Spec(self.models, self.schedule, kind, sampler, int(steps), float(guidance_scale) > 1.0,
                      bool(use_karras_sigmas), float(eta), float(strength))
         spec.start_step  # noqa: B018 -- validates strength against steps before anything runs
-        noise_key, program_key = jax.random.split(jax.random.key(seed))
+        seeds = example_seeds(seed, len(prompts))
+        if seeds is None:
+            noise_key, program_key = jax.random.split(jax.random.key(seed))
+        else:
+            noise_key, program_key = example_keys(seeds)
         inputs = {"ids": jnp.asarray(self.tokenize(prompts)),
                   "uncond_ids": jnp.asarray(self.tokenize(_negatives(negative_prompt, len(prompts)))),
-                  "noise": self._noise(latents, len(prompts), height, width, noise_key)}
+                  "noise": self._noise(latents, len(prompts), height, width, noise_key, seeds is not None)}
         if images is not None:
             inputs["images"] = images
         if masks is not None:
             inputs["masks"] = masks
+        inputs = place(inputs, sharding)
         guidance, rescale = jnp.float32(guidance_scale), jnp.float32(guidance_rescale)
-        if progress:
-            report = progress if callable(progress) else ProgressBar()
+        report = (progress if callable(progress) else ProgressBar()) if progress else None
+        if seeds is not None:  # one program; progress reports its start and end
+            if report is not None:
+                report(0, 1)
+            out = _program_per_example(self.params, inputs, guidance, rescale, place(program_key, sharding),
+                                       spec=spec)
+            if report is not None:
+                report(1, 1)
+        elif report is not None:
             out = _run_with_progress(spec, self.params, inputs, guidance, rescale, program_key, report)
         else:
             out = _program(self.params, inputs, guidance, rescale, program_key, spec=spec)
         return np.asarray(out)
 
-    def _noise(self, latents, batch, height, width, key):
+    def _noise(self, latents, batch, height, width, key, per_example: bool = False):
+        """The start noise [B, h, w, C]: ``latents``, else drawn from ``key`` (from each of keys [B] with
+        ``per_example``)."""
         shape = (batch, height // self.vae_scale_factor, width // self.vae_scale_factor,
                  self.configs["vae"].latent_channels)
         if latents is None:
-            return jax.random.normal(key, shape, jnp.float32)
+            return normal_per_example(key, shape[1:]) if per_example else jax.random.normal(key, shape, jnp.float32)
         latents = jnp.asarray(latents, jnp.float32)
         if latents.shape != shape:
             raise ValueError(f"latents have shape {latents.shape}; expected {shape} (NHWC) for {batch} image(s) "
@@ -305,22 +328,29 @@ class Pipeline:
         return height, width
 
     def text_to_image(self, prompts: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
-                      steps: int = 50, guidance_scale: float = 7.5, sampler: str = "ddim", seed: int = 0,
-                      height: int | None = None, width: int | None = None, latents=None, *, eta: float = 0.0,
-                      guidance_rescale: float = 0.0, use_karras_sigmas: bool = False,
-                      progress: bool | ProgressFn = False) -> np.ndarray:
+                      steps: int = 50, guidance_scale: float = 7.5, sampler: str = "ddim",
+                      seed: int | Sequence[int] = 0, height: int | None = None, width: int | None = None,
+                      latents=None, *, eta: float = 0.0, guidance_rescale: float = 0.0, use_karras_sigmas: bool = False,
+                      progress: bool | ProgressFn = False, sharding: jax.sharding.Sharding | None = None
+                      ) -> np.ndarray:
         """Prompts -> float32 images [B, H, W, 3] in [0, 1] (one jitted program: text encoding, sampling, decoding).
 
-        ``latents``: optional standard-normal noise [B, H/8, W/8, 4] (the sampler scales it as it needs);
-        otherwise drawn from ``seed``. Guidance <= 1 skips the unconditional half of the batch. ``progress``:
-        True prints a progress line, or a function ``fn(done, total)`` called after every model call (the
-        program then runs in stages: same numbers, one dispatch per model call).
+        ``seed``: an int draws the whole batch from one key; a sequence of B ints draws image ``i`` exactly as
+        ``text_to_image([prompts[i]], seed=seed[i])`` does (up to float rounding of batched kernels), so every image
+        can be reproduced alone. ``latents``: optional standard-normal noise [B, H/8, W/8, 4] (the sampler scales
+        it as it needs); otherwise drawn from ``seed``. Guidance <= 1 skips the unconditional half of the batch.
+        ``progress``: True prints a progress line, or a function ``fn(done, total)`` called after every model call
+        (the program then runs in stages: same numbers, one dispatch per model call; with one seed per image it
+        reports the one program's start and end). ``sharding``: where the batch's inputs go, e.g.
+        ``NamedSharding(Mesh(devices, ("batch",)), P("batch"))`` for data parallelism (B a multiple of the device
+        count; the parameters are used where they are: replicate them over the same devices).
         """
         if self.is_inpainting_model:
             raise ValueError("This is a 9-channel inpainting model; use inpaint() (or `jaxt2i inpaint`).")
         height, width = self._size(height, width)
         return self._run("txt2img", prompts, negative_prompt, steps, guidance_scale, sampler, seed, eta,
-                         guidance_rescale, use_karras_sigmas, progress, height=height, width=width, latents=latents)
+                         guidance_rescale, use_karras_sigmas, progress, height=height, width=width, latents=latents,
+                         sharding=sharding)
 
     def image_to_image(self, prompts: str | Sequence[str], image, strength: float = 0.8,
                        negative_prompt: str | Sequence[str] | None = None, steps: int = 50,
