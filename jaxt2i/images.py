@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from typing import Mapping
 
 import numpy as np
@@ -77,6 +78,20 @@ def save_png(path: str | os.PathLike, images: np.ndarray, metadata: Mapping[str,
         info.add_text(str(key), str(value))
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    Image.fromarray(pixels).save(path, pnginfo=info)
+    image_format = Image.registered_extensions().get(os.path.splitext(os.fspath(path))[1].lower())
+    if image_format is None:
+        raise ImageError(f"{path}: unknown image file extension; use .png.")
+    # Written next to the target and renamed when complete: a failed write (a full disk) leaves no partial file.
+    fd, tmp = tempfile.mkstemp(prefix=".jaxt2i-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(pixels).save(f, format=image_format, pnginfo=info)
+        os.replace(tmp, path)
+    except OSError as e:
+        os.unlink(tmp)
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+    except BaseException:
+        os.unlink(tmp)
+        raise
     return os.fspath(path)
 

@@ -170,8 +170,13 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     """Writes numpy arrays (bfloat16 allowed) to a safetensors file, atomically (temp file + rename)."""
     path = os.fspath(path)
     tmp = path + ".tmp"
-    _write_safetensors_raw(tmp, {k: _contiguous(v) for k, v in tensors.items()}, metadata)
-    os.replace(tmp, path)
+    try:
+        _write_safetensors_raw(tmp, {k: _contiguous(v) for k, v in tensors.items()}, metadata)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: no half-written file stays behind
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _contiguous(value) -> np.ndarray:

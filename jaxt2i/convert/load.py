@@ -326,7 +326,6 @@ def read_native(path: str, *, dtype: Any = None) -> LoadedModel:
     """Reads a jaxt2i model folder (``jaxt2i convert``, ``jaxt2i train``'s exports; any family, any version)."""
     path = os.fspath(path)
     manifest = native.read_manifest(path)
-    native.check_weight_files(path, manifest)
     version = manifest.get("upgraded_from", native.FORMAT_VERSION)
     configs, params, types = {}, {}, {}
     for name, entry in _each(manifest["components"].items(), "reading"):
@@ -348,6 +347,7 @@ def read_native(path: str, *, dtype: Any = None) -> LoadedModel:
     family = manifest.get("family")
     if family == "latent_diffusion":
         _check_latent_diffusion(path, configs, text_layer)
+    native.check_weight_files(path, manifest)
     sampling = native.sampling_settings(manifest.get("sampling", {}), path)
     extras = manifest.get("extras") or {}
     if not isinstance(extras, dict):

@@ -10,6 +10,8 @@ import jax
 import numpy as np
 import tqdm
 
+from jaxt2i.diffusion.samplers import SAMPLERS
+
 
 # --------------------------------------------------------------------------------------- compilation cache
 def enable_compilation_cache(path: str | None = None) -> str | None:
@@ -48,3 +50,18 @@ class ProgressBar:
 def cast_floats(tree, dtype):
     """Floating leaves of ``tree`` as numpy arrays of ``dtype``; other leaves (integers) unchanged."""
     return jax.tree.map(lambda a: np.asarray(a, dtype) if np.issubdtype(np.asarray(a).dtype, np.floating) else a, tree)
+
+
+def check_sampling_args(*, steps=None, guidance_scale=None, strength=None, sampler=None) -> None:
+    """Raises ValueError naming the first bad sampling argument (None: not checked): ``steps`` not an integer >= 1,
+    ``guidance_scale`` not a finite number >= 0 (<= 1 turns guidance off), ``strength`` outside (0, 1], ``sampler``
+    not one of :data:`jaxt2i.diffusion.samplers.SAMPLERS`. The pipelines and the command line both call it."""
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+    if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
+        raise ValueError(f"steps must be an integer >= 1; got {steps}.")
+    if guidance_scale is not None and not (np.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise ValueError(f"guidance scale must be a finite number >= 0 (<= 1 turns guidance off); got "
+                         f"{guidance_scale}.")
+    if strength is not None and not 0.0 < float(strength) <= 1.0:
+        raise ValueError(f"strength must be in (0, 1]; got {strength}.")
