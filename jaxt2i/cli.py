@@ -252,7 +252,11 @@ def _convert(args) -> int:
         model.params = {k: jax.tree.map(lambda a: np.asarray(a, dtype), v) for k, v in model.params.items()}
     writer = {"jaxt2i": load.write_native, "diffusers": load.write_diffusers_folder,
               "single-file": load.write_single_file}[args.to]
-    writer(args.dst, model)
+    try:
+        writer(args.dst, model)
+    except OSError as e:  # the writers stage everything and rename at the end: a failure leaves nothing behind
+        raise CLIError(f"writing {args.dst} failed ({e.strerror or e}); nothing was written and {args.src} is "
+                       "untouched.") from None
     print(f"converted {args.src} -> {args.dst} ({args.to}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -128,7 +129,7 @@ def test_the_size_rule_is_one_rule_computed_from_the_config(tmp_path, capsys):
     rule = "positive multiples of 16 pixels (the VAE's factor 4 x the unet's downsampling 4)"
     assert pipe.size_rule == rule
     for h, w in ((40, 40), (48, 56), (8, 8)):
-        with pytest.raises(ValueError, match=__import__("re").escape(rule)):
+        with pytest.raises(ValueError, match=re.escape(rule)):
             pipe.check_image_size(h, w)
     with pytest.raises(ValueError, match=r"multiples of 4 \(the U-Net's downsampling.*VAE's factor x 4 pixels"):
         pipe.predict_noise(np.zeros((1, 10, 10, 4), np.float32), 1, pipe.encode_prompt(["x"]))
@@ -137,6 +138,11 @@ def test_the_size_rule_is_one_rule_computed_from_the_config(tmp_path, capsys):
     code, err = run(["generate", "x", "--size", "40x40", "--out", tmp_path / "o.png"], capsys)
     assert_refused(code, err, rule, "40x40")
     assert files_in(tmp_path) == []
+
+
+def test_48x48_follows_the_rule_and_samples():
+    images = load_pipeline("shapes").text_to_image("a red circle", steps=1, height=48, width=48)
+    assert images.shape == (1, 48, 48, 3) and np.isfinite(images).all()
 
 
 def test_a_dit_size_rule_uses_the_patch_size():
