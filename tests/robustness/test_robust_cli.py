@@ -140,6 +140,7 @@ def test_the_size_rule_is_one_rule_computed_from_the_config(tmp_path, capsys):
     assert files_in(tmp_path) == []
 
 
+@pytest.mark.slow  # compiles the shapes model at a new size (~10-20 s); the rule itself is checked above
 def test_48x48_follows_the_rule_and_samples():
     images = load_pipeline("shapes").text_to_image("a red circle", steps=1, height=48, width=48)
     assert images.shape == (1, 48, 48, 3) and np.isfinite(images).all()
