@@ -5,7 +5,8 @@ A ``dalle`` model folder (``jaxt2i train`` with ``kind: dalle`` writes one) hold
 component (:mod:`jaxt2i.models.dalle`), the dVAE's ``dvae_decoder`` (and usually its ``dvae_encoder``;
 :mod:`jaxt2i.models.dvae`), optionally a CLIP (``text_encoder`` + ``clip_vision``) that ranks candidates, the
 tokenizer settings, and the recommended sampling: ``"sampling": {"guidance"}`` plus ``"extras":
-{"token_sampling": {"temperature", "top_k", "top_p"}}`` in its ``jaxt2i.json``.
+{"token_sampling": {"temperature", "top_k", "top_p"}}`` in its ``jaxt2i.json``; a transformer trained with a
+compact text table also stores ``"extras": {"text_vocabulary": [CLIP ids]}``, read through a ``SubsetTokenizer``.
 
 Sampling (:func:`jaxt2i.models.dalle_sampling.sample_image_tokens`) is one ``lax.scan`` over the
 ``image_height * image_width`` image positions with a key/value cache; the logits are divided by the temperature
@@ -31,10 +32,11 @@ from jaxt2i.models import dvae as dvae_model
 from jaxt2i.models.dalle import DalleTransformer, prepare_text_tokens
 from jaxt2i.models.dalle_sampling import sample_image_tokens
 from jaxt2i.pipelines.common import ProgressBar, ProgressFn, cast_floats
-from jaxt2i.tokenizer import CLIPTokenizer
+from jaxt2i.tokenizer import CLIPTokenizer, SubsetTokenizer
 
 TRANSFORMER_TYPE, ENCODER_TYPE, DECODER_TYPE = "dalle_transformer", "dvae_encoder", "dvae_decoder"
 TOKEN_SAMPLING = "token_sampling"  # the jaxt2i.json "extras" entry of the recommended temperature, top_k, top_p
+TEXT_VOCABULARY = "text_vocabulary"  # the "extras" entry of a compact text table: the CLIP ids it keeps
 TOKEN_SAMPLING_KEYS = ("temperature", "top_k", "top_p")
 # Without a recommendation: plain sampling from the model's distribution, as the DALL-E paper draws.
 FALLBACK_SAMPLING = {"guidance": 1.0, "temperature": 1.0, "top_k": None, "top_p": None}
@@ -160,9 +162,9 @@ class DallePipeline:
         if dvae_config.vocab_size != config.image_vocab_size:
             raise ValueError(f"{loaded.source}: the dVAE has {dvae_config.vocab_size} image tokens but the transformer "
                              f"draws from {config.image_vocab_size}; they must be the same vocabulary.")
-        self.tokenizer = self._tokenizer(loaded.tokenizer, config.text_length)
-        if len(self.tokenizer.backend) > config.text_vocab_size:
-            raise ValueError(f"{loaded.source}: the tokenizer has {len(self.tokenizer.backend)} ids but the "
+        self.tokenizer = self._tokenizer(loaded.tokenizer, config.text_length, loaded.extras.get(TEXT_VOCABULARY))
+        if self.tokenizer.vocab_size > config.text_vocab_size:
+            raise ValueError(f"{loaded.source}: the tokenizer has {self.tokenizer.vocab_size} ids but the "
                              f"transformer reads {config.text_vocab_size}; the folder's tokenizer does not fit the "
                              "transformer.")
         self.transformer = DalleTransformer(config, dtype=self.dtype, param_dtype=self.dtype)
@@ -176,11 +178,13 @@ class DallePipeline:
         self._clip = None
 
     @staticmethod
-    def _tokenizer(settings: Mapping[str, Any], length: int) -> CLIPTokenizer:
+    def _tokenizer(settings: Mapping[str, Any], length: int,
+                   vocabulary: Sequence[int] | None = None) -> CLIPTokenizer | SubsetTokenizer:
         folder = settings.get("folder")
         backend = (CLIPTokenizer.from_folder(folder) if folder else
                    CLIPTokenizer.default(pad=settings.get("pad") or "eos")).backend
-        return CLIPTokenizer(backend, length)
+        tokenizer = CLIPTokenizer(backend, length)
+        return tokenizer if vocabulary is None else SubsetTokenizer(tokenizer, vocabulary)
 
     def _param_dtype(self, name: str):
         if name == self.transformer_name:
