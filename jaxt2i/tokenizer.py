@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import threading
 import warnings
@@ -79,6 +80,15 @@ def _packaged(pad_token: str) -> transformers.PreTrainedTokenizerBase:
     return _load(packaged_folder(), pad_token=pad_token)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_unicode(text: str) -> str:
+    """``text`` with each lone surrogate (what an undecodable byte of a command line becomes) replaced by U+FFFD;
+    the tokenizer library, and files, accept only valid Unicode."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 class CLIPTokenizer:
     """Prompts -> ``int32 [B, max_length]`` ids, as Stable Diffusion pipelines tokenize them.
 
@@ -123,7 +133,7 @@ class CLIPTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without BOS/EOS, truncation or padding."""
         with _CALL_LOCK:
-            return self.backend(text, add_special_tokens=False, verbose=False)["input_ids"]
+            return self.backend(valid_unicode(text), add_special_tokens=False, verbose=False)["input_ids"]
 
     def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
         """Tokenises one prompt or a list of prompts.
@@ -138,6 +148,7 @@ class CLIPTokenizer:
                 raise TypeError(f"Prompt {index} is a {type(prompt).__name__}; prompts must be strings.")
         if not prompts:
             return np.zeros((0, self.max_length), np.int32)
+        prompts = [valid_unicode(p) for p in prompts]
         with _CALL_LOCK:
             lengths = [len(ids) for ids in self.backend(prompts, add_special_tokens=False, verbose=False)["input_ids"]]
             ids = self.backend(prompts, padding="max_length", max_length=self.max_length, truncation=True,

@@ -1,5 +1,5 @@
 """What every family's pipeline shares: the persistent compilation cache, progress reporting, parameter casts, one
-seed per image and placing a batch on devices."""
+seed per image, placing a batch on devices, and the checks of the sampling arguments."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+
+from jaxt2i.diffusion.samplers import SAMPLERS
 
 
 # --------------------------------------------------------------------------------------- compilation cache
@@ -103,3 +105,18 @@ def map_examples(fn: Callable, batched, keys: jax.Array):
 def place(tree, sharding: jax.sharding.Sharding | None):
     """``tree`` on ``sharding`` (e.g. the batch axis split over a 1-D device mesh), or as it is when None."""
     return tree if sharding is None else jax.device_put(tree, sharding)
+
+
+def check_sampling_args(*, steps=None, guidance_scale=None, strength=None, sampler=None) -> None:
+    """Raises ValueError naming the first bad sampling argument (None: not checked): ``steps`` not an integer >= 1,
+    ``guidance_scale`` not a finite number >= 0 (<= 1 turns guidance off), ``strength`` outside (0, 1], ``sampler``
+    not one of :data:`jaxt2i.diffusion.samplers.SAMPLERS`. The pipelines and the command line both call it."""
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+    if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
+        raise ValueError(f"steps must be an integer >= 1; got {steps}.")
+    if guidance_scale is not None and not (np.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise ValueError(f"guidance scale must be a finite number >= 0 (<= 1 turns guidance off); got "
+                         f"{guidance_scale}.")
+    if strength is not None and not 0.0 < float(strength) <= 1.0:
+        raise ValueError(f"strength must be in (0, 1]; got {strength}.")

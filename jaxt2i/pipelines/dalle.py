@@ -31,7 +31,8 @@ from jaxt2i.eval import clip_metrics, rerank
 from jaxt2i.models import dvae as dvae_model
 from jaxt2i.models.dalle import DalleTransformer, prepare_text_tokens
 from jaxt2i.models.dalle_sampling import sample_image_tokens
-from jaxt2i.pipelines.common import ProgressBar, ProgressFn, cast_floats, example_seeds, map_examples, place, seed_keys
+from jaxt2i.pipelines.common import (ProgressBar, ProgressFn, cast_floats, check_sampling_args, example_seeds,
+                                     map_examples, place, seed_keys)
 from jaxt2i.tokenizer import CLIPTokenizer, SubsetTokenizer
 
 TRANSFORMER_TYPE, ENCODER_TYPE, DECODER_TYPE = "dalle_transformer", "dvae_encoder", "dvae_decoder"
@@ -223,8 +224,7 @@ class DallePipeline:
         ``top_k=0`` and ``top_p=1`` turn a recommended filter off."""
         s = self.sampling
         guidance = float(s["guidance"] if guidance_scale is None else guidance_scale)
-        if not np.isfinite(guidance):
-            raise ValueError(f"guidance_scale must be a finite number; got {guidance_scale}.")
+        check_sampling_args(guidance_scale=guidance)
         top_k = s["top_k"] if top_k is None else (None if top_k == 0 else top_k)
         top_p = s["top_p"] if top_p is None else (None if top_p == 1 else top_p)
         return {"guidance": guidance, "temperature": check_temperature(s["temperature"] if temperature is None

@@ -23,7 +23,8 @@ from jaxt2i.diffusion.guidance import cfg_denoise_fn
 from jaxt2i.diffusion.schedules import ScheduleConfig
 from jaxt2i.dtypes import as_dtype
 from jaxt2i.models import dit, latent_diffusion, vae
-from jaxt2i.pipelines.common import cast_floats, example_keys, example_seeds, map_examples, normal_per_example, place
+from jaxt2i.pipelines.common import (cast_floats, check_sampling_args, example_keys, example_seeds, map_examples,
+                                     normal_per_example, place)
 
 DIT_SAMPLING = (50, 4.0)  # (steps, guidance): diffusers' DiTPipeline defaults
 
@@ -172,12 +173,7 @@ class ClassPipeline:
         """
         ids = self.label_ids(labels)
         steps, guidance = self.sampling_defaults(steps, guidance_scale)
-        if sampler not in samplers.SAMPLERS:
-            raise ValueError(f"Unknown sampler {sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}.")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1; got {steps}.")
-        if not np.isfinite(guidance):
-            raise ValueError(f"guidance_scale must be a finite number; got {guidance_scale}.")
+        check_sampling_args(steps=steps, guidance_scale=guidance, sampler=sampler)
         seeds = example_seeds(seed, len(ids))
         if seeds is None:
             noise_key, program_key = jax.random.split(jax.random.key(seed))
