@@ -158,13 +158,14 @@ def _run(args) -> int:
                             f"in {clip_path}; pass --clip FOLDER (a model folder with a clip_vision component)")
         log("no CLIP found (pass --clip FOLDER): CLIP score and Frechet distance are reported as missing")
     cache = args.reference_cache or default_reference_cache()
-    cache = None if cache.lower() in ("off", "none", "") else cache
+    cache = None if cache.lower() in ("off", "none", "") or clip is None else cache
     result = report.evaluate_pipeline(pipe, guidance_scales=guidance, n=args.n, steps=steps, seed=args.seed,
                                       batch_size=args.batch_size, sampler=args.sampler, clip=clip,
                                       n_real=args.n_real, candidates=args.candidates,
                                       save_images=args.save_images,
                                       given_images=args.from_images if given is not None else None,
-                                      reference_cache=cache, clip_key=clip_metrics.folder_fingerprint(clip_path),
+                                      reference_cache=cache,
+                                      clip_key=clip_metrics.folder_fingerprint(clip_path) if cache else None,
                                       log=log)
     result["settings"]["model"] = os.path.abspath(model)
     if args.from_images:

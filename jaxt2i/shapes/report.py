@@ -269,6 +269,51 @@ def _given_rows(given, key: str, ranges: list[tuple[int, int]]) -> Iterator[np.n
     return (np.asarray(given[key][a:b]) for a, b in ranges)
 
 
+class _Run(NamedTuple):
+    """What every guidance scale of one evaluation shares."""
+
+    pipe: Any
+    prompts: list
+    batches: list  # this process's (k, start, stop)
+    size: int  # prompts per text_to_image call
+    steps: int
+    seed: int
+    sampler: str | None
+    candidates: int
+    clip: Any
+    sharding: Any
+    given_images: Any
+
+
+def _image_batches(run: _Run, guidance: float) -> Iterator[tuple[np.ndarray, np.ndarray | None, float]]:
+    """``(images float32 [b, H, W, 3] in [0, 1], chosen candidates or None, seconds drawing)`` for each of this
+    process's batches, drawn one at a time (or read from the given images)."""
+    if run.given_images is not None:
+        for rows in _given_rows(run.given_images, _key(guidance), [(a, b) for _, a, b in run.batches]):
+            yield np.asarray(rows, np.float32) / 255.0, None, 0.0
+        return
+    for k, a, b in run.batches:
+        t0 = time.perf_counter()
+        images, chosen = draw_batch(run.pipe, [p.prompt for p in run.prompts[a:b]], run.size, guidance, run.steps,
+                                    run.seed + k, run.sampler, run.candidates, run.clip, run.sharding)
+        yield images, chosen, time.perf_counter() - t0
+
+
+def _score_guidance(run: _Run, guidance: float, dim: int | None, writer: npz_stream.NpzWriter | None) -> ScoreState:
+    """One guidance scale's images drawn, scored (and written) batch by batch; the state merged over processes."""
+    state = ScoreState.empty(dim)
+    progress = tqdm.tqdm(zip(run.batches, _image_batches(run, guidance)), total=len(run.batches), unit="batch",
+                         leave=False, desc=f"guidance {guidance:g}", file=sys.stderr, disable=None)
+    for (_, a, b), (images, chosen, seconds) in progress:
+        state = score_batch(state, run.prompts[a:b], images, run.clip, chosen)
+        state = state._replace(seconds=state.seconds + seconds)
+        if writer is not None:
+            if a == 0:
+                writer.begin(f"guidance_{_key(guidance)}", (len(run.prompts), *images.shape[1:]), np.uint8)
+            writer.write(_to_uint8(images))
+    return merged(state)
+
+
 def evaluate_pipeline(pipe, *, guidance_scales: Sequence[float] = (1.0, 3.0, 5.0), n: int = 25, steps: int = 25,
                       seed: int = 0, batch_size: int = 16, sampler: str | None = None, clip=None,
                       n_real: int | None = None, candidates: int = 1, save_images: str | None = None,
@@ -303,12 +348,11 @@ def evaluate_pipeline(pipe, *, guidance_scales: Sequence[float] = (1.0, 3.0, 5.0
     sharding = distribute.batch_sharding(devices) if given_images is None and takes_sharding(pipe) else None
     prompts = eval_prompt_set(n, seed=seed)
     size = min(batch_size, len(prompts))
-    if sharding is not None:
-        size, pipe = distribute.device_batch_size(size, len(devices)), sharded_pipe(pipe, sharding)
+    size = size if sharding is None else distribute.device_batch_size(size, len(devices))
     result: dict[str, Any] = {
         "settings": {"n_per_group": n, "n_prompts": len(prompts), "steps": steps, "sampler": sampler, "seed": seed,
                      "guidance_scales": list(guidance_scales), "batch_size": batch_size, "candidates": candidates,
-                     "devices": len(devices) if sharding is not None else 1, "processes": process[1]},
+                     "devices": 1 if sharding is None else len(devices), "processes": process[1]},
         "guidance": {},
     }
     dim, reference = feature_dim(clip), None
@@ -325,33 +369,16 @@ def evaluate_pipeline(pipe, *, guidance_scales: Sequence[float] = (1.0, 3.0, 5.0
         log(f"real target renders through the autoencoder: held-out one/two-object accuracy "
             f"{_get(roundtrip, 'heldout', 'one_object')} / {_get(roundtrip, 'heldout', 'two_object')} "
             f"(the ceiling of any model on it)")
-    batches = list(distribute.process_batches(len(prompts), size, *process))
+    run = _Run(sharded_pipe(pipe, sharding), prompts, list(distribute.process_batches(len(prompts), size, *process)),
+               size, steps, seed, sampler, candidates, clip, sharding, given_images)
     writer = npz_stream.NpzWriter(save_images) if save_images else None
     try:
         for g in guidance_scales:
-            if given_images is not None:
-                images = _given_rows(given_images, _key(g), [(a, b) for _, a, b in batches])
-            else:
-                images = (_timed(draw_batch, pipe, [p.prompt for p in prompts[a:b]], size, g, steps, seed + k,
-                                 sampler, candidates, clip, sharding) for k, a, b in batches)
-            state = ScoreState.empty(dim)
-            for (_, a, b), drawn in tqdm.tqdm(zip(batches, images), total=len(batches), unit="batch", leave=False,
-                                              desc=f"guidance {g:g}", file=sys.stderr, disable=None):
-                if given_images is not None:
-                    drawn = (np.asarray(drawn, np.float32) / 255.0, None, 0.0)
-                batch_images, chosen, seconds = drawn
-                state = score_batch(state, prompts[a:b], batch_images, clip, chosen)._replace(
-                    seconds=state.seconds + seconds)
-                if writer is not None:
-                    if a == 0:
-                        writer.begin(f"guidance_{_key(g)}", (len(prompts), *batch_images.shape[1:]), np.uint8)
-                    writer.write(_to_uint8(batch_images))
-            state = merged(state)
-            entry = state_entry(state, reference)
+            state = _score_guidance(run, g, dim, writer)
+            result["guidance"][_key(g)] = entry = state_entry(state, reference)
             entry["generation_seconds"] = None if given_images is not None else state.seconds
             if candidates > 1 and given_images is None:
                 entry["reranked_share"] = state.reranked / len(prompts)  # prompts whose plain draw was replaced
-            result["guidance"][_key(g)] = entry
             acc = entry["adherence"]
             log(f"guidance {g:g}: {len(prompts)} images in {state.seconds:.0f} s; held-out one/two-object accuracy "
                 f"{_get(acc, 'heldout', 'one_object')} / {_get(acc, 'heldout', 'two_object')} (exact: "
@@ -367,13 +394,6 @@ def evaluate_pipeline(pipe, *, guidance_scales: Sequence[float] = (1.0, 3.0, 5.0
             writer.abort()
         raise
     return result
-
-
-def _timed(fn, *args) -> tuple:
-    """``fn(*args)`` (a tuple) with the seconds it took appended."""
-    t0 = time.perf_counter()
-    out = fn(*args)
-    return (*out, time.perf_counter() - t0)
 
 
 def save_eval_images(path: str, prompts: Sequence[str], images: dict[str, np.ndarray],
