@@ -176,9 +176,10 @@ def state_entry(state: ScoreState, reference: frechet.RunningStatistics | None =
     return out
 
 
-def feature_dim(clip) -> int | None:
-    """The size of ``clip``'s features (None without a CLIP)."""
-    return None if clip is None else int(np.asarray(clip[1](["a red circle"])).shape[1])
+def feature_dim(clip, texts: Sequence[str] = ("a red circle",)) -> int | None:
+    """The size of ``clip``'s features (None without a CLIP), from the encoding of ``texts`` (give a batch the
+    evaluation encodes anyway: the program is compiled for that batch size once)."""
+    return None if clip is None else int(np.asarray(clip[1](list(texts))).shape[1])
 
 
 def evaluate_images(prompts: Sequence[world.EvalPrompt], images: np.ndarray, clip=None,
@@ -355,7 +356,7 @@ def evaluate_pipeline(pipe, *, guidance_scales: Sequence[float] = (1.0, 3.0, 5.0
                      "devices": 1 if sharding is None else len(devices), "processes": process[1]},
         "guidance": {},
     }
-    dim, reference = feature_dim(clip), None
+    dim, reference = feature_dim(clip, [p.prompt for p in prompts[:size]]), None
     if clip is not None:
         n_real = n_real or max(len(prompts), 256)
         real = [reference_statistics(clip[0], n_real, seed, offset, dim=dim, cache_dir=reference_cache,

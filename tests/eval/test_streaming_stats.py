@@ -164,6 +164,10 @@ def test_streamed_npz_reads_back_with_numpy_and_in_pieces(tmp_path):
     np.testing.assert_array_equal(np.concatenate(parts), images[[1, 2, 6, 7, 8, 9]])
     assert npz_stream.array_shape(path, "guidance_3") == images.shape
     assert report.eval_images_index(path) == (["a"] * 10, ["3"], {"n_per_group": 1})
+    np.savez_compressed(tmp_path / "numpy.npz", guidance_3=images)  # a file numpy wrote reads the same way
+    np.testing.assert_array_equal(next(npz_stream.read_rows(str(tmp_path / "numpy.npz"), "guidance_3", [(2, 9)])),
+                                  images[2:9])
+    (tmp_path / "numpy.npz").unlink()
     # a failure midway leaves the earlier file as it was and no partial file
     with pytest.raises(RuntimeError):
         with npz_stream.NpzWriter(path) as w:
