@@ -1,8 +1,8 @@
 """``.npz`` files (the ``np.savez_compressed`` format, read back by ``np.load``) written and read a block of rows at a
 time, so that an array of tens of thousands of images never has to be in memory at once.
 
-``NpzWriter`` writes to ``PATH.partial`` and renames it to ``PATH`` when closed without an error, so a failed run
-leaves no half-written file under the name and never replaces a file that was there. ``read_rows`` streams the
+``NpzWriter`` writes to ``PATH.<pid>.partial`` and renames it to ``PATH`` when closed without an error, so a failed run
+leaves no half-written file and leaves a file already at ``PATH`` untouched. ``read_rows`` streams the
 rows of one array of any ``.npz`` (compressed or not).
 """
 
@@ -23,7 +23,7 @@ class NpzWriter:
 
     def __init__(self, path: str):
         self.path = path
-        self._partial = path + ".partial"
+        self._partial = f"{path}.{os.getpid()}.partial"  # two writers of one path never share a partial file
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._zip = zipfile.ZipFile(self._partial, "w", zipfile.ZIP_DEFLATED, allowZip64=True)
         self._open = None  # (name, file, rows expected, row shape, dtype, rows written)
@@ -70,7 +70,7 @@ class NpzWriter:
         os.replace(self._partial, self.path)
 
     def abort(self) -> None:
-        """Drops the partial file; ``path`` is left as it was."""
+        """Drops the partial file; ``path`` is left untouched."""
         if self._open is not None:
             self._open[1].close()
             self._open = None
