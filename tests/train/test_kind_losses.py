@@ -4,6 +4,8 @@ shapes-world captions, the class-balanced head loss."""
 from __future__ import annotations
 
 import functools
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,12 +13,15 @@ import numpy as np
 import pytest
 
 from jaxt2i.models import clip_vision as cv
-from jaxt2i.models.vae import PRESETS as VAE_PRESETS, AutoencoderKL, init_params as init_vae
+from jaxt2i.models.vae import PRESETS as VAE_PRESETS, AutoencoderKL, abstract_params as vae_abstract_params
 from jaxt2i.shapes.parse import PARSE_TARGETS, ROLES, caption_parse_targets
 from jaxt2i.tokenizer import CLIPTokenizer
 from jaxt2i.train.kinds.clip import heads_loss, tokenize_checked
 from jaxt2i.train.kinds.vae import elbo_loss
 from jaxt2i.train.step import example_keys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_sharding import random_params  # noqa: E402
 
 TINY_CLIP = cv.preset("tiny")
 
@@ -29,7 +34,7 @@ def tokenizer():
 def test_elbo_terms():
     config = VAE_PRESETS["tiny"]
     module = AutoencoderKL(config)
-    params = init_vae(config, jax.random.key(0))
+    params = random_params(vae_abstract_params(config), 0)  # host-side weights: no compiled init
     side = 4 * config.downsample_factor
     images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, side, side, 3)), jnp.float32)
     keys = example_keys(jax.random.key(1), jnp.int32(0), 4)
@@ -54,7 +59,7 @@ def test_tokenize_checked_refuses_truncation(tokenizer):
 
 def test_training_length_cut_does_not_change_the_text_embedding(tokenizer):
     """Positions after EOS are invisible to the EOS-pooled embedding of the causal text tower."""
-    params = cv.init_params(TINY_CLIP, jax.random.key(0))
+    params = random_params(jax.eval_shape(functools.partial(cv.init_params, TINY_CLIP), jax.random.key(0)), 0)
     model = cv.CLIPModel(TINY_CLIP)
     full = tokenizer(["a red circle above a blue square"])
     features = jax.jit(lambda p, ids: model.apply({"params": p}, ids, method=cv.CLIPModel.get_text_features))
