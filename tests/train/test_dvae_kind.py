@@ -32,6 +32,7 @@ from jaxt2i.train.step import FROZEN_UPDATES, example_keys, make_train_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_kinds import COMMON, ROOT, env, folder, losses, train  # noqa: E402,F401 -- env is a fixture
+from test_sharding import random_params  # noqa: E402
 
 TINY = dvae_model.get_config("tiny")
 BASE = (str(ROOT / "configs" / "shapes_dvae.yaml"), *COMMON, "data.image_size=16", "model.preset=tiny",
@@ -125,8 +126,8 @@ def test_usage_metrics():
 def test_gumbel_objective_weighs_the_summed_kl_as_the_paper_does():
     """loss = mean NLL per value + beta * (KL summed over positions) / (H W C): per position, beta / (f^2 C)."""
     encoder, decoder = dvae_model.Encoder(TINY), dvae_model.Decoder(TINY)
-    params = {"encoder": dvae_model.init_encoder(TINY, jax.random.key(0)),
-              "decoder": dvae_model.init_decoder(TINY, jax.random.key(1))}
+    params = {"encoder": random_params(dvae_model.encoder_abstract_params(TINY), 0),
+              "decoder": random_params(dvae_model.decoder_abstract_params(TINY), 1)}
     x01 = jnp.asarray(np.random.default_rng(4).uniform(0, 1, (3, 16, 16, 3)), jnp.float32)
     keys = example_keys(jax.random.key(2), jnp.int32(0), 3)
     cfg = LossConfig(beta=6.6, beta_steps=10, temperature_steps=10)
@@ -205,8 +206,8 @@ def test_ema_codebook_update_matches_a_direct_computation():
 
 def test_a_vq_model_folds_into_a_plain_dvae():
     inner = dataclasses.replace(TINY, vocab_size=8)  # code_dim 8 on both sides of a 64-code codebook
-    enc = dvae_model.init_encoder(inner, jax.random.key(0))
-    dec = dvae_model.init_decoder(inner, jax.random.key(1))
+    enc = random_params(dvae_model.encoder_abstract_params(inner), 0)
+    dec = random_params(dvae_model.decoder_abstract_params(inner), 1)
     embedding = vq.init_codebook(jax.random.key(2), TINY.vocab_size, 8, ema=False)["embedding"]
     images = np.random.default_rng(7).uniform(0, 1, (2, 16, 16, 3)).astype(np.float32)
     z_e = jax.jit(dvae_model.Encoder(inner).apply)({"params": enc}, dvae_model.map_pixels(images))

@@ -3,18 +3,25 @@ shapes-world captions, the class-balanced head loss."""
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxt2i.models import clip_vision as cv
-from jaxt2i.models.vae import PRESETS as VAE_PRESETS, AutoencoderKL, init_params as init_vae
+from jaxt2i.models.vae import PRESETS as VAE_PRESETS, AutoencoderKL, abstract_params as vae_abstract_params
 from jaxt2i.shapes.parse import PARSE_TARGETS, ROLES, caption_parse_targets
 from jaxt2i.tokenizer import CLIPTokenizer
 from jaxt2i.train.kinds.clip import heads_loss, tokenize_checked
 from jaxt2i.train.kinds.vae import elbo_loss
 from jaxt2i.train.step import example_keys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_sharding import random_params  # noqa: E402
 
 TINY_CLIP = cv.preset("tiny")
 
@@ -27,16 +34,18 @@ def tokenizer():
 def test_elbo_terms():
     config = VAE_PRESETS["tiny"]
     module = AutoencoderKL(config)
-    params = init_vae(config, jax.random.key(0))
+    params = random_params(vae_abstract_params(config), 0)  # host-side weights: no compiled init
     side = 4 * config.downsample_factor
     images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, side, side, 3)), jnp.float32)
     keys = example_keys(jax.random.key(1), jnp.int32(0), 4)
-    loss0, m0 = elbo_loss(module, params, images, keys, 0.0, "l1")
-    loss1, m1 = elbo_loss(module, params, images, keys, 10.0, "l1")
+    # one compiled program per reconstruction loss (beta is an argument), not one per operation
+    l1, l2 = (jax.jit(functools.partial(elbo_loss, module, recon=recon)) for recon in ("l1", "l2"))
+    loss0, m0 = l1(params, images, keys, 0.0)
+    loss1, m1 = l1(params, images, keys, 10.0)
     np.testing.assert_allclose(float(loss0), float(m0["rec"]), rtol=1e-6)
     np.testing.assert_allclose(float(loss1), float(m1["rec"]) + 10.0 * float(m1["kl_per_value"]), rtol=1e-5)
     assert float(m1["kl_per_value"]) > 0
-    _, m2 = elbo_loss(module, params, images, keys, 0.0, "l2")
+    _, m2 = l2(params, images, keys, 0.0)
     assert float(m2["rec"]) != float(m0["rec"])
     np.testing.assert_allclose(float(m0["psnr"]), float(m2["psnr"]), rtol=1e-6)  # PSNR does not depend on recon
 
@@ -50,10 +59,11 @@ def test_tokenize_checked_refuses_truncation(tokenizer):
 
 def test_training_length_cut_does_not_change_the_text_embedding(tokenizer):
     """Positions after EOS are invisible to the EOS-pooled embedding of the causal text tower."""
-    params = cv.init_params(TINY_CLIP, jax.random.key(0))
+    params = random_params(jax.eval_shape(functools.partial(cv.init_params, TINY_CLIP), jax.random.key(0)), 0)
     model = cv.CLIPModel(TINY_CLIP)
     full = tokenizer(["a red circle above a blue square"])
-    embed = lambda ids: model.apply({"params": params}, jnp.asarray(ids), method=cv.CLIPModel.get_text_features)
+    features = jax.jit(lambda p, ids: model.apply({"params": p}, ids, method=cv.CLIPModel.get_text_features))
+    embed = lambda ids: features(params, jnp.asarray(ids))
     np.testing.assert_allclose(embed(full), embed(full[:, :16]), atol=1e-6)
 
 

@@ -179,51 +179,73 @@ def test_jit_and_shard_map_forms_agree_on_8_devices(env, tmp_path, kind):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
-# `jaxt2i train ARGS` on tfds.testing.mock_data (16 random examples of the named dataset)
-TFDS_MOCK_TRAIN = (
-    "import sys, tensorflow_datasets as tfds\n"
-    "from jaxt2i.train.cli import train_main\n"
-    "with tfds.testing.mock_data(num_examples=16):\n"
-    "    sys.exit(train_main(sys.argv[1:]))\n")
+# `jaxt2i train ARGS` for each ARGS of a JSON list, one after another in one process (TensorFlow is imported once), on
+# tfds.testing.mock_data (16 random examples of the named dataset); prints each call's exit status and error output
+TFDS_MOCK_TRAIN = r"""
+import contextlib, io, json, sys, traceback
+import tensorflow_datasets as tfds
+from jaxt2i.train.cli import train_main
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with tfds.testing.mock_data(num_examples=16), contextlib.redirect_stderr(err):
+        try:
+            code = train_main(argv)
+        except Exception:
+            code = 1
+            traceback.print_exc()
+    results.append({"code": code, "stderr": err.getvalue()})
+print("RESULT " + json.dumps(results))
+"""
+CLASS_NAMES = [f"digit {i}" for i in range(10)]
 
 
-def test_one_step_from_tfds_mock_data(env, tmp_path):
+@pytest.fixture(scope="module")
+def tfds_runs(env, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """Three `jaxt2i train` calls on mock TFDS data, in one subprocess: ``{name: (workdir, {"code", "stderr"})}``."""
+    pytest.importorskip("tensorflow_datasets")
+    root = tmp_path_factory.mktemp("tfds")
+    dit_class = [str(ROOT / "configs" / "dit_class_tfds.yaml"), "steps=2", "batch_size=4", "log_every=1",
+                 "checkpoint_every=2", "progress=false", "tensorboard=false", "compute_dtype=float32",
+                 "model.transformer=tiny", "model.vae=tiny", "data.name=mnist", "data.image_size=16",
+                 "data.num_examples=16", "optim.ema_decay=0.9"]
+    calls = {
+        # `data.source: tfds` through `jaxt2i train`'s data path (mnist: a 28x28 grayscale image and its label)
+        "vae": [*VAE, "steps=1", "data.source=tfds", "data.name=mnist", "data.split=train",
+                "model.heldout_split=test"],
+        "dit_class": dit_class,
+        "dit_class_named": [*dit_class, "model.classes=[" + ", ".join(CLASS_NAMES) + "]"],
+    }
+    argvs = [[*args, f"workdir={root / name}"] for name, args in calls.items()]
+    proc = subprocess.run([sys.executable, "-c", TFDS_MOCK_TRAIN, json.dumps(argvs)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "RESULT " in proc.stdout, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.split("RESULT ")[-1])
+    return {name: (root / name, result) for name, result in zip(calls, results, strict=True)}
+
+
+def test_one_step_from_tfds_mock_data(tfds_runs):
     """`data.source: tfds` through `jaxt2i train`'s data path, on tfds.testing.mock_data (mnist: a 28x28 grayscale
     image and its label as the caption)."""
-    pytest.importorskip("tensorflow_datasets")
-    script = TFDS_MOCK_TRAIN
-    args = [*VAE, "steps=1", "data.source=tfds", "data.name=mnist", "data.split=train", "model.heldout_split=test",
-            f"workdir={tmp_path / 'run'}"]
-    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert list(losses(tmp_path / "run")) == [1] and np.isfinite(losses(tmp_path / "run")[1])
-    assert (tmp_path / "run" / "final" / "vae.safetensors").is_file()
+    workdir, result = tfds_runs["vae"]
+    assert result["code"] == 0, result["stderr"][-4000:]
+    assert list(losses(workdir)) == [1] and np.isfinite(losses(workdir)[1])
+    assert (workdir / "final" / "vae.safetensors").is_file()
 
 
-def test_class_dit_from_tfds_mock_data(env, tmp_path):
+def test_class_dit_from_tfds_mock_data(tfds_runs):
     """kind dit_class: a class-conditional DiT from TFDS labels (mock mnist: "a photo of a 3"), exported as a `dit`
     model folder that samples by class id or name (the dataset's class names)."""
-    pytest.importorskip("tensorflow_datasets")
-    script = TFDS_MOCK_TRAIN
-    names = [f"digit {i}" for i in range(10)]
-    args = [str(ROOT / "configs" / "dit_class_tfds.yaml"), "steps=2", "batch_size=4", "log_every=1",
-            "checkpoint_every=2", "progress=false", "tensorboard=false", "compute_dtype=float32",
-            "model.transformer=tiny", "model.vae=tiny", "data.name=mnist", "data.image_size=16",
-            "data.num_examples=16", "optim.ema_decay=0.9", f"workdir={tmp_path / 'run'}"]
-    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert sorted(losses(tmp_path / "run")) == [1, 2] and all(np.isfinite(list(losses(tmp_path / "run").values())))
-    pipe = load_pipeline(tmp_path / "run" / "final")
+    workdir, result = tfds_runs["dit_class"]
+    assert result["code"] == 0, result["stderr"][-4000:]
+    assert sorted(losses(workdir)) == [1, 2] and all(np.isfinite(list(losses(workdir).values())))
+    pipe = load_pipeline(workdir / "final")
     assert pipe.num_classes == 10 and pipe.configs["transformer"].learn_sigma
     assert pipe.label_ids(["3", "7"]).tolist() == [3, 7]  # mnist's class names are the digits
     images = pipe.class_to_image([3, "7"], steps=2, guidance_scale=2.0)
     assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
-    bad = subprocess.run([sys.executable, "-c", script, *args, "model.classes=[" + ", ".join(names) + "]",
-                          f"workdir={tmp_path / 'named'}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=900)
-    assert bad.returncode != 0 and "none of the classes' captions" in bad.stderr, bad.stderr[-2000:]
+    _, bad = tfds_runs["dit_class_named"]
+    assert bad["code"] != 0 and "none of the classes' captions" in bad["stderr"], bad["stderr"][-2000:]
 
 
 def test_the_core_imports_nothing_of_the_shapes_world():

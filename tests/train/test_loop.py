@@ -1,5 +1,6 @@
 """Config parsing and overrides, the CLI's exit codes, metrics files, MFU, NaN policy, the unet kind's model options
-(text layers, conditioner, growing a U-Net) and one short run with a conditioner."""
+(text layers, conditioner, growing a U-Net). A run with a conditioner that starts from a parse head, its down map
+frozen: tests/train/test_resume.py (every run there has one)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,13 @@ from pathlib import Path
 import dataclasses
 
 import flax.struct
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxt2i import presets
-from jaxt2i.convert.load import LoadedModel, read_any, read_native, write_native
+from jaxt2i.convert.load import read_any, write_native
 from jaxt2i.convert.native import flatten_params
-from jaxt2i.models.token_heads import TokenHeadsConfig, init_params as init_heads
 from jaxt2i.train import loop
 from jaxt2i.train.cli import train_main
 from jaxt2i.train.config import ConfigError, TrainConfig, from_dict, load_config, to_dict
@@ -235,32 +234,6 @@ def test_a_conditioner_needs_two_text_layers_and_trains_in_full_mode():
         loop.build_kind(load_config(TINY, ["model.conditioner={rnk: 2}", "model.text_layer=[0, -1]"]))
 
 
-def _random_tree(abstract, rng):
-    return jax.tree.map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(np.float32), abstract)
-
-
-@pytest.fixture(scope="module")
-def parse_clip(tmp_path_factory):
-    """A CLIP run's output folder as the clip kind writes it with heads: text_encoder (tiny_sd1's text tower,
-    random weights) and parse_heads (parse_side and parse_role, type token_heads); plus a folder with another text
-    encoder."""
-    root = tmp_path_factory.mktemp("parse_clip")
-    config = presets.get("tiny_sd1").configs()["text_encoder"]
-    rng = np.random.default_rng(0)
-    heads_config = TokenHeadsConfig(width=config.hidden_size, names=("parse_side", "parse_role"),
-                                    classes=(("left of", "right of", "above", "below"),
-                                             ("none", "first", "a", "b", "c", "d")))
-    heads = jax.tree.map(np.asarray, init_heads(heads_config, jax.random.key(0)))
-    for name in ("clip", "other"):
-        configs = {"text_encoder": config}
-        params = {"text_encoder": _random_tree(presets.abstract_params("text_encoder", config), rng)}
-        if name == "clip":
-            configs["parse_heads"], params["parse_heads"] = heads_config, heads
-        write_native(str(root / name), LoadedModel(configs, params, None, {"pad": "eos", "folder": None}, "test",
-                                                   family=None, types={"parse_heads": "token_heads"}))
-    return root, heads
-
-
 def test_a_conditioner_starts_from_a_parse_head_of_its_own_text_encoder(parse_clip):
     root, heads = parse_clip
     rank6 = "model.conditioner={rank: 6}"
@@ -309,19 +282,3 @@ def test_unet_init_from_copies_what_fits_and_refuses_other_shapes(tiny_model):
     assert fresh and all("transformer_blocks_1" in k for k in fresh)
     with pytest.raises(ValueError, match="differ in shape from this run's U-Net"):
         loop.build_kind(load_config(TINY, [SMALL_UNET, f"model.unet_init_from={tiny_model}"]))
-
-
-def test_a_run_keeps_a_frozen_conditioner_map_at_its_parse_head(parse_clip, tmp_path):
-    root, heads = parse_clip
-    cfg = load_config(TINY, [f"workdir={tmp_path / 'run'}", "steps=3", "checkpoint_every=3", "progress=false",
-                             "tensorboard=false", "model.conditioner={rank: 6}", "model.text_layer=[0, -1]",
-                             f"model.text_encoder_from={root / 'clip'}", f"model.conditioner_init_from={root / 'clip'}",
-                             "trainable.freeze=[conditioner/down]", "optim.warmup_steps=0", "optim.lr=1e-2",
-                             "sample.steps=7", "sample.guidance_scale=2.5"])
-    loop.run(cfg)
-    final = read_native(str(tmp_path / "run" / "final"))
-    assert final.family == "latent_diffusion" and final.text_layer == (0, -1)
-    assert final.sampling == {"steps": 7, "guidance": 2.5}
-    conditioner = flatten_params(final.params["conditioner"])
-    np.testing.assert_array_equal(conditioner["down/kernel"], heads["parse_role"]["kernel"])
-    assert np.abs(conditioner["up/kernel"]).max() > 0  # the rest trained

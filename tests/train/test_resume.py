@@ -1,4 +1,5 @@
-"""End-to-end runs of ``configs/tiny.yaml`` in subprocesses: exact resume after SIGKILL, SIGTERM, NaN policy.
+"""End-to-end runs of ``configs/tiny.yaml`` in subprocesses: exact resume after SIGKILL, SIGTERM, NaN policy, export of
+a checkpoint, the latent cache's checks, a conditioner that starts from a parse head with a frozen part.
 
 Every run goes through ``jaxt2i.train.cli.train_main`` in a fresh Python process (a small harness below adds
 the interruption at a chosen step). The runs share a persistent XLA compilation cache and a low XLA
@@ -19,6 +20,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from jaxt2i.convert.load import read_native
+from jaxt2i.convert.native import flatten_params
 from jaxt2i.data.cache import read_fingerprint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,7 +64,8 @@ sys.exit(train_main(sys.argv[1:]))
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, parse_clip):
+    """The subprocesses' environment; ``env["TEST_PARSE_CLIP"]``: the folder of a CLIP run with parse heads."""
     cache = tmp_path_factory.mktemp("xla_cache")
     e = dict(os.environ)
     e.update({
@@ -71,6 +75,7 @@ def env(tmp_path_factory):
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
         "XLA_FLAGS": (e.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip(),
         "PYTHONPATH": str(ROOT) + os.pathsep + e.get("PYTHONPATH", ""),
+        "TEST_PARSE_CLIP": str(parse_clip[0] / "clip"),
     })
     return e
 
@@ -79,10 +84,14 @@ def train(env, workdir: Path, *overrides: str, **opts) -> subprocess.CompletedPr
     harness = workdir.parent / "harness.py"
     harness.write_text(HARNESS)
     e = dict(env, HARNESS_OPTS=json.dumps(opts))
-    # a conditioner merging text layers 0 and -1: every run here also checks that a conditioner trains with the
-    # U-Net, resumes, is cached before (text states of two layers) and is recorded in the exported folder
+    # a conditioner merging text layers 0 and -1, started from the parse_role head of its text encoder's CLIP run with
+    # that map (down) frozen: every run here also checks that a conditioner trains with the U-Net, resumes, is cached
+    # before (text states of two layers), keeps its frozen part and is recorded in the exported folder
+    clip = env["TEST_PARSE_CLIP"]
     cmd = [sys.executable, str(harness), str(CONFIG), f"workdir={workdir}", "progress=false",
-           "model.text_layer=[0, -1]", "model.conditioner={rank: 2}", *overrides]
+           "model.text_layer=[0, -1]", "model.conditioner={rank: 6}", f"model.text_encoder_from={clip}",
+           f"model.conditioner_init_from={clip}", "trainable.freeze=[conditioner/down]", "sample.steps=7",
+           "sample.guidance_scale=2.5", *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=900)
 
 
@@ -128,8 +137,17 @@ def test_uninterrupted_run_writes_metrics_checkpoints_and_final(reference):
     manifest = json.loads((reference / "final" / "jaxt2i.json").read_text())
     assert set(manifest["components"]) == {"unet", "conditioner", "vae", "text_encoder"}
     assert manifest["family"] == "latent_diffusion" and manifest["text_layer"] == [0, -1]
-    assert manifest["components"]["conditioner"]["config"] == {"width": 32, "rank": 2, "num_inputs": 2}
+    assert manifest["components"]["conditioner"]["config"] == {"width": 32, "rank": 6, "num_inputs": 2}
     assert json.loads((reference / "config.json").read_text())["steps"] == 8
+
+
+def test_a_run_keeps_a_frozen_conditioner_map_at_its_parse_head(reference, parse_clip):
+    final = read_native(str(reference / "final"))
+    assert final.family == "latent_diffusion" and final.text_layer == (0, -1)
+    assert final.sampling == {"steps": 7, "guidance": 2.5}
+    conditioner = flatten_params(final.params["conditioner"])
+    np.testing.assert_array_equal(conditioner["down/kernel"], parse_clip[1]["parse_role"]["kernel"])
+    assert np.abs(conditioner["up/kernel"]).max() > 0  # the rest trained (up starts at zero)
 
 
 def test_export_a_checkpoint_as_a_model_folder(env, reference, tmp_path):
