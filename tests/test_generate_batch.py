@@ -233,6 +233,8 @@ def test_each_image_is_its_single_prompt_call(pipe, finished, tmp_path):
     assert np.abs(batch[0] - quiet[0]).max() > 1e-2
 
 
+# a subprocess with 4 host devices compiles the sampler again (~35 s): -m slow, for the default run's budget
+@pytest.mark.slow
 def test_four_host_devices_draw_what_one_draws(pipe, prompts_file, finished, tmp_path):
     script = textwrap.dedent(f"""
         import jax, numpy as np, jaxt2i

@@ -102,6 +102,8 @@ class _ScoresOnly:
         raise AssertionError("saved images are scored, none is drawn")
 
 
+# a subprocess with 4 host devices (~35 s): -m slow, for the default run's budget
+@pytest.mark.slow
 def test_four_host_devices_give_the_numbers_of_one(one_device, tmp_path):
     """The same runs in a process with 4 host devices: the CLIP splits its batches over them, and a model whose
     text_to_image takes sharding= draws each batch (padded to a multiple of 4) over them."""
