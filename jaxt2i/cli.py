@@ -25,17 +25,11 @@ from jaxt2i.shapes.cli import eval_main
 from jaxt2i.shipped import DEFAULT_MODEL, SHIPPED_MODELS, model_path
 from jaxt2i.tokenizer import valid_unicode
 from jaxt2i.train.cli import train_main
+from jaxt2i.usage import Parser
 
 
 class CLIError(Exception):
     """A problem with the command line the user can fix; printed without a traceback."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose usage errors are one line on stderr (exit status 2), like every other error here."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # --------------------------------------------------------------------------------------------- arguments
@@ -83,7 +77,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, default_strength: float | Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="jaxt2i", description="Text-to-image generation in JAX.")
+    parser = Parser(prog="jaxt2i", description="Text-to-image generation in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="text -> image")
     _add_sampling_args(gen, prompt_optional=True)

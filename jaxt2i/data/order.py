@@ -1,15 +1,20 @@
-"""Deterministic, host-sharded example order.
+"""Deterministic example order, split over hosts so that the global batch does not depend on how many there are.
 
-The order in which examples are read is a pure function of ``(seed, epoch, index, host)``:
+The order in which examples are read is a pure function of ``(seed, epoch, index)``:
 
-* every epoch has its own permutation of ``range(n)``, drawn from ``(seed, epoch)``;
-* host ``h`` of ``H`` takes ``perm[h::H]``, cut to ``n // H`` items so that all hosts see the same
-  number of examples per epoch (the at most ``H - 1`` examples left over change every epoch);
-* a host reads its items as one endless stream: item ``k`` is in epoch ``k // (n // H)``.
+* one global stream runs through the dataset epoch after epoch; every epoch has its own permutation of
+  ``range(n)``, drawn from ``(seed, epoch)``, and global position ``g`` is item ``g % n`` of epoch ``g // n``'s;
+* the global batch of step ``s`` is positions ``[s * B, (s + 1) * B)``; with ``H`` hosts feeding ``b = B / H``
+  rows each, host ``h`` takes the ``b`` positions from ``s * B + h * b`` on: its block of the batch, the rows its
+  devices hold. One host of batch ``B`` and eight hosts of batch ``B / 8`` therefore see the same global batches
+  in the same row order, and no position is read by two hosts;
+* a host reads its positions as one endless stream: its ``k``-th item is position
+  ``(k // b) * B + h * b + k % b``.
 
 The only state a reader needs is ``k``, the number of stream items it has consumed (including
 items skipped because they were unreadable). Saving ``k`` in a checkpoint and restarting from it
-gives exactly the batches the uninterrupted run would have seen.
+gives exactly the batches the uninterrupted run would have seen; while no item was skipped, ``k`` is
+``steps * b`` on every host, so a run may also restart under another number of hosts.
 
 Per-example randomness (which caption, which crop, flip or not) comes from ``example_rng(seed,
 epoch, index)``: independent of the host and of the batch an example lands in.
@@ -29,12 +34,12 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return rng.permutation(n)
 
 
-def host_shard(perm: np.ndarray, host: int, num_hosts: int) -> np.ndarray:
-    """Host ``host``'s part of an epoch permutation: ``perm[host::num_hosts]`` cut to ``n // num_hosts``."""
+def global_position(k: int, host: int, num_hosts: int, block: int) -> int:
+    """Host ``host``'s stream item ``k`` -> its global stream position (``block``: rows per host and step)."""
     if not 0 <= host < num_hosts:
         raise ValueError(f"host index {host} is outside 0..{num_hosts - 1}")
-    per_host = len(perm) // num_hosts
-    return perm[host::num_hosts][:per_host]
+    step, j = divmod(int(k), int(block))
+    return (step * num_hosts + host) * block + j
 
 
 def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -45,35 +50,34 @@ def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 class HostOrder:
     """Maps a host's stream position ``k`` to ``(epoch, dataset index)``.
 
-    Caches the current epoch's shard, so reading consecutive positions costs one permutation per
-    epoch.
+    ``block``: the rows this host feeds per step (the global batch divided by ``num_hosts``). Caches the
+    current epoch's permutation, so reading consecutive positions costs one permutation per epoch.
     """
 
-    def __init__(self, seed: int, num_examples: int, host: int = 0, num_hosts: int = 1):
-        if num_examples < num_hosts:
-            raise ValueError(
-                f"the dataset has {num_examples} examples but there are {num_hosts} hosts; every host needs at "
-                "least one example per epoch."
-            )
+    def __init__(self, seed: int, num_examples: int, host: int = 0, num_hosts: int = 1, block: int = 1):
+        if num_examples < 1:
+            raise ValueError("the dataset is empty; every host needs examples to read.")
+        if block < 1:
+            raise ValueError(f"block (rows per host and step) must be >= 1, got {block}")
+        global_position(0, host, num_hosts, block)  # checks the host index
         self.seed = int(seed)
         self.num_examples = int(num_examples)
         self.host = int(host)
         self.num_hosts = int(num_hosts)
-        self.per_epoch = self.num_examples // self.num_hosts
+        self.block = int(block)
         self._epoch = -1
-        self._shard = np.zeros((0,), np.int64)
+        self._perm = np.zeros((0,), np.int64)
 
-    def shard(self, epoch: int) -> np.ndarray:
-        """This host's dataset indices for ``epoch``, in reading order.  # [per_epoch]"""
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The dataset indices of ``epoch``, in global reading order.  # [num_examples]"""
         if epoch != self._epoch:
-            perm = epoch_permutation(self.seed, epoch, self.num_examples)
-            self._shard = host_shard(perm, self.host, self.num_hosts)
+            self._perm = epoch_permutation(self.seed, epoch, self.num_examples)
             self._epoch = epoch
-        return self._shard
+        return self._perm
 
     def item(self, k: int) -> tuple[int, int]:
         """Stream position ``k`` -> ``(epoch, dataset index)``."""
         if k < 0:
             raise ValueError(f"stream position must be >= 0, got {k}")
-        epoch, j = divmod(int(k), self.per_epoch)
-        return epoch, int(self.shard(epoch)[j])
+        epoch, j = divmod(global_position(k, self.host, self.num_hosts, self.block), self.num_examples)
+        return epoch, int(self.permutation(epoch)[j])

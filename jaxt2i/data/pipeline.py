@@ -46,7 +46,7 @@ def _choose_caption(captions: Sequence[str], rng: np.random.Generator) -> str:
 
 
 class BatchIterator:
-    """This host's batches, in the order fixed by ``(seed, epoch, index, host)``.
+    """This host's batches, in the order fixed by ``(seed, epoch, index)``: its block of every global batch.
 
     Args:
       source: see the module docstring.
@@ -88,7 +88,7 @@ class BatchIterator:
         self.tokenize = tokenize
         self.fields = fields
         self.crop, self.flip = crop, flip
-        self.order = HostOrder(seed, len(source), host, num_hosts)
+        self.order = HostOrder(seed, len(source), host, num_hosts, block=self.batch_size)
         position = position or {}
         self._consumed = int(position.get("consumed", 0))  # stream items read by the producer
         self._skipped = int(position.get("skipped", 0))

@@ -29,6 +29,7 @@ from jaxt2i.pipelines import load_pipeline
 from jaxt2i.shapes import SHIPPED_MODEL, report
 from jaxt2i.shipped import SHIPPED_MODELS, model_path
 from jaxt2i.train import distributed
+from jaxt2i.usage import Parser
 
 
 class EvalError(Exception):
@@ -54,7 +55,7 @@ def _parse_guidance(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jaxt2i eval", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="jaxt2i eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help=f"model folder or file, or a shipped model's name "
                    f"({', '.join(SHIPPED_MODELS)}; default: the shipped {SHIPPED_MODEL})")
     p.add_argument("--guidance", default=None, help="comma-separated guidance scales (default 1,3,5 and the "

@@ -202,6 +202,13 @@ class PreemptionGuard:
                 self._previous[s] = signal.signal(s, self._handler)
         return self
 
+    def reinstall(self) -> None:
+        """Takes the signals back after something else claimed them: ``jax.distributed.initialize`` sets a SIGTERM
+        handler of its own (JAX's preemption notifier), under which this guard would never hear the signal."""
+        if self._previous and threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                signal.signal(s, self._handler)
+
     def __exit__(self, *exc):
         for s, h in self._previous.items():
             signal.signal(s, h)

@@ -6,7 +6,8 @@ Environment variables (used for any argument left as None):
   JAXT2I_PROCESS_ID      this process's index in [0, num_processes)
   JAXT2I_LOCAL_DEVICE_IDS  optional comma-separated local device ids
 With one process (or none of the values set) this is a no-op. On Cloud TPU pods and SLURM, where JAX discovers
-the cluster by itself, pass `auto=True` to call `jax.distributed.initialize()` without arguments.
+the cluster by itself, set the coordinator to ``auto`` (``coordinator_address=auto`` in a train config, or
+JAXT2I_COORDINATOR=auto), or pass ``auto=True``: `jax.distributed.initialize()` then runs without arguments.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ _ENV = {
 }
 
 _STATE = {"initialized": False}
+AUTO = "auto"  # the coordinator address that asks JAX to discover the cluster (TPU pods, SLURM)
 
 
 def _from_env(name: str, cast):
@@ -60,8 +62,11 @@ def maybe_initialize(
     if local_device_ids is None:
         local_device_ids = _from_env("local_device_ids", _device_ids)
 
-    if auto and coordinator_address is None and num_processes is None:
-        jax.distributed.initialize()
+    if coordinator_address == AUTO:
+        auto, coordinator_address = True, None
+    if auto:  # JAX detects what is not given from the cluster (TPU metadata, SLURM variables)
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id, local_device_ids=local_device_ids)
         _STATE["initialized"] = True
         return True
     if num_processes is None or num_processes <= 1:

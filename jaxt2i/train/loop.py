@@ -38,7 +38,7 @@ from jaxt2i.train.config import TrainConfig, to_dict
 from jaxt2i.train.kinds import kind_class
 from jaxt2i.train.kinds.base import Kind
 from jaxt2i.train.metrics import MetricsWriter, compiled_flops, mfu, peak_flops_per_device
-from jaxt2i.train.sharding import local_batch_size, make_mesh
+from jaxt2i.train.sharding import check_host_rows, local_batch_size, make_mesh
 from jaxt2i.train.state import init_train_state
 from jaxt2i.train.step import make_train_step
 
@@ -68,14 +68,19 @@ def make_batches(kind: Kind, local_batch: int, position: dict | None):
     return kind.batches(local_batch, position)
 
 
-def _host_position(data: dict, local_batch: int, step: int) -> dict:
-    """This host's data position from a checkpoint's data item."""
-    hosts = data.get("hosts") or []
-    if len(hosts) == jax.process_count():
-        return hosts[jax.process_index()]
-    if hosts:
-        _log(f"warning: the checkpoint was written by {len(hosts)} hosts, this run has {jax.process_count()}; "
-             "the data order restarts at an approximate position")
+def host_position(hosts: list[dict], step: int, local_batch: int, host: int, num_hosts: int) -> dict:
+    """This host's data position from the positions a checkpoint of ``step`` saved for each of its hosts.
+
+    Under the same number of hosts, each host continues from its own position. Under another number, the
+    position follows from the step (every host consumes ``local_batch`` stream items per step, see
+    ``jaxt2i.data.order``): exact while no example was skipped as unreadable, else approximate (a warning says so).
+    """
+    if len(hosts) == num_hosts:
+        return hosts[host]
+    skipped = sum(int(h.get("skipped", 0)) for h in hosts)
+    if skipped:
+        _log(f"warning: the checkpoint was written by {len(hosts)} hosts, this run has {num_hosts}, and "
+             f"{skipped} unreadable examples were skipped; the data order restarts at an approximate position")
     return {"consumed": step * local_batch, "skipped": 0}
 
 
@@ -184,16 +189,18 @@ def _metrics_record(metrics: dict) -> dict:
 
 
 def _run(cfg: TrainConfig, on_step_end, guard: ckpt_lib.PreemptionGuard) -> RunResult:
-    distributed.maybe_initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    if distributed.maybe_initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id):
+        guard.reinstall()
     primary = jax.process_index() == 0
+    mesh = make_mesh(cfg.mesh)
+    local_batch = local_batch_size(cfg.batch_size, mesh)
+    check_host_rows(cfg.batch_size, mesh)
     workdir = Path(cfg.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     if primary:
         (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, default=str))
 
     kind = build_kind(cfg)
-    mesh = make_mesh(cfg.mesh)
-    local_batch = local_batch_size(cfg.batch_size, mesh)
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints,
                                          async_save=cfg.async_checkpoints)
     state, shardings, data_item, restored = ckpt_lib.restore_or_init(checkpointer, lambda: init_state(kind, cfg, mesh))
@@ -201,7 +208,8 @@ def _run(cfg: TrainConfig, on_step_end, guard: ckpt_lib.PreemptionGuard) -> RunR
     if restored is not None:
         _log(f"resumed from {checkpointer.directory}/{restored}")
     kind.prepare(state)
-    position = _host_position(data_item, local_batch, start) if restored is not None else None
+    position = (host_position(data_item.get("hosts") or [], start, local_batch, jax.process_index(),
+                              jax.process_count()) if restored is not None else None)
     batches = make_batches(kind, local_batch, position)
 
     step_fn = make_train_step(kind.loss, cfg.optim, cfg.trainable, mesh=mesh, state_shardings=shardings,
@@ -265,7 +273,7 @@ def _run(cfg: TrainConfig, on_step_end, guard: ckpt_lib.PreemptionGuard) -> RunR
                 on_step_end(step, rec, {"checkpointer": checkpointer, "state": state})
             if stop:
                 preempted = True
-                _log(f"{guard.signal_name or 'stop'} received: saved step {step}, exiting")
+                _log(f"{guard.signal_name or 'a stop request (another process)'} received: saved step {step}, exiting")
                 break
         final_dir = None
         if not preempted:

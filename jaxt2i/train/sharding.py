@@ -41,6 +41,10 @@ DEFAULT_RULES: LogicalRules = (
 DEFAULT_MIN_FSDP_SIZE = 1024
 
 
+class MeshError(ValueError):
+    """The mesh or the global batch does not fit the devices and processes of the run."""
+
+
 @dataclass(frozen=True)
 class MeshConfig:
     """Sizes of the mesh axes; -1 (at most one axis) takes all remaining devices."""
@@ -53,18 +57,18 @@ class MeshConfig:
         """(data, fsdp, tensor) with the -1 resolved against num_devices."""
         sizes = [self.data, self.fsdp, self.tensor]
         if sum(s == -1 for s in sizes) > 1:
-            raise ValueError(f"MeshConfig {self}: at most one axis may be -1 (take the remaining devices).")
+            raise MeshError(f"MeshConfig {self}: at most one axis may be -1 (take the remaining devices).")
         if any(s == 0 or s < -1 for s in sizes):
-            raise ValueError(f"MeshConfig {self}: axis sizes must be positive or -1.")
+            raise MeshError(f"MeshConfig {self}: axis sizes must be positive or -1.")
         known = int(np.prod([s for s in sizes if s != -1]))
         if -1 in sizes:
             if num_devices % known:
-                raise ValueError(
+                raise MeshError(
                     f"MeshConfig {self}: {num_devices} devices are not divisible by the fixed axes' product {known}."
                 )
             sizes[sizes.index(-1)] = num_devices // known
         if int(np.prod(sizes)) != num_devices:
-            raise ValueError(
+            raise MeshError(
                 f"MeshConfig {self} needs {int(np.prod(sizes))} devices but {num_devices} are available; "
                 "set mesh.data=-1 to use all of them."
             )
@@ -184,12 +188,12 @@ def local_batch_size(global_batch_size: int, mesh: Mesh, rules: LogicalRules = D
     """Rows each process feeds: the global batch must split evenly over the batch axes and the processes."""
     n = _axes_size(mesh, batch_axes(mesh, rules))
     if global_batch_size % n:
-        raise ValueError(
+        raise MeshError(
             f"global batch size {global_batch_size} is not divisible by the {n} devices of the batch axes "
             f"{batch_axes(mesh, rules)}; choose a multiple of {n}."
         )
     if global_batch_size % jax.process_count():
-        raise ValueError(
+        raise MeshError(
             f"global batch size {global_batch_size} is not divisible by the {jax.process_count()} processes."
         )
     return global_batch_size // jax.process_count()
@@ -207,9 +211,21 @@ def host_batch_slice(global_batch_size: int, mesh: Mesh, rules: LogicalRules = D
     start, stop = rows[0][0], rows[0][0]
     for lo, hi in rows:
         if lo != stop:
-            raise ValueError(
+            raise MeshError(
                 f"this process's devices hold non-contiguous batch rows {rows}; build the mesh with each "
                 "process's devices adjacent along the batch axes (make_mesh does)."
             )
         stop = hi
     return slice(start, stop)
+
+
+def check_host_rows(global_batch_size: int, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> None:
+    """Process ``p`` of ``P`` must hold rows ``[p * B / P, (p + 1) * B / P)`` of the global batch ``B``: the block the
+    data order gives it (``jaxt2i.data.order``). Raises ``MeshError`` for a mesh whose devices are ordered
+    otherwise."""
+    rows = host_batch_slice(global_batch_size, mesh, rules)
+    local = local_batch_size(global_batch_size, mesh, rules)
+    want = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+    if (rows.start, rows.stop) != (want.start, want.stop):
+        raise MeshError(f"process {jax.process_index()}'s devices hold batch rows {rows.start}:{rows.stop}, not its "
+                        f"block {want.start}:{want.stop}; build the mesh with make_mesh (devices in process order).")

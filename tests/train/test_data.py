@@ -70,32 +70,36 @@ def test_epoch_permutation_is_a_pure_function_of_seed_and_epoch():
     assert not np.array_equal(a, order.epoch_permutation(2, 0, 50))
 
 
-@pytest.mark.parametrize("n, hosts", [(10, 1), (10, 3), (64, 4), (7, 7)])
-def test_host_shards_are_disjoint_and_cover_the_epoch(n, hosts):
-    perm = order.epoch_permutation(5, 2, n)
-    shards = [order.host_shard(perm, h, hosts) for h in range(hosts)]
-    flat = np.concatenate(shards)
-    assert all(len(s) == n // hosts for s in shards)
-    assert len(set(flat.tolist())) == len(flat)  # disjoint
-    assert len(flat) == n - n % hosts  # all but the remainder are covered
-    assert set(flat.tolist()) <= set(range(n))
+@pytest.mark.parametrize("hosts, block", [(1, 4), (3, 2), (4, 1), (2, 5)])
+def test_hosts_take_disjoint_blocks_of_one_global_stream(hosts, block):
+    positions = [order.global_position(k, h, hosts, block) for h in range(hosts) for k in range(6 * block)]
+    assert sorted(positions) == list(range(6 * block * hosts))  # every position once, none twice
+    step2 = [order.global_position(2 * block + j, h, hosts, block) for h in range(hosts) for j in range(block)]
+    assert step2 == list(range(2 * hosts * block, 3 * hosts * block))  # host h holds rows h*block.. of step 2
+    with pytest.raises(ValueError, match="outside"):
+        order.global_position(0, hosts, hosts, block)
 
 
-def test_host_shards_cover_everything_over_epochs_when_remainder_changes():
-    n, hosts = 10, 3
-    seen = set()
-    for epoch in range(8):
-        perm = order.epoch_permutation(0, epoch, n)
-        for h in range(hosts):
-            seen |= set(order.host_shard(perm, h, hosts).tolist())
-    assert seen == set(range(n))
+@pytest.mark.parametrize("n, hosts, local", [(24, 3, 2), (10, 2, 3), (7, 4, 1)])
+def test_global_batches_do_not_depend_on_the_number_of_hosts(n, hosts, local):
+    """Host h's batch is rows h*local.. of the one-host global batch, across epoch ends (n need not divide)."""
+    src = ListSource(n)
+    single = read_indices(make_iter(src, batch_size=hosts * local), 7)
+    per_host = [read_indices(make_iter(src, host=h, num_hosts=hosts, batch_size=local), 7) for h in range(hosts)]
+    assert [sum((per_host[h][s] for h in range(hosts)), []) for s in range(7)] == single
 
 
-def test_iterators_of_all_hosts_read_disjoint_examples_in_an_epoch():
-    src = ListSource(24)
-    per_host = [sum(read_indices(make_iter(src, host=h, num_hosts=3, batch_size=2), 4), []) for h in range(3)]
-    flat = sum(per_host, [])
-    assert sorted(flat) == list(range(24))
+def test_a_run_restarted_under_another_number_of_hosts_reads_each_example_once_per_epoch():
+    """Two hosts read 3 steps of batch 2 each, save; four hosts of batch 1 continue from the same step: every
+    epoch (12 examples = 3 steps of global batch 4) is read exactly once across all readers."""
+    src = ListSource(12)
+    first = [make_iter(src, host=h, num_hosts=2, batch_size=2) for h in range(2)]
+    reads = [i for it in first for i in sum(read_indices(it, 3), [])]
+    assert all(it.position() == {"consumed": 6, "skipped": 0} for it in first)  # steps x rows per host
+    rest = [make_iter(src, host=h, num_hosts=4, batch_size=1, position={"consumed": 3, "skipped": 0})
+            for h in range(4)]
+    reads2 = [i for it in rest for i in sum(read_indices(it, 6), [])]
+    assert sorted(reads) == list(range(12)) and sorted(reads2) == sorted(list(range(12)) * 2)
 
 
 def test_every_epoch_visits_each_example_once():
