@@ -111,11 +111,11 @@ def random_params(abstract, seed: int):
 
 def denoiser(kind: str, **kw):
     """('stand_in' | 'real' | 'dit') -> module instance of the U-Net interface (the DiT: text-conditioned, learned
-    variance)."""
+    variance, one transformer block)."""
     if kind == "dit":
         from jaxt2i.models.dit import PRESETS, DiT
 
-        return DiT(dataclasses.replace(PRESETS["tiny_text"], caption_channels=32), **kw)
+        return DiT(dataclasses.replace(PRESETS["tiny_text"], caption_channels=32, num_layers=1), **kw)
     if kind == "real":
         from jaxt2i.models.unet import PRESETS, UNet
 
