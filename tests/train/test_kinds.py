@@ -44,8 +44,8 @@ COMMON = ("steps=4", "batch_size=8", "checkpoint_every=2", "log_every=1", "progr
 VAE = (str(ROOT / "configs" / "shapes_vae.yaml"), *COMMON, "data.image_size=16", "model.heldout_examples=4",
        "model.config={block_out_channels: [8, 8], layers_per_block: 1, norm_num_groups: 4, latent_channels: 2, "
        "sample_size: 16}")
-CLIP = (str(ROOT / "configs" / "shapes_clip.yaml"), *COMMON, "model.preset=tiny", "model.heads=[parse_role]",
-        "loss.balanced=[parse_role]")
+CLIP = (str(ROOT / "configs" / "shapes_clip.yaml"), *COMMON, "model.preset=tiny", "model.text={num_layers: 1}",
+        "model.vision={num_layers: 1}", "model.heads=[parse_role]", "loss.balanced=[parse_role]")
 SHIPPED = ROOT / "jaxt2i" / "assets" / "shapes_model"
 DIT = (str(ROOT / "configs" / "shapes_dit.yaml"), *COMMON, f"model.vae_from={SHIPPED}",
        f"model.text_encoder_from={SHIPPED}", "data.image_size=32",
