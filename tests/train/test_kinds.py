@@ -1,5 +1,5 @@
 """The vae, clip and dit kinds through `jaxt2i train`: exact resume after SIGKILL, jit == shard_map on 8 host devices,
-a step from TFDS mock data, and the core importing nothing of the shapes world.
+a step from TFDS mock data (that the core imports nothing of the shapes world: tests/test_package_structure.py).
 
 Runs happen in subprocesses (a fresh JAX per run, as a killed training would be); they share a persistent XLA
 compilation cache and a low XLA optimisation level, so only the first run of each kind pays for compilation.
@@ -246,11 +246,3 @@ def test_class_dit_from_tfds_mock_data(tfds_runs):
     assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
     _, bad = tfds_runs["dit_class_named"]
     assert bad["code"] != 0 and "none of the classes' captions" in bad["stderr"], bad["stderr"][-2000:]
-
-
-def test_the_core_imports_nothing_of_the_shapes_world():
-    code = ("import sys, jaxt2i.train.loop, jaxt2i.train.kinds.unet, jaxt2i.train.kinds.vae, jaxt2i.train.kinds.clip, "
-            "jaxt2i.data.sources; bad = [m for m in sys.modules if m.startswith('jaxt2i.shapes')]; assert not bad, bad")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
