@@ -179,30 +179,43 @@ def test_jit_and_shard_map_forms_agree_on_8_devices(env, tmp_path, kind):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
-# `jaxt2i train ARGS` for each ARGS of a JSON list, one after another in one process (TensorFlow is imported once), on
-# tfds.testing.mock_data (16 random examples of the named dataset); prints each call's exit status and error output
-TFDS_MOCK_TRAIN = r"""
+# `jaxt2i train ARGV` for each ARGV of a JSON list, one after another in one process, each inside {context}; prints
+# each call's exit status and error output (an exception: status 1 and its traceback)
+CLI_CALLS = r"""
 import contextlib, io, json, sys, traceback
-import tensorflow_datasets as tfds
 from jaxt2i.train.cli import train_main
+{setup}
 results = []
 for argv in json.loads(sys.argv[1]):
     err = io.StringIO()
-    with tfds.testing.mock_data(num_examples=16), contextlib.redirect_stderr(err):
+    with {context}, contextlib.redirect_stderr(err):
         try:
             code = train_main(argv)
         except Exception:
             code = 1
             traceback.print_exc()
-    results.append({"code": code, "stderr": err.getvalue()})
+    results.append({{"code": code, "stderr": err.getvalue()}})
 print("RESULT " + json.dumps(results))
 """
+
+
+def cli_calls(env, argvs: list[list[str]], setup: str = "", context: str = "contextlib.nullcontext()") -> list[dict]:
+    """`jaxt2i train ARGV` for each ARGV in one subprocess (its imports paid once), each inside ``context`` (Python
+    source, after the statements ``setup``) -> ``[{"code": exit status, "stderr": error output}]``."""
+    script = CLI_CALLS.format(setup=setup, context=context)
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(argvs)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0 and "RESULT " in proc.stdout, proc.stderr[-4000:]
+    return json.loads(proc.stdout.split("RESULT ")[-1])
+
+
 CLASS_NAMES = [f"digit {i}" for i in range(10)]
 
 
 @pytest.fixture(scope="module")
 def tfds_runs(env, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
-    """Three `jaxt2i train` calls on mock TFDS data, in one subprocess: ``{name: (workdir, {"code", "stderr"})}``."""
+    """Three `jaxt2i train` calls on mock TFDS data, in one subprocess (TensorFlow is imported once):
+    ``{name: (workdir, {"code", "stderr"})}``."""
     pytest.importorskip("tensorflow_datasets")
     root = tmp_path_factory.mktemp("tfds")
     dit_class = [str(ROOT / "configs" / "dit_class_tfds.yaml"), "steps=2", "batch_size=4", "log_every=1",
@@ -216,11 +229,10 @@ def tfds_runs(env, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
         "dit_class": dit_class,
         "dit_class_named": [*dit_class, "model.classes=[" + ", ".join(CLASS_NAMES) + "]"],
     }
-    argvs = [[*args, f"workdir={root / name}"] for name, args in calls.items()]
-    proc = subprocess.run([sys.executable, "-c", TFDS_MOCK_TRAIN, json.dumps(argvs)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0 and "RESULT " in proc.stdout, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.split("RESULT ")[-1])
+    # on tfds.testing.mock_data: 16 random examples of the named dataset
+    results = cli_calls(env, [[*args, f"workdir={root / name}"] for name, args in calls.items()],
+                        setup="import tensorflow_datasets as tfds",
+                        context="tfds.testing.mock_data(num_examples=16)")
     return {name: (root / name, result) for name, result in zip(calls, results, strict=True)}
 
 
