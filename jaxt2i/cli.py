@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import tqdm
 
+from jaxt2i import generate_batch
 from jaxt2i import images as imio
 from jaxt2i.convert import load
 from jaxt2i.diffusion.samplers import SAMPLERS
@@ -19,8 +20,10 @@ from jaxt2i.dtypes import DTYPES
 from jaxt2i.eval import clip_metrics
 from jaxt2i.eval.rerank import best_of
 from jaxt2i.pipelines import load_pipeline
+from jaxt2i.pipelines.common import check_sampling_args
 from jaxt2i.shapes.cli import eval_main
 from jaxt2i.shipped import DEFAULT_MODEL, SHIPPED_MODELS, model_path
+from jaxt2i.tokenizer import valid_unicode
 from jaxt2i.train.cli import train_main
 
 
@@ -28,19 +31,31 @@ class CLIError(Exception):
     """A problem with the command line the user can fix; printed without a traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr (exit status 2), like every other error here."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 # --------------------------------------------------------------------------------------------- arguments
+SIZE_RULE = ("positive multiples of the model's size step: the VAE's factor x the U-Net's downsampling "
+             "(2**(blocks-1)) or the DiT's patch size, 16 pixels for the shipped shapes model")
+
+
 def _parse_size(text: str) -> tuple[int, int]:
     try:
         width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--size must look like 512x512 (WIDTHxHEIGHT); got {text!r}.") from None
-    if width <= 0 or height <= 0 or width % 8 or height % 8:
-        raise argparse.ArgumentTypeError(f"--size {width}x{height}: width and height must be positive multiples of 8.")
+    if width <= 0 or height <= 0:
+        raise argparse.ArgumentTypeError(f"--size {width}x{height}: width and height must be {SIZE_RULE}.")
     return width, height
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, default_strength: float | None = None) -> None:
-    p.add_argument("prompt", help="what to draw")
+def _add_sampling_args(p: argparse.ArgumentParser, default_strength: float | None = None,
+                       prompt_optional: bool = False) -> None:
+    p.add_argument("prompt", nargs="?" if prompt_optional else None, help="what to draw")
     p.add_argument("--model", default=None, help="diffusers folder, single .safetensors/.ckpt, jaxt2i folder, or the "
                    f"name of a shipped model ({', '.join(SHIPPED_MODELS)}; default: {DEFAULT_MODEL}, the small "
                    "shapes model)")
@@ -68,11 +83,21 @@ def _add_sampling_args(p: argparse.ArgumentParser, default_strength: float | Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxt2i", description="Text-to-image generation in JAX.")
+    parser = _Parser(prog="jaxt2i", description="Text-to-image generation in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="text -> image")
-    _add_sampling_args(gen)
-    gen.add_argument("--size", type=_parse_size, default=None, help="WIDTHxHEIGHT, multiples of 8 (default: model's)")
+    _add_sampling_args(gen, prompt_optional=True)
+    gen.add_argument("--size", type=_parse_size, default=None,
+                     help=f"WIDTHxHEIGHT, {SIZE_RULE} (default: the model's trained size)")
+    gen.add_argument("--prompts-file", default=None,
+                     help="many prompts instead of PROMPT: one per line, or JSON Lines with \"prompt\" and optional "
+                          "\"seed\", \"steps\", \"guidance\", \"negative\", \"size\"; --num images per prompt "
+                          "(seeds SEED, SEED+1, ...), one PNG each in --outdir, batched over every device, resumable")
+    gen.add_argument("--outdir", default=None, help="folder of the --prompts-file images (a rerun with the same "
+                                                    "arguments finishes it; finished images are never rewritten)")
+    gen.add_argument("--batch-size", type=int, default=8,
+                     help="--prompts-file images per program call, rounded up to a multiple of the device count "
+                          "(default 8)")
     i2i = sub.add_parser("img2img", help="text + image -> image")
     _add_sampling_args(i2i, default_strength=0.8)
     i2i.add_argument("--image", required=True, help="input image file")
@@ -150,13 +175,42 @@ class _Progress:
             self.bar.close()
 
 
-def _run_sampling(args, kind: str) -> int:
+def _check_output_path(path: str, flag: str) -> None:
+    """Refuses an output path whose folder does not exist, or that names a folder (nothing is written then)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CLIError(f"{flag} {path}: the folder {folder} does not exist; create it first (nothing was written).")
+    if os.path.isdir(path):
+        raise CLIError(f"{flag} {path} is a folder; give a file name inside it.")
+
+
+def _validate_sampling_args(args) -> None:
+    """Every check of generate / img2img / inpaint's arguments that needs no model, before the model loads (the
+    size rule needs the model: the pipeline checks it, with the same message as its Python API). Undecodable bytes
+    in the prompts (lone surrogates) become U+FFFD, for the tokenizer and the PNG's text."""
+    args.prompt = None if args.prompt is None else valid_unicode(args.prompt)
+    args.negative = None if args.negative is None else valid_unicode(args.negative)
     if args.num < 1:
         raise CLIError("--num must be >= 1.")
-    if args.steps is not None and args.steps < 1:
-        raise CLIError("--steps must be >= 1.")
     if args.candidates < 1:
         raise CLIError("--candidates must be >= 1.")
+    try:
+        check_sampling_args(steps=args.steps, guidance_scale=args.guidance, strength=getattr(args, "strength", None),
+                            sampler=args.sampler)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if getattr(args, "outdir", None) is None:  # --prompts-file writes into --outdir instead
+        _check_output_path(args.out, "--out")
+        if not args.out.lower().endswith(".png"):
+            raise CLIError(f"--out {args.out}: give a .png file name (images are written as PNG).")
+    for flag in ("image", "mask"):
+        path = getattr(args, flag, None)
+        if path is not None and not os.path.isfile(path):
+            raise CLIError(f"--{flag} {path}: no such file.")
+
+
+def _run_sampling(args, kind: str) -> int:
+    _validate_sampling_args(args)
     pipe, model = _load(args)
     if kind != "generate" and not hasattr(pipe, "image_to_image"):
         raise CLIError(f"{model} is a {type(pipe).__name__} model; it generates from prompts only (jaxt2i generate), "
@@ -174,9 +228,6 @@ def _run_sampling(args, kind: str) -> int:
     else:
         image = imio.load_image(args.image)
         h, w = image.shape[:2]
-        f = pipe.vae_scale_factor
-        if h % f or w % f:
-            raise CLIError(f"--image is {w}x{h}; its sides must be multiples of {f}. Resize or crop it.")
         if kind == "img2img":
             def draw(seed):
                 return pipe.image_to_image(prompts, image, strength=args.strength, seed=seed, **common)
@@ -202,17 +253,35 @@ def _run_sampling(args, kind: str) -> int:
     return 0
 
 
+def _generate_many(args) -> int:
+    """`jaxt2i generate --prompts-file FILE --outdir DIR` (:mod:`jaxt2i.generate_batch`)."""
+    if args.prompt is not None or args.prompts_file is None or args.outdir is None:
+        raise CLIError("give PROMPT (one image file, --out), or --prompts-file FILE with --outdir DIR (many images).")
+    _validate_sampling_args(args)
+    if args.batch_size < 1:
+        raise CLIError("--batch-size must be >= 1.")
+    rows = generate_batch.read_prompts(args.prompts_file)
+    pipe, model = _load(args)
+    clip = _ranking_clip(args, model, pipe) if args.candidates > 1 else None
+    return generate_batch.run(args, rows, pipe, model, clip)
+
+
 def _convert(args) -> int:
     if os.path.exists(args.dst):
         raise CLIError(f"{args.dst} already exists; choose a new destination (nothing was written).")
+    _check_output_path(args.dst, "destination")
     t0 = time.perf_counter()
-    model = load.read_any(args.src, config=args.config, ema=args.ema)
+    model = load.read_any(model_path(args.src), config=args.config, ema=args.ema)
     if args.dtype:
         dtype = DTYPES[args.dtype]
         model.params = {k: jax.tree.map(lambda a: np.asarray(a, dtype), v) for k, v in model.params.items()}
     writer = {"jaxt2i": load.write_native, "diffusers": load.write_diffusers_folder,
               "single-file": load.write_single_file}[args.to]
-    writer(args.dst, model)
+    try:
+        writer(args.dst, model)
+    except OSError as e:  # the writers stage everything and rename at the end: a failure leaves nothing behind
+        raise CLIError(f"writing {args.dst} failed ({e.strerror or e}); nothing was written and {args.src} is "
+                       "untouched.") from None
     print(f"converted {args.src} -> {args.dst} ({args.to}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
 
@@ -225,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "generate" and (args.prompt is None or args.prompts_file or args.outdir):
+            return _generate_many(args)
         if args.command in ("generate", "img2img", "inpaint"):
             return _run_sampling(args, args.command)
         if args.command == "convert":
@@ -232,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as e:
         print(f"jaxt2i {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # bad inputs and files; OSError: a full disk, a write refused
         print(f"jaxt2i {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import uuid
 from typing import Mapping
 
 import numpy as np
@@ -66,7 +67,8 @@ def save_png(path: str | os.PathLike, images: np.ndarray, metadata: Mapping[str,
              columns: int | None = None) -> str:
     """Writes float ``[N, H, W, 3]`` (or ``[H, W, 3]``) images in [0, 1] as one PNG (a grid when N > 1).
 
-    ``metadata`` goes into PNG text chunks (generation parameters). Returns the path written.
+    ``metadata`` goes into PNG text chunks (generation parameters). The file appears complete or not at all (a
+    failed write, e.g. a full disk, raises OSError naming ``path`` and leaves nothing). Returns the path written.
     """
     images = np.asarray(images)
     if images.ndim == 3:
@@ -75,8 +77,28 @@ def save_png(path: str | os.PathLike, images: np.ndarray, metadata: Mapping[str,
     info = PngImagePlugin.PngInfo()
     for key, value in (metadata or {}).items():
         info.add_text(str(key), str(value))
+    image_format = Image.registered_extensions().get(os.path.splitext(os.fspath(path))[1].lower())
+    if image_format is None:
+        raise ImageError(f"{path}: unknown image file extension; use .png.")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    Image.fromarray(pixels).save(path, pnginfo=info)
+    # Written next to the target and renamed when complete: a failed write (a full disk) leaves no partial file.
+    # (open(..., "xb") rather than mkstemp: the file gets the usual permissions, not 0600.)
+    tmp = os.path.join(directory, f".{os.path.basename(os.fspath(path))}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            Image.fromarray(pixels).save(f, format=image_format, pnginfo=info)
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+    except BaseException:
+        _remove(tmp)
+        raise
     return os.fspath(path)
 
+
+
+def _remove(path: str) -> None:
+    if os.path.exists(path):
+        os.unlink(path)

@@ -6,6 +6,7 @@ tokenizer (backed by the *tokenizers* library). It is built from a diffusers/tra
 a model folder's own (:meth:`CLIPTokenizer.from_folder`), or the one that ships with jaxt2i
 (``assets/clip_tokenizer``: OpenAI CLIP's 49408-token vocabulary, :meth:`CLIPTokenizer.default`).
 SD1 (OpenAI CLIP) pads with ``<|endoftext|>`` (49407), SD2 (OpenCLIP) with ``!`` (id 0).
+:class:`SubsetTokenizer` restricts one to the ids a model was trained on (its captions' words).
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import threading
 import warnings
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import transformers
@@ -78,6 +80,15 @@ def _packaged(pad_token: str) -> transformers.PreTrainedTokenizerBase:
     return _load(packaged_folder(), pad_token=pad_token)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_unicode(text: str) -> str:
+    """``text`` with each lone surrogate (what an undecodable byte of a command line becomes) replaced by U+FFFD;
+    the tokenizer library, and files, accept only valid Unicode."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 class CLIPTokenizer:
     """Prompts -> ``int32 [B, max_length]`` ids, as Stable Diffusion pipelines tokenize them.
 
@@ -109,6 +120,11 @@ class CLIPTokenizer:
         special tokens and ``model_max_length`` from its ``special_tokens_map.json`` / ``tokenizer_config.json``)."""
         return cls(_load(Path(path)))
 
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can return."""
+        return len(self.backend)
+
     @functools.cached_property
     def vocab(self) -> dict[str, int]:
         """Token -> id."""
@@ -117,7 +133,7 @@ class CLIPTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without BOS/EOS, truncation or padding."""
         with _CALL_LOCK:
-            return self.backend(text, add_special_tokens=False, verbose=False)["input_ids"]
+            return self.backend(valid_unicode(text), add_special_tokens=False, verbose=False)["input_ids"]
 
     def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
         """Tokenises one prompt or a list of prompts.
@@ -132,6 +148,7 @@ class CLIPTokenizer:
                 raise TypeError(f"Prompt {index} is a {type(prompt).__name__}; prompts must be strings.")
         if not prompts:
             return np.zeros((0, self.max_length), np.int32)
+        prompts = [valid_unicode(p) for p in prompts]
         with _CALL_LOCK:
             lengths = [len(ids) for ids in self.backend(prompts, add_special_tokens=False, verbose=False)["input_ids"]]
             ids = self.backend(prompts, padding="max_length", max_length=self.max_length, truncation=True,
@@ -150,3 +167,63 @@ class CLIPTokenizer:
     def __repr__(self) -> str:
         return (f"CLIPTokenizer(vocab_size={len(self.backend)}, max_length={self.max_length}, "
                 f"pad_token={self.pad_token!r})")
+
+
+def vocabulary_from_captions(tokenizer: CLIPTokenizer, captions: Iterable[str]) -> list[int]:
+    """The sorted ids ``tokenizer`` gives ``captions``, with its BOS, EOS and pad ids: a :class:`SubsetTokenizer`'s
+    ``kept`` list for a model that only ever reads such captions."""
+    kept = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    for caption in captions:
+        kept.update(tokenizer.encode(caption))
+    return sorted(int(i) for i in kept)
+
+
+class SubsetTokenizer:
+    """A tokenizer restricted to part of another's vocabulary: prompts -> ``int32 [B, max_length]`` ids in
+    ``[0, len(kept)]``.
+
+    Base id ``kept[j]`` becomes ``j``; every other base id becomes ``unk_token_id = len(kept)`` (with a warning
+    naming the unknown tokens). A model whose text table covers only the words of its training captions (a
+    compact text embedding: a few dozen rows instead of CLIP's 49,408) reads prompts through this.
+    ``kept`` must hold the base's BOS, EOS and pad ids.
+    """
+
+    def __init__(self, base: CLIPTokenizer, kept: Sequence[int]):
+        kept_ids = np.asarray(kept, dtype=np.int64)
+        if kept_ids.ndim != 1 or kept_ids.size == 0:
+            raise ValueError("kept must be a non-empty list of token ids.")
+        if np.any(np.diff(kept_ids) <= 0) or kept_ids[0] < 0 or kept_ids[-1] >= base.vocab_size:
+            raise ValueError(f"kept must be strictly increasing ids in [0, {base.vocab_size}) of the base tokenizer; "
+                             f"got {kept_ids[:8].tolist()}{'...' if kept_ids.size > 8 else ''}.")
+        missing = [name for name, i in (("BOS", base.bos_token_id), ("EOS", base.eos_token_id),
+                                        ("pad", base.pad_token_id)) if i not in set(kept_ids.tolist())]
+        if missing:
+            raise ValueError(f"kept lacks the base tokenizer's {' and '.join(missing)} id(s); build it with "
+                             "vocabulary_from_captions.")
+        self.base, self.kept = base, kept_ids
+        self.unk_token_id = int(kept_ids.size)
+        self.lookup = np.full(base.vocab_size, self.unk_token_id, np.int32)
+        self.lookup[kept_ids] = np.arange(kept_ids.size, dtype=np.int32)
+        self.max_length = base.max_length
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = (
+            int(self.lookup[i]) for i in (base.bos_token_id, base.eos_token_id, base.pad_token_id))
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can return: the kept ones and the unknown id."""
+        return self.unk_token_id + 1
+
+    def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
+        """Tokenises as the base tokenizer does, then maps to subset ids: ``int32 [B, max_length]``."""
+        base_ids = self.base(prompts)
+        ids = self.lookup[base_ids]
+        unknown = sorted(set(base_ids[ids == self.unk_token_id].tolist()))
+        if unknown:
+            words = self.base.backend.convert_ids_to_tokens(unknown[:10])
+            warnings.warn(f"{len(unknown)} token(s) of the prompt(s) are outside this model's vocabulary and read "
+                          f"as unknown: {', '.join(map(repr, words))}{' ...' if len(unknown) > 10 else ''}.",
+                          UserWarning, stacklevel=2)
+        return ids
+
+    def __repr__(self) -> str:
+        return f"SubsetTokenizer(vocab_size={self.vocab_size}, max_length={self.max_length}, base={self.base!r})"

@@ -46,6 +46,6 @@ else
         "model.vae_from=$shipped" "model.text_encoder_from=$shipped" "$@"
 fi
 timed build python "$here/scripts/build_shapes_model.py" --run "$runs/shapes_dit/final" --clip "$shipped" \
-    --share shapes --out "$model_out" --max-mb 10
+    --share shapes --out "$model_out" --max-mb 10 --guidance 3
 echo "== stage times (s):"
 cat "$times"

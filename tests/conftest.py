@@ -16,6 +16,8 @@ import tempfile
 
 # One persistent compilation cache per test run: programs of the same shapes compile once.
 os.environ.setdefault("JAXT2I_CACHE_DIR", tempfile.mkdtemp(prefix="jaxt2i-xla-cache-"))
+# jaxt2i eval caches the real renders' statistics; tests keep theirs out of the user's ~/.cache
+os.environ.setdefault("JAXT2I_EVAL_CACHE", tempfile.mkdtemp(prefix="jaxt2i-eval-cache-"))
 
 import pytest
 

@@ -82,15 +82,16 @@ def test_shape_mismatch_is_explained():
 
 def test_running_statistics_equal_the_batch_ones():
     x = np.random.default_rng(3).normal(5.0, 2.0, (101, 6))  # far from zero: a naive sum would lose digits
-    stats = F.empty_statistics(6)
+    stats = F.RunningStatistics.empty(6)
     for start in range(0, 101, 17):
-        stats = F.accumulate(stats, x[start:start + 17])
-    mu, sigma = F.finalize(stats)
-    ref_mu, ref_sigma = F.feature_statistics(x)
-    np.testing.assert_allclose(mu, ref_mu, rtol=1e-12)
-    np.testing.assert_allclose(sigma, ref_sigma, rtol=1e-10, atol=1e-12)
-    assert F.accumulate(stats, np.zeros((0, 6))) is stats
+        stats = stats.update(x[start:start + 17])
+    mu, sigma = stats.mean_cov()
+    np.testing.assert_allclose(mu, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=1e-10, atol=1e-12)
+    assert stats.update(np.zeros((0, 6))) is stats
     with pytest.raises(ValueError, match="at least 2"):
-        F.finalize(F.accumulate(F.empty_statistics(6), x[:1]))
+        F.RunningStatistics.empty(6).update(x[:1]).mean_cov()
     with pytest.raises(ValueError, match=r"\[N, 6\]"):
-        F.accumulate(stats, x[:, :5])
+        stats.update(x[:, :5])
+    with pytest.raises(ValueError, match="same feature extractor"):
+        stats.merge(F.RunningStatistics.empty(5))

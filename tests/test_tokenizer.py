@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import transformers
 
-from jaxt2i.tokenizer import CLIPTokenizer, packaged_folder, write_vocab_files
+from jaxt2i.tokenizer import CLIPTokenizer, SubsetTokenizer, packaged_folder, vocabulary_from_captions, write_vocab_files
 
 PROMPTS = [
     "a photo of an astronaut riding a horse on mars",
@@ -189,3 +189,34 @@ def test_errors_are_explicit(tmp_path):
         CLIPTokenizer.from_folder(tmp_path / "missing")
     with pytest.raises(TypeError, match="Prompt 1"):
         CLIPTokenizer.default()(["ok", None])
+
+
+def test_a_subset_tokenizer_keeps_the_captions_ids_in_order_and_reads_others_as_unknown():
+    base = CLIPTokenizer.default(max_length=12)
+    captions = ["a red circle", "a blue square left of a red circle"]
+    kept = vocabulary_from_captions(base, captions)
+    assert kept == sorted(set(kept)) and {base.bos_token_id, base.eos_token_id, base.pad_token_id} <= set(kept)
+    sub = SubsetTokenizer(base, kept)
+    assert sub.vocab_size == len(kept) + 1 and sub.unk_token_id == len(kept)
+    ids = sub(captions)
+    np.testing.assert_array_equal(np.asarray(kept)[ids], base(captions))  # a relabelling of the base ids
+    assert ids.dtype == np.int32 and sub.eos_token_id == kept.index(base.eos_token_id)
+    with pytest.warns(UserWarning, match="outside this model's vocabulary.*purple"):
+        odd = sub(["a purple circle"])
+    base_odd = base(["a purple circle"])[0]
+    assert (odd[0] == sub.unk_token_id).sum() == 1
+    np.testing.assert_array_equal(odd[0][odd[0] != sub.unk_token_id],
+                                  np.searchsorted(kept, base_odd[base_odd != base.encode("purple")[0]]))
+
+
+def test_a_subset_tokenizer_refuses_ids_it_cannot_use():
+    base = CLIPTokenizer.default(max_length=12)
+    kept = vocabulary_from_captions(base, ["a red circle"])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        SubsetTokenizer(base, kept[::-1])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        SubsetTokenizer(base, [*kept, base.vocab_size])
+    with pytest.raises(ValueError, match="EOS"):
+        SubsetTokenizer(base, [i for i in kept if i != base.eos_token_id])
+    with pytest.raises(ValueError, match="non-empty"):
+        SubsetTokenizer(base, [])

@@ -27,6 +27,7 @@ from jaxt2i.convert import clip_keys, dit_keys, native, unet_keys, vae_keys
 from jaxt2i.convert.components import component, params_from_torch, params_to_torch
 from jaxt2i.convert.core import ConversionError, Rule, to_flax
 from jaxt2i.convert.io import atomic_folder, read_state_dict, write_safetensors
+from jaxt2i.diffusion import schedules
 from jaxt2i.diffusion.schedules import ScheduleConfig
 from jaxt2i.models import clip, latent_diffusion
 from jaxt2i.tokenizer import write_vocab_files
@@ -109,8 +110,11 @@ def _weight_file(folder: str, stem: str, variant: str | None) -> list[str]:
                     return [single]
                 index = single + ".index.json"
                 if os.path.isfile(index):
-                    shards = sorted(set(_read_json(index)["weight_map"].values()))
-                    return [os.path.join(folder, s) for s in shards]
+                    weight_map = _read_json(index).get("weight_map")
+                    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                        raise ConversionError(f"{index}: a shard index needs a \"weight_map\" of tensor name -> "
+                                              "shard file; this one has none. The download is incomplete.")
+                    return [os.path.join(folder, s) for s in sorted(set(weight_map.values()))]
     raise FileNotFoundError(
         f"{folder}: no weights found (looked for {stem}{{,.fp16}}.safetensors / .bin and sharded indexes).")
 
@@ -131,8 +135,18 @@ def schedule_from_folder(path: str) -> ScheduleConfig:
 
 def configs_from_folder(path: str, types: Mapping[str, str] = _SD_COMPONENTS) -> dict[str, Any]:
     """Component configs from a diffusers folder's ``*/config.json`` files (``types``: folder -> component type)."""
-    return {name: component(kind).config_cls.from_diffusers(_read_json(os.path.join(path, name, "config.json")))
-            for name, kind in types.items()}
+    return {name: _diffusers_config(os.path.join(path, name, "config.json"), kind) for name, kind in types.items()}
+
+
+def _diffusers_config(path: str, kind: str) -> Any:
+    """The config of one diffusers component from its ``config.json``; a bad value names the file."""
+    data = _read_json(path)
+    try:
+        return component(kind).config_cls.from_diffusers(data)
+    except ConversionError:
+        raise
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConversionError(f"{path}: not a valid {kind} config ({type(e).__name__}: {e}).") from None
 
 
 def tokenizer_settings_from_folder(path: str) -> dict:
@@ -316,17 +330,16 @@ def read_native(path: str, *, dtype: Any = None) -> LoadedModel:
     configs, params, types = {}, {}, {}
     for name, entry in _each(manifest["components"].items(), "reading"):
         kind = entry["type"]
-        config = native.config_from_dict(component(kind).config_cls, entry["config"], source=path)
+        config, abstract = _component_config(path, name, kind, entry["config"])
         folder = native.shared_component_folder(path, name, entry)
         flat = native.read_component(folder, name, version)
         rules = [Rule(tuple(k.split("/")), k, "identity") for k in flat]
-        params[name] = to_flax(flat, rules, presets.abstract_params(kind, config),
-                               source=os.path.join(folder, f"{name}.safetensors"), dtype=dtype)
+        params[name] = to_flax(flat, rules, abstract, source=os.path.join(folder, f"{name}.safetensors"), dtype=dtype)
         configs[name] = config
         if kind != name:
             types[name] = kind
     schedule = manifest.get("schedule")
-    schedule = None if schedule is None else native.config_from_dict(ScheduleConfig, schedule, source=path)
+    schedule = None if schedule is None else _schedule_config(path, schedule)
     tokenizer = dict(manifest.get("tokenizer", {}))
     tok_folder = os.path.join(path, "tokenizer")
     tokenizer["folder"] = tok_folder if os.path.isdir(tok_folder) else None
@@ -334,11 +347,41 @@ def read_native(path: str, *, dtype: Any = None) -> LoadedModel:
     family = manifest.get("family")
     if family == "latent_diffusion":
         _check_latent_diffusion(path, configs, text_layer)
+    native.check_weight_files(path, manifest)
     sampling = native.sampling_settings(manifest.get("sampling", {}), path)
     extras = manifest.get("extras") or {}
     if not isinstance(extras, dict):
         raise ConversionError(f"{path}: jaxt2i.json \"extras\" must be an object; got {extras!r}.")
     return LoadedModel(configs, params, schedule, tokenizer, path, text_layer, sampling, family, types, extras)
+
+
+def _component_config(path: str, name: str, kind: str, data: Mapping[str, Any]) -> tuple[Any, dict]:
+    """(config, abstract parameter tree) of component ``name`` of the jaxt2i folder ``path``; a config that does not
+    build a model (a wrong type, a bad value) is a ConversionError naming the manifest and the component."""
+    manifest = os.path.join(path, native.MANIFEST)
+    try:
+        config = native.config_from_dict(component(kind).config_cls, data, source=manifest)
+        return config, presets.abstract_params(kind, config)
+    except ConversionError as e:
+        raise e if manifest in str(e) else ConversionError(f"{manifest}: component {name!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 -- any failure to build the model from these values is the config's
+        raise ConversionError(f"{manifest}: component {name!r} ({kind}) has a config that does not build a model "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Fix the value "
+                              "or rewrite the folder with `jaxt2i convert`.") from None
+
+
+def _schedule_config(path: str, data: Mapping[str, Any]) -> ScheduleConfig:
+    """The folder's noise schedule, checked by computing it; a bad value is a ConversionError naming the manifest."""
+    manifest = os.path.join(path, native.MANIFEST)
+    try:
+        schedule = native.config_from_dict(ScheduleConfig, data, source=manifest)
+        schedules.alphas_cumprod(schedule)
+        return schedule
+    except ConversionError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- as in _component_config
+        raise ConversionError(f"{manifest}: \"schedule\" {dict(data)} is not a valid noise schedule "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).") from None
 
 
 def _check_latent_diffusion(path: str, configs: Mapping[str, Any], text_layer) -> None:

@@ -22,6 +22,7 @@ import os
 import pickle
 import struct
 import zipfile
+import zlib
 from typing import Any, Callable, Mapping
 
 import ml_dtypes
@@ -44,6 +45,12 @@ TORCH_MODULES = {
     ("torch.nn.modules.pooling", "MaxPool2d"), ("torch.nn.modules.upsampling", "Upsample"),
     ("torch.nn.modules.linear", "Identity"),
 }
+
+
+# What reading a damaged file can raise from the zip, pickle and numpy layers underneath (each becomes a
+# CheckpointReadError naming the file).
+_DAMAGE = (zipfile.BadZipFile, zlib.error, struct.error, pickle.UnpicklingError, EOFError, OverflowError,
+           RuntimeError, MemoryError, OSError, TypeError, ValueError, KeyError, IndexError, AttributeError)
 
 
 class UnsafePickleError(CheckpointReadError):
@@ -341,5 +348,13 @@ def read_module_pickle(path: str | os.PathLike, module_classes) -> ModuleRecord:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No file at {path}.")
-    obj = _load_zip(path, module_classes) if zipfile.is_zipfile(path) else _load_legacy(path, module_classes)
-    return _record(obj, path, "")
+    try:
+        obj = _load_zip(path, module_classes) if zipfile.is_zipfile(path) else _load_legacy(path, module_classes)
+        return _record(obj, path, "")
+    except CheckpointReadError as e:
+        if path in str(e):
+            raise
+        raise type(e)(f"{path}: {e}") from None
+    except _DAMAGE as e:
+        raise CheckpointReadError(f"{path}: cannot read this pickle ({type(e).__name__}: {e}); the file is "
+                                  "truncated, corrupt or unreadable.") from None

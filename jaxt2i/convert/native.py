@@ -174,6 +174,17 @@ def v1_unet_parts(flat_unet: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
     return unet, merge
 
 
+def check_weight_files(folder: str | os.PathLike, manifest: Mapping[str, Any]) -> None:
+    """Refuses a folder holding a ``NAME.safetensors`` that the manifest names no component for (a stray or renamed
+    weight file: which weights the folder means is unclear). Other files (a README, samples) are fine."""
+    names = {f"{name}.safetensors" for name in manifest["components"]}
+    stray = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors") and f not in names)
+    if stray:
+        raise ConversionError(f"{os.path.join(folder, stray[0])}: a weight file that {MANIFEST} names no component "
+                              f"for (its components: {sorted(manifest['components'])}). Remove or rename it, or add "
+                              f"the component to {MANIFEST}.")
+
+
 def write_manifest(folder: str, manifest: Mapping[str, Any]) -> None:
     """Writes ``jaxt2i.json`` into ``folder``."""
     with open(os.path.join(folder, MANIFEST), "w") as f:

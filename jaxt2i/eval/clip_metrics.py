@@ -11,14 +11,16 @@ hand-made embeddings; :func:`clip_encoders` builds them from parameters, :func:`
 
 from __future__ import annotations
 
+import hashlib
+import os
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxt2i.convert import native
 from jaxt2i.convert.load import read_any
+from jaxt2i.eval import distribute
 from jaxt2i.models.clip_vision import CLIPConfig, CLIPModel
 from jaxt2i.tokenizer import CLIPTokenizer
 
@@ -26,10 +28,16 @@ ImageEncoder = Callable[[np.ndarray], np.ndarray]  # images [N, H, W, 3] in [0, 
 TextEncoder = Callable[[Sequence[str]], np.ndarray]  # prompts -> unit-norm [N, P]
 
 
+def clip_score_terms(image_features: np.ndarray, text_features: np.ndarray) -> np.ndarray:
+    """``100 * max(cos, 0)`` of each matching row of unit-norm ``[N, P]`` image and text features: float64 [N]. Their
+    sum and count, gathered batch by batch, give the CLIP score of any number of images."""
+    cos = np.sum(np.asarray(image_features, np.float64) * np.asarray(text_features, np.float64), axis=1)
+    return 100.0 * np.maximum(cos, 0.0)
+
+
 def clip_score(image_features: np.ndarray, text_features: np.ndarray) -> float:
     """Mean ``100 * max(cos, 0)`` over matching rows of unit-norm ``[N, P]`` image and text features."""
-    cos = np.sum(np.asarray(image_features, np.float64) * np.asarray(text_features, np.float64), axis=1)
-    return float(np.mean(100.0 * np.maximum(cos, 0.0)))
+    return float(np.mean(clip_score_terms(image_features, text_features)))
 
 
 def retrieval_accuracy(image_features: np.ndarray, text_features: np.ndarray) -> dict:
@@ -45,16 +53,40 @@ def image_features(encode_images: ImageEncoder, images: np.ndarray) -> np.ndarra
     return np.asarray(encode_images(images), np.float64)
 
 
-def clip_encoders(params: Any, config: CLIPConfig, tokenizer, batch_size: int = 128
-                  ) -> tuple[ImageEncoder, TextEncoder]:
-    """Batched numpy encoders from CLIP parameters; ``tokenizer`` maps prompts to ``[B, 77]`` ids."""
+def folder_fingerprint(path: str) -> str:
+    """What identifies the model at ``path`` (a folder or a file) without reading it: a hash of its absolute path and
+    each file's relative path, size and modification time, so that statistics computed with its CLIP can be cached
+    and any change to a file invalidates them."""
+    path = os.path.abspath(path)
+    files = ([os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
+             if os.path.isdir(path) else [path])
+    digest = hashlib.sha256(path.encode())
+    for file in sorted(files):
+        info = os.stat(file)
+        digest.update(f"{os.path.relpath(file, path)}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:32]
+
+
+def clip_encoders(params: Any, config: CLIPConfig, tokenizer, batch_size: int = 128,
+                  devices: Sequence[jax.Device] | None = None) -> tuple[ImageEncoder, TextEncoder]:
+    """Batched numpy encoders from CLIP parameters; ``tokenizer`` maps prompts to ``[B, 77]`` ids.
+
+    Inputs go through in chunks of ``batch_size`` rows, each split over ``devices`` (default
+    ``jax.local_devices()``; the parameters are replicated on each) and padded to a multiple of their count; the
+    padding rows are dropped from the output."""
     model = CLIPModel(config)
     image_fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=CLIPModel.get_image_features))
     text_fn = jax.jit(lambda p, t: model.apply({"params": p}, t, method=CLIPModel.get_text_features))
+    devices = list(devices or jax.local_devices())
+    sharding = distribute.batch_sharding(devices)
+    params = distribute.replicate(params, sharding)
+
+    def run(fn, chunk):
+        padded = distribute.pad_rows(chunk, distribute.device_batch_size(len(chunk), len(devices)))
+        return np.asarray(fn(params, distribute.place(padded, sharding)))[:len(chunk)]
 
     def batched(fn, inputs):
-        return np.concatenate([np.asarray(fn(params, jnp.asarray(inputs[i: i + batch_size])))
-                               for i in range(0, len(inputs), batch_size)])
+        return np.concatenate([run(fn, inputs[i: i + batch_size]) for i in range(0, len(inputs), batch_size)])
 
     def encode_images(images: np.ndarray) -> np.ndarray:
         return batched(image_fn, np.asarray(images, np.float32))

@@ -7,8 +7,10 @@ A = S1^(1/2) (symmetric, from an eigen-decomposition), S1 S2 = A (A S2 A) A^(-1)
 the symmetric PSD matrix A S2 A, so the trace is the sum of the square roots of its eigenvalues.
 Everything runs in float64; tiny negative eigenvalues from round-off are clipped to zero.
 
-The statistics can be gathered batch by batch (``RunningStatistics``: ``empty_statistics``, ``accumulate``,
-``finalize``), so a Frechet distance over many generated images never holds all their features at once.
+The statistics are gathered batch by batch (``RunningStatistics``): ``update`` adds a batch of feature rows,
+``merge`` combines statistics gathered apart (other shards, other processes) in any order, ``mean_cov`` gives the
+mean and covariance. Only ``D + D * D`` float64 numbers are held, whatever the number of rows, so a Frechet distance
+over tens of thousands of images never holds all their features at once.
 """
 
 from __future__ import annotations
@@ -20,40 +22,67 @@ import numpy as np
 
 class RunningStatistics(NamedTuple):
     """Feature statistics gathered so far: ``n`` rows, their ``mean`` [D] and ``m2`` [D, D] (the sum of outer
-    products of the rows' deviations from the mean), all float64."""
+    products of the rows' deviations from the mean), all float64. Immutable: ``update`` and ``merge`` return new
+    statistics.
+
+    The merge is Chan, Golub and LeVeque's pairwise update: with ``delta = mean_b - mean_a``,
+    ``mean = mean_a + delta * n_b / n`` and ``m2 = m2_a + m2_b + outer(delta, delta) * n_a * n_b / n``. It needs no
+    sums of squares (no cancellation when the features sit far from zero) and is exact up to rounding whatever the
+    batch sizes and the order of the merges.
+    """
 
     n: int
     mean: np.ndarray
     m2: np.ndarray
 
+    @classmethod
+    def empty(cls, dim: int) -> "RunningStatistics":
+        """Statistics of no features of dimension ``dim``."""
+        return cls(0, np.zeros(dim), np.zeros((dim, dim)))
 
-def empty_statistics(dim: int) -> RunningStatistics:
-    """Statistics of no features of dimension ``dim``."""
-    return RunningStatistics(0, np.zeros(dim), np.zeros((dim, dim)))
+    @classmethod
+    def of(cls, features: np.ndarray) -> "RunningStatistics":
+        """Statistics of the rows of ``features`` [N, D] (N may be 0)."""
+        x = np.asarray(features, np.float64)
+        if x.ndim != 2:
+            raise ValueError(f"features must be [N, D], got shape {x.shape}")
+        if len(x) == 0:
+            return cls.empty(x.shape[1])
+        mean = x.mean(axis=0)
+        centered = x - mean
+        return cls(len(x), mean, centered.T @ centered)
 
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[0]
 
-def accumulate(stats: RunningStatistics, features: np.ndarray) -> RunningStatistics:
-    """``stats`` with the rows of ``features`` [N, D] added (Chan et al.'s pairwise update: exact, no cancellation
-    of large sums)."""
-    x = np.asarray(features, np.float64)
-    if x.ndim != 2 or x.shape[1] != stats.mean.shape[0]:
-        raise ValueError(f"features must be [N, {stats.mean.shape[0]}], got shape {x.shape}")
-    if len(x) == 0:
-        return stats
-    mean_b = x.mean(axis=0)
-    centered = x - mean_b
-    n = stats.n + len(x)
-    delta = mean_b - stats.mean
-    mean = stats.mean + delta * len(x) / n
-    m2 = stats.m2 + centered.T @ centered + np.outer(delta, delta) * stats.n * len(x) / n
-    return RunningStatistics(n, mean, m2)
+    def update(self, features: np.ndarray) -> "RunningStatistics":
+        """These statistics with the rows of ``features`` [N, D] added."""
+        x = np.asarray(features)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"features must be [N, {self.dim}], got shape {x.shape}")
+        return self.merge(RunningStatistics.of(x))
 
+    def merge(self, other: "RunningStatistics") -> "RunningStatistics":
+        """The statistics of the rows of both (disjoint) sets; commutative and associative up to rounding."""
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge statistics of dimension {self.dim} and {other.dim}; both must come "
+                             "from the same feature extractor")
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            return other
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.n / n)
+        m2 = self.m2 + other.m2 + np.outer(delta, delta) * (self.n * other.n / n)
+        return RunningStatistics(n, mean, m2)
 
-def finalize(stats: RunningStatistics) -> tuple[np.ndarray, np.ndarray]:
-    """Mean [D] and unbiased covariance [D, D] of everything accumulated (at least two rows)."""
-    if stats.n < 2:
-        raise ValueError(f"need at least 2 feature rows for a covariance, got {stats.n}")
-    return stats.mean, stats.m2 / (stats.n - 1)
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean [D] and unbiased covariance [D, D] of everything gathered (at least two rows)."""
+        if self.n < 2:
+            raise ValueError(f"need at least 2 feature rows for a covariance, got {self.n}")
+        return self.mean, self.m2 / (self.n - 1)
 
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -61,9 +90,7 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(features, np.float64)
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"features must be [N, D] with N >= 2, got shape {x.shape}")
-    mu = x.mean(axis=0)
-    centered = x - mu
-    return mu, centered.T @ centered / (x.shape[0] - 1)
+    return RunningStatistics.of(x).mean_cov()
 
 
 def _symmetric_sqrt(matrix: np.ndarray) -> np.ndarray:
@@ -98,3 +125,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 def frechet_distance_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
     """Frechet distance between the Gaussians fitted to features [N1, D] and [N2, D]."""
     return frechet_distance(*feature_statistics(features1), *feature_statistics(features2))
+
+
+def frechet_distance_from_statistics(stats1: RunningStatistics, stats2: RunningStatistics) -> float:
+    """Frechet distance between the Gaussians fitted to two ``RunningStatistics`` (each of at least 2 rows)."""
+    return frechet_distance(*stats1.mean_cov(), *stats2.mean_cov())

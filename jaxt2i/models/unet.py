@@ -478,8 +478,9 @@ def _check_inputs(cfg: UNetConfig, sample: jax.Array, context: jax.Array) -> Non
         raise ValueError(f"UNet: sample must be NHWC [B, H, W, {cfg.in_channels}], got shape {sample.shape}.")
     factor = 2 ** (cfg.num_blocks - 1)
     if sample.shape[1] % factor or sample.shape[2] % factor:
-        raise ValueError(f"UNet: latent height and width must be multiples of {factor}, got {sample.shape[1:3]}; "
-                         f"use image sizes that are multiples of {8 * factor} pixels.")
+        raise ValueError(f"UNet: latent height and width must be multiples of {factor} (the U-Net's downsampling, "
+                         f"2**(num_blocks - 1)), got {sample.shape[1:3]}; image sides must be positive multiples of "
+                         f"the VAE's factor x {factor} pixels.")
     if context.ndim != 3 or context.shape[-1] != cfg.cross_attention_dim or context.shape[0] != sample.shape[0]:
         raise ValueError(f"UNet: context must be [B={sample.shape[0]}, L, {cfg.cross_attention_dim}], "
                          f"got shape {context.shape}.")

@@ -5,7 +5,8 @@ A ``dalle`` model folder (``jaxt2i train`` with ``kind: dalle`` writes one) hold
 component (:mod:`jaxt2i.models.dalle`), the dVAE's ``dvae_decoder`` (and usually its ``dvae_encoder``;
 :mod:`jaxt2i.models.dvae`), optionally a CLIP (``text_encoder`` + ``clip_vision``) that ranks candidates, the
 tokenizer settings, and the recommended sampling: ``"sampling": {"guidance"}`` plus ``"extras":
-{"token_sampling": {"temperature", "top_k", "top_p"}}`` in its ``jaxt2i.json``.
+{"token_sampling": {"temperature", "top_k", "top_p"}}`` in its ``jaxt2i.json``; a transformer trained with a
+compact text table also stores ``"extras": {"text_vocabulary": [CLIP ids]}``, read through a ``SubsetTokenizer``.
 
 Sampling (:func:`jaxt2i.models.dalle_sampling.sample_image_tokens`) is one ``lax.scan`` over the
 ``image_height * image_width`` image positions with a key/value cache; the logits are divided by the temperature
@@ -30,11 +31,13 @@ from jaxt2i.eval import clip_metrics, rerank
 from jaxt2i.models import dvae as dvae_model
 from jaxt2i.models.dalle import DalleTransformer, prepare_text_tokens
 from jaxt2i.models.dalle_sampling import sample_image_tokens
-from jaxt2i.pipelines.common import ProgressBar, ProgressFn, cast_floats
-from jaxt2i.tokenizer import CLIPTokenizer
+from jaxt2i.pipelines.common import (ProgressBar, ProgressFn, cast_floats, check_sampling_args, example_seeds,
+                                     map_examples, place, seed_keys)
+from jaxt2i.tokenizer import CLIPTokenizer, SubsetTokenizer
 
 TRANSFORMER_TYPE, ENCODER_TYPE, DECODER_TYPE = "dalle_transformer", "dvae_encoder", "dvae_decoder"
 TOKEN_SAMPLING = "token_sampling"  # the jaxt2i.json "extras" entry of the recommended temperature, top_k, top_p
+TEXT_VOCABULARY = "text_vocabulary"  # the "extras" entry of a compact text table: the CLIP ids it keeps
 TOKEN_SAMPLING_KEYS = ("temperature", "top_k", "top_p")
 # Without a recommendation: plain sampling from the model's distribution, as the DALL-E paper draws.
 FALLBACK_SAMPLING = {"guidance": 1.0, "temperature": 1.0, "top_k": None, "top_p": None}
@@ -112,6 +115,15 @@ def _program(params, text_tokens, uncond_tokens, key, temperature, top_p, guidan
     return tokens, images
 
 
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _program_per_example(params, text_tokens, uncond_tokens, keys, temperature, top_p, guidance, *, spec: _Spec):
+    """:func:`_program` with one key per example (keys [B]): example ``i`` as a batch of one with ``keys[i]``."""
+    def one(example, key):
+        return _program(params, example["text"], example["uncond"], key, temperature, top_p, guidance, spec=spec)
+
+    return map_examples(one, {"text": text_tokens, "uncond": uncond_tokens}, keys)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
 def _encode_tokens(params, images, *, config: dvae_model.DVAEConfig, dtype):
     """Images [B, H, W, 3] in [0, 1] -> the dVAE encoder's most likely tokens [B, H/f, W/f] int32."""
@@ -160,9 +172,9 @@ class DallePipeline:
         if dvae_config.vocab_size != config.image_vocab_size:
             raise ValueError(f"{loaded.source}: the dVAE has {dvae_config.vocab_size} image tokens but the transformer "
                              f"draws from {config.image_vocab_size}; they must be the same vocabulary.")
-        self.tokenizer = self._tokenizer(loaded.tokenizer, config.text_length)
-        if len(self.tokenizer.backend) > config.text_vocab_size:
-            raise ValueError(f"{loaded.source}: the tokenizer has {len(self.tokenizer.backend)} ids but the "
+        self.tokenizer = self._tokenizer(loaded.tokenizer, config.text_length, loaded.extras.get(TEXT_VOCABULARY))
+        if self.tokenizer.vocab_size > config.text_vocab_size:
+            raise ValueError(f"{loaded.source}: the tokenizer has {self.tokenizer.vocab_size} ids but the "
                              f"transformer reads {config.text_vocab_size}; the folder's tokenizer does not fit the "
                              "transformer.")
         self.transformer = DalleTransformer(config, dtype=self.dtype, param_dtype=self.dtype)
@@ -176,11 +188,13 @@ class DallePipeline:
         self._clip = None
 
     @staticmethod
-    def _tokenizer(settings: Mapping[str, Any], length: int) -> CLIPTokenizer:
+    def _tokenizer(settings: Mapping[str, Any], length: int,
+                   vocabulary: Sequence[int] | None = None) -> CLIPTokenizer | SubsetTokenizer:
         folder = settings.get("folder")
         backend = (CLIPTokenizer.from_folder(folder) if folder else
                    CLIPTokenizer.default(pad=settings.get("pad") or "eos")).backend
-        return CLIPTokenizer(backend, length)
+        tokenizer = CLIPTokenizer(backend, length)
+        return tokenizer if vocabulary is None else SubsetTokenizer(tokenizer, vocabulary)
 
     def _param_dtype(self, name: str):
         if name == self.transformer_name:
@@ -210,8 +224,7 @@ class DallePipeline:
         ``top_k=0`` and ``top_p=1`` turn a recommended filter off."""
         s = self.sampling
         guidance = float(s["guidance"] if guidance_scale is None else guidance_scale)
-        if not np.isfinite(guidance):
-            raise ValueError(f"guidance_scale must be a finite number; got {guidance_scale}.")
+        check_sampling_args(guidance_scale=guidance)
         top_k = s["top_k"] if top_k is None else (None if top_k == 0 else top_k)
         top_p = s["top_p"] if top_p is None else (None if top_p == 1 else top_p)
         return {"guidance": guidance, "temperature": check_temperature(s["temperature"] if temperature is None
@@ -270,17 +283,23 @@ class DallePipeline:
         return self._draw(prompts, seed, negative_prompt, self.resolve_sampling(guidance_scale, temperature, top_k,
                                                                                  top_p))[0]
 
-    def _draw(self, prompts, seed: int, negative_prompt, used: dict) -> tuple[np.ndarray, np.ndarray]:
-        """-> (tokens [B, h, w] int32, images [B, H, W, 3] float32), both numpy."""
+    def _draw(self, prompts, seed, negative_prompt, used: dict, sharding=None) -> tuple[np.ndarray, np.ndarray]:
+        """-> (tokens [B, h, w] int32, images [B, H, W, 3] float32), both numpy; ``seed``: an int or one per
+        image (see :meth:`text_to_image`)."""
         text = self.text_tokens(prompts)
         guided = used["guidance"] > 1.0
         uncond = self._uncond_tokens(negative_prompt, len(text)) if guided else None
         spec = _Spec(self.transformer, self.dvae_config, self.decoder_dtype, used["top_k"], used["top_p"] is not None,
                      guided)
         params = {"transformer": self.params[self.transformer_name], "decoder": self.params[self.decoder_name]}
-        tokens, images = _program(params, jnp.asarray(text), uncond, jax.random.key(seed),
-                                  jnp.float32(used["temperature"]), jnp.float32(used["top_p"] or 1.0),
-                                  jnp.float32(used["guidance"]), spec=spec)
+        seeds = example_seeds(seed, len(text))
+        text, uncond = place((jnp.asarray(text), uncond), sharding)
+        settings = (jnp.float32(used["temperature"]), jnp.float32(used["top_p"] or 1.0), jnp.float32(used["guidance"]))
+        if seeds is None:
+            tokens, images = _program(params, text, uncond, jax.random.key(seed), *settings, spec=spec)
+        else:
+            tokens, images = _program_per_example(params, text, uncond, place(seed_keys(seeds), sharding), *settings,
+                                                  spec=spec)
         return np.asarray(tokens), np.asarray(images)
 
     def _uncond_tokens(self, negative_prompt, batch: int) -> jax.Array:
@@ -297,10 +316,11 @@ class DallePipeline:
 
     def text_to_image(self, prompts: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                       steps: int | None = None, guidance_scale: float | None = None, sampler: str | None = None,
-                      seed: int = 0, height: int | None = None, width: int | None = None, latents=None, *,
-                      temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                      candidates: int = 1, use_karras_sigmas: bool = False, eta: float = 0.0,
-                      progress: bool | ProgressFn = False) -> np.ndarray:
+                      seed: int | Sequence[int] = 0, height: int | None = None, width: int | None = None,
+                      latents=None, *, temperature: float | None = None, top_k: int | None = None,
+                      top_p: float | None = None, candidates: int = 1, use_karras_sigmas: bool = False,
+                      eta: float = 0.0, progress: bool | ProgressFn = False,
+                      sharding: jax.sharding.Sharding | None = None) -> np.ndarray:
         """Prompts -> float32 images [B, H, W, 3] in [0, 1]: sample image tokens, decode them with the dVAE.
 
         Args:
@@ -309,7 +329,8 @@ class DallePipeline:
           guidance_scale: classifier-free guidance on the logits ("super-conditioning"); <= 1 samples the
             captions alone. temperature: divides the logits (> 0). top_k: keep the k most likely tokens (0: all).
             top_p: nucleus mass (1: all). Each None: the model's recommendation (:attr:`sampling`).
-          seed: the draw; the same seed and settings give the same images.
+          seed: the draw; the same seed and settings give the same images. One seed per prompt draws image ``i``
+            as a call with prompt ``i`` alone and ``seed[i]`` does.
           candidates: draw this many images per prompt (seeds :func:`jaxt2i.eval.rerank.candidate_seed`) and keep
             the one the folder's CLIP scores closest to its prompt (DALL-E's reranking); needs a CLIP.
           height, width: None or the model's :attr:`default_size` (its token grid is fixed).
@@ -317,6 +338,7 @@ class DallePipeline:
             the same call; they have no effect here (an autoregressive model draws its ``image_height *
             image_width`` tokens one by one). latents: must be None (there is no starting noise).
           progress: True or ``fn(done, total)``: reports the one sampling program's start and end.
+          sharding: where the batch goes (see :meth:`jaxt2i.pipelines.Pipeline.text_to_image`).
         """
         del steps, sampler, use_karras_sigmas, eta
         if latents is not None:
@@ -329,6 +351,8 @@ class DallePipeline:
         if isinstance(candidates, bool) or int(candidates) != candidates or candidates < 1:
             raise ValueError(f"candidates must be an integer >= 1; got {candidates!r}.")
         prompts = _prompt_list(prompts)
+        seeds = example_seeds(seed, len(prompts))
+        seed = seed if seeds is None else seeds  # an array: best-of-N offsets every image's seed
         used = self.resolve_sampling(guidance_scale, temperature, top_k, top_p)
         clip = self.ranking_clip() if candidates > 1 else None
         if candidates > 1 and clip is None:
@@ -340,8 +364,8 @@ class DallePipeline:
             report(0, candidates)
         done = []
 
-        def draw(candidate_seed: int) -> np.ndarray:
-            images = self._draw(prompts, candidate_seed, negative_prompt, used)[1]
+        def draw(candidate_seed) -> np.ndarray:
+            images = self._draw(prompts, candidate_seed, negative_prompt, used, sharding)[1]
             done.append(candidate_seed)
             if report is not None:
                 report(len(done), candidates)

@@ -23,7 +23,8 @@ from jaxt2i.diffusion.guidance import cfg_denoise_fn
 from jaxt2i.diffusion.schedules import ScheduleConfig
 from jaxt2i.dtypes import as_dtype
 from jaxt2i.models import dit, latent_diffusion, vae
-from jaxt2i.pipelines.common import cast_floats
+from jaxt2i.pipelines.common import (cast_floats, check_sampling_args, example_keys, example_seeds, map_examples,
+                                     normal_per_example, place)
 
 DIT_SAMPLING = (50, 4.0)  # (steps, guidance): diffusers' DiTPipeline defaults
 
@@ -62,6 +63,13 @@ def _program(params, labels, noise, guidance, key, *, spec: _Spec):
     latents = samplers.sample(denoise, noise, sampler=spec.sampler, steps=spec.steps, schedule=spec.schedule,
                               key=key, eta=spec.eta, use_karras_sigmas=spec.karras)
     return latent_diffusion.vae_decode(spec.vae, params["vae"], latents)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _program_per_example(params, labels, noise, guidance, keys, *, spec: _Spec):
+    """:func:`_program` with one key per example (keys [B]): example ``i`` as a batch of one with ``keys[i]``."""
+    return map_examples(lambda ex, key: _program(params, ex["labels"], ex["noise"], guidance, key, spec=spec),
+                        {"labels": labels, "noise": noise}, keys)
 
 
 def class_names(id2label: dict) -> dict[str, int]:
@@ -150,32 +158,39 @@ class ClassPipeline:
         return np.asarray(ids, np.int32)
 
     def class_to_image(self, labels: int | str | Sequence[int | str], steps: int | None = None,
-                       guidance_scale: float | None = None, sampler: str = "ddim", seed: int = 0, latents=None, *,
+                       guidance_scale: float | None = None, sampler: str = "ddim", seed: int | Sequence[int] = 0,
+                       latents=None, *,
                        height: int | None = None, width: int | None = None, eta: float = 0.0,
-                       use_karras_sigmas: bool = False) -> np.ndarray:
+                       use_karras_sigmas: bool = False, sharding: jax.sharding.Sharding | None = None) -> np.ndarray:
         """Class ids or names -> float32 images [B, H, W, 3] in [0, 1] (one jitted program).
 
         ``steps`` / ``guidance_scale`` default to the model's recommendation, else diffusers' 50 and 4.0; guidance
         <= 1 skips the null-class half of the batch. ``latents``: optional standard-normal noise [B, h, w, C]
         (NHWC; the sampler scales it as it needs), otherwise drawn from ``seed`` at ``height`` x ``width``
-        (default: the trained size; multiples of the VAE factor times the patch size).
+        (default: the trained size; multiples of the VAE factor times the patch size). ``seed``: an int, or one
+        per image (image ``i`` then equals a call with label ``i`` alone and ``seed[i]``); ``sharding``: where
+        the batch goes (see :meth:`jaxt2i.pipelines.Pipeline.text_to_image`).
         """
         ids = self.label_ids(labels)
         steps, guidance = self.sampling_defaults(steps, guidance_scale)
-        if sampler not in samplers.SAMPLERS:
-            raise ValueError(f"Unknown sampler {sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}.")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1; got {steps}.")
-        if not np.isfinite(guidance):
-            raise ValueError(f"guidance_scale must be a finite number; got {guidance_scale}.")
-        noise_key, program_key = jax.random.split(jax.random.key(seed))
-        noise = self._noise(latents, len(ids), height, width, noise_key)
+        check_sampling_args(steps=steps, guidance_scale=guidance, sampler=sampler)
+        seeds = example_seeds(seed, len(ids))
+        if seeds is None:
+            noise_key, program_key = jax.random.split(jax.random.key(seed))
+        else:
+            noise_key, program_key = example_keys(seeds)
+        noise = self._noise(latents, len(ids), height, width, noise_key, seeds is not None)
         spec = _Spec(self.transformer, self.vae, self.transformer_name, self.schedule, sampler, steps, guidance > 1.0,
                      bool(use_karras_sigmas), float(eta))
-        out = _program(self.params, jnp.asarray(ids), noise, jnp.float32(guidance), program_key, spec=spec)
+        labels, noise = place((jnp.asarray(ids), noise), sharding)
+        if seeds is None:
+            out = _program(self.params, labels, noise, jnp.float32(guidance), program_key, spec=spec)
+        else:
+            keys = place(program_key, sharding)
+            out = _program_per_example(self.params, labels, noise, jnp.float32(guidance), keys, spec=spec)
         return np.asarray(out)
 
-    def _noise(self, latents, batch: int, height, width, key) -> jax.Array:
+    def _noise(self, latents, batch: int, height, width, key, per_example: bool = False) -> jax.Array:
         config = self.configs[self.transformer_name]
         multiple = self.vae_scale_factor * config.patch_size
         default_h, default_w = self.default_size
@@ -185,7 +200,7 @@ class ClassPipeline:
                              f"{self.vae_scale_factor} x the patch size {config.patch_size}).")
         shape = (batch, height // self.vae_scale_factor, width // self.vae_scale_factor, config.in_channels)
         if latents is None:
-            return jax.random.normal(key, shape, jnp.float32)
+            return normal_per_example(key, shape[1:]) if per_example else jax.random.normal(key, shape, jnp.float32)
         noise = jnp.asarray(latents, jnp.float32)
         if noise.ndim != 4 or noise.shape[0] != batch or noise.shape[-1] != config.in_channels \
                 or noise.shape[1] % config.patch_size or noise.shape[2] % config.patch_size:
@@ -194,9 +209,10 @@ class ClassPipeline:
         return noise
 
     def text_to_image(self, prompts: str | Sequence[str], negative_prompt=None, steps: int | None = None,
-                      guidance_scale: float | None = None, sampler: str = "ddim", seed: int = 0,
+                      guidance_scale: float | None = None, sampler: str = "ddim", seed: int | Sequence[int] = 0,
                       height: int | None = None, width: int | None = None, latents=None, *, eta: float = 0.0,
-                      use_karras_sigmas: bool = False, progress=False) -> np.ndarray:
+                      use_karras_sigmas: bool = False, progress=False,
+                      sharding: jax.sharding.Sharding | None = None) -> np.ndarray:
         """Prompts read as class names (``id2label``) -> images, as :meth:`class_to_image` (the text-to-image
         signature of every family; a class-conditional model has no negative prompt, and runs as one program)."""
         if negative_prompt:
@@ -204,7 +220,7 @@ class ClassPipeline:
                              "the null class.")
         return self.class_to_image(prompts, steps=steps, guidance_scale=guidance_scale, sampler=sampler, seed=seed,
                                    latents=latents, height=height, width=width, eta=eta,
-                                   use_karras_sigmas=use_karras_sigmas)
+                                   use_karras_sigmas=use_karras_sigmas, sharding=sharding)
 
     def __repr__(self) -> str:
         return (f"ClassPipeline(source={self.source!r}, dtype={jnp.dtype(self.dtype).name}, "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Sequence
 
 import jax
@@ -25,8 +26,11 @@ from jaxt2i.diffusion.guidance import cfg_denoise_fn
 from jaxt2i.diffusion.schedules import ScheduleConfig
 from jaxt2i.dtypes import as_dtype
 from jaxt2i.models import latent_diffusion
+from jaxt2i.models.dit_config import DiTConfig
 from jaxt2i.models.latent_diffusion import Models
-from jaxt2i.pipelines.common import ProgressBar, ProgressFn, cast_floats
+from jaxt2i.models.unet import UNetConfig
+from jaxt2i.pipelines.common import (ProgressBar, ProgressFn, cast_floats, check_sampling_args, example_keys,
+                                     example_seeds, map_examples, normal_per_example, place)
 from jaxt2i.tokenizer import CLIPTokenizer
 
 # ------------------------------------------------------------------------------------------ static program spec
@@ -139,6 +143,14 @@ def _program(params, inputs, guidance, rescale, key, *, spec: _Spec):
     return latent_diffusion.decode(spec.models, params, state["x"])
 
 
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _program_per_example(params, inputs, guidance, rescale, keys, *, spec: _Spec):
+    """:func:`_program` with one key per example (keys [B]): example ``i`` is computed as ``_program`` computes a
+    batch of one with ``keys[i]``, vmapped into one batched program."""
+    return map_examples(lambda example, key: _program(params, example, guidance, rescale, key, spec=spec), inputs,
+                        keys)
+
+
 # The same program in three stages, so a caller can watch progress between segments of model calls (each stage
 # compiles once and is cacheable; a host callback inside one program would make it uncacheable).
 @functools.partial(jax.jit, static_argnums=0)
@@ -203,6 +215,35 @@ class Pipeline:
         return 2 ** (len(self.configs["vae"].block_out_channels) - 1)
 
     @property
+    def size_multiple(self) -> int:
+        """Pixels per step of the image sides: the VAE's factor times the denoiser's (:func:`denoiser_factor`)."""
+        return self.vae_scale_factor * denoiser_factor(self.configs[self.models.denoiser_name])
+
+    @property
+    def size_rule(self) -> str:
+        """The image-size rule in words, as every size error states it."""
+        denoiser = self.configs[self.models.denoiser_name]
+        what = "patch size" if isinstance(denoiser, DiTConfig) else "downsampling"
+        return (f"positive multiples of {self.size_multiple} pixels (the VAE's factor {self.vae_scale_factor} x the "
+                f"{self.models.denoiser_name}'s {what} {denoiser_factor(denoiser)})")
+
+    def check_image_size(self, height: int, width: int, batch: int = 1) -> None:
+        """Raises ValueError unless ``height`` x ``width`` follows :attr:`size_rule` and ``batch`` such images fit in
+        memory: decoding holds at least one float32 activation ``[batch, height, width, C]`` (C: the VAE decoder's
+        last width), which is compared with the device's memory before anything runs."""
+        m = self.size_multiple
+        if height <= 0 or width <= 0 or height % m or width % m:
+            raise ValueError(f"image size {width}x{height}: width and height must be {self.size_rule}; e.g. "
+                             f"{max(m, width // m * m)}x{max(m, height // m * m)}.")
+        needed = batch * height * width * self.configs["vae"].block_out_channels[0] * 4
+        available = device_memory_bytes()
+        if available is not None and needed > available:
+            raise ValueError(f"image size {width}x{height} (x{batch}) cannot fit: decoding it holds at least "
+                             f"{needed / 2**30:.1f} GiB at once and the device has {available / 2**30:.1f} GiB. "
+                             f"Choose a smaller size (this model was trained at {self.default_size[1]}x"
+                             f"{self.default_size[0]}).")
+
+    @property
     def default_size(self) -> tuple[int, int]:
         """(height, width) the denoiser was trained at."""
         side = self.configs[self.models.denoiser_name].sample_size * self.vae_scale_factor
@@ -254,41 +295,51 @@ class Pipeline:
     # ---------------------------------------------------------------------------------- programs
     def _run(self, kind: str, prompts, negative_prompt, steps, guidance_scale, sampler, seed, eta, guidance_rescale,
              use_karras_sigmas, progress, *, height, width, latents=None, strength=1.0, images=None,
-             masks=None) -> np.ndarray:
+             masks=None, sharding=None) -> np.ndarray:
         """Validates the arguments, builds the static spec and runs the program (or its stages, with progress)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("Give at least one prompt.")
-        if sampler not in samplers.SAMPLERS:
-            raise ValueError(f"Unknown sampler {sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}.")
-        if int(steps) < 1:
-            raise ValueError(f"steps must be >= 1; got {steps}.")
-        if not 0.0 < float(strength) <= 1.0:
-            raise ValueError(f"strength must be in (0, 1]; got {strength}.")
+        check_sampling_args(steps=steps, guidance_scale=guidance_scale, strength=strength, sampler=sampler)
+        self.check_image_size(height, width, len(prompts))
         spec = _Spec(self.models, self.schedule, kind, sampler, int(steps), float(guidance_scale) > 1.0,
                      bool(use_karras_sigmas), float(eta), float(strength))
         spec.start_step  # noqa: B018 -- validates strength against steps before anything runs
-        noise_key, program_key = jax.random.split(jax.random.key(seed))
+        seeds = example_seeds(seed, len(prompts))
+        if seeds is None:
+            noise_key, program_key = jax.random.split(jax.random.key(seed))
+        else:
+            noise_key, program_key = example_keys(seeds)
         inputs = {"ids": jnp.asarray(self.tokenize(prompts)),
                   "uncond_ids": jnp.asarray(self.tokenize(_negatives(negative_prompt, len(prompts)))),
-                  "noise": self._noise(latents, len(prompts), height, width, noise_key)}
+                  "noise": self._noise(latents, len(prompts), height, width, noise_key, seeds is not None)}
         if images is not None:
             inputs["images"] = images
         if masks is not None:
             inputs["masks"] = masks
+        inputs = place(inputs, sharding)
         guidance, rescale = jnp.float32(guidance_scale), jnp.float32(guidance_rescale)
-        if progress:
-            report = progress if callable(progress) else ProgressBar()
+        report = (progress if callable(progress) else ProgressBar()) if progress else None
+        if seeds is not None:  # one program; progress reports its start and end
+            if report is not None:
+                report(0, 1)
+            out = _program_per_example(self.params, inputs, guidance, rescale, place(program_key, sharding),
+                                       spec=spec)
+            if report is not None:
+                report(1, 1)
+        elif report is not None:
             out = _run_with_progress(spec, self.params, inputs, guidance, rescale, program_key, report)
         else:
             out = _program(self.params, inputs, guidance, rescale, program_key, spec=spec)
         return np.asarray(out)
 
-    def _noise(self, latents, batch, height, width, key):
+    def _noise(self, latents, batch, height, width, key, per_example: bool = False):
+        """The start noise [B, h, w, C]: ``latents``, else drawn from ``key`` (from each of keys [B] with
+        ``per_example``)."""
         shape = (batch, height // self.vae_scale_factor, width // self.vae_scale_factor,
                  self.configs["vae"].latent_channels)
         if latents is None:
-            return jax.random.normal(key, shape, jnp.float32)
+            return normal_per_example(key, shape[1:]) if per_example else jax.random.normal(key, shape, jnp.float32)
         latents = jnp.asarray(latents, jnp.float32)
         if latents.shape != shape:
             raise ValueError(f"latents have shape {latents.shape}; expected {shape} (NHWC) for {batch} image(s) "
@@ -297,30 +348,32 @@ class Pipeline:
 
     def _size(self, height, width):
         default_h, default_w = self.default_size
-        height, width = int(height or default_h), int(width or default_w)
-        f = self.vae_scale_factor
-        if height % f or width % f or height <= 0 or width <= 0:
-            raise ValueError(f"Image size {width}x{height} must be positive multiples of {f} (the VAE's "
-                             f"downsampling factor); e.g. {max(f, width // f * f)}x{max(f, height // f * f)}.")
-        return height, width
+        return int(height or default_h), int(width or default_w)
 
     def text_to_image(self, prompts: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
-                      steps: int = 50, guidance_scale: float = 7.5, sampler: str = "ddim", seed: int = 0,
-                      height: int | None = None, width: int | None = None, latents=None, *, eta: float = 0.0,
-                      guidance_rescale: float = 0.0, use_karras_sigmas: bool = False,
-                      progress: bool | ProgressFn = False) -> np.ndarray:
+                      steps: int = 50, guidance_scale: float = 7.5, sampler: str = "ddim",
+                      seed: int | Sequence[int] = 0, height: int | None = None, width: int | None = None,
+                      latents=None, *, eta: float = 0.0, guidance_rescale: float = 0.0, use_karras_sigmas: bool = False,
+                      progress: bool | ProgressFn = False, sharding: jax.sharding.Sharding | None = None
+                      ) -> np.ndarray:
         """Prompts -> float32 images [B, H, W, 3] in [0, 1] (one jitted program: text encoding, sampling, decoding).
 
-        ``latents``: optional standard-normal noise [B, H/8, W/8, 4] (the sampler scales it as it needs);
-        otherwise drawn from ``seed``. Guidance <= 1 skips the unconditional half of the batch. ``progress``:
-        True prints a progress line, or a function ``fn(done, total)`` called after every model call (the
-        program then runs in stages: same numbers, one dispatch per model call).
+        ``seed``: an int draws the whole batch from one key; a sequence of B ints draws image ``i`` exactly as
+        ``text_to_image([prompts[i]], seed=seed[i])`` does (up to float rounding of batched kernels), so every image
+        can be reproduced alone. ``latents``: optional standard-normal noise [B, H/8, W/8, 4] (the sampler scales
+        it as it needs); otherwise drawn from ``seed``. Guidance <= 1 skips the unconditional half of the batch.
+        ``progress``: True prints a progress line, or a function ``fn(done, total)`` called after every model call
+        (the program then runs in stages: same numbers, one dispatch per model call; with one seed per image it
+        reports the one program's start and end). ``sharding``: where the batch's inputs go, e.g.
+        ``NamedSharding(Mesh(devices, ("batch",)), P("batch"))`` for data parallelism (B a multiple of the device
+        count; the parameters are used where they are: replicate them over the same devices).
         """
         if self.is_inpainting_model:
             raise ValueError("This is a 9-channel inpainting model; use inpaint() (or `jaxt2i inpaint`).")
         height, width = self._size(height, width)
         return self._run("txt2img", prompts, negative_prompt, steps, guidance_scale, sampler, seed, eta,
-                         guidance_rescale, use_karras_sigmas, progress, height=height, width=width, latents=latents)
+                         guidance_rescale, use_karras_sigmas, progress, height=height, width=width, latents=latents,
+                         sharding=sharding)
 
     def image_to_image(self, prompts: str | Sequence[str], image, strength: float = 0.8,
                        negative_prompt: str | Sequence[str] | None = None, steps: int = 50,
@@ -333,7 +386,7 @@ class Pipeline:
         ``latents``: optional standard-normal noise [B, H/8, W/8, 4] used to noise the image's latents.
         """
         batch = 1 if isinstance(prompts, str) else len(prompts)
-        images = _batch_images(_check_images(image, self.vae_scale_factor), batch)
+        images = _batch_images(_check_images(image), batch)
         return self._run("img2img", prompts, negative_prompt, steps, guidance_scale, sampler, seed, eta,
                          guidance_rescale, use_karras_sigmas, progress, height=images.shape[1],
                          width=images.shape[2], latents=latents, strength=strength, images=images)
@@ -349,7 +402,7 @@ class Pipeline:
         ``latents``: optional standard-normal noise [B, H/8, W/8, 4] (the start noise, also used for blending).
         """
         batch = 1 if isinstance(prompts, str) else len(prompts)
-        images = _batch_images(_check_images(image, self.vae_scale_factor), batch)
+        images = _batch_images(_check_images(image), batch)
         masks = _batch_images(_check_mask(mask, images.shape[1:3]), batch)
         return self._run("inpaint", prompts, negative_prompt, steps, guidance_scale, sampler, seed, eta,
                          guidance_rescale, use_karras_sigmas, progress, height=images.shape[1],
@@ -361,6 +414,25 @@ class Pipeline:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
+def denoiser_factor(config: UNetConfig | DiTConfig) -> int:
+    """Latent cells per step of the denoiser's grid: a U-Net halves its input ``num_blocks - 1`` times (its skip
+    connections need every level to divide evenly), a DiT cuts it into ``patch_size`` x ``patch_size`` patches."""
+    return config.patch_size if isinstance(config, DiTConfig) else 2 ** (config.num_blocks - 1)
+
+
+def device_memory_bytes() -> int | None:
+    """Memory of the default device: the accelerator's allocator limit, or the host's physical memory on a CPU;
+    None when neither is known."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def _param_dtype(models: Models, name: str) -> Any:
     """Storage dtype of component ``name``: its module's ``param_dtype`` (components the pipeline does not run
     keep float32)."""
@@ -389,15 +461,17 @@ def _negatives(negative_prompt, batch: int) -> list[str]:
     return negatives
 
 
-def _check_images(images, factor: int) -> jax.Array:
+def _check_images(images, factor: int = 1) -> jax.Array:
+    """[B, H, W, 3] (or [H, W, 3]) images in [0, 1], sides multiples of ``factor`` (the sampling programs check
+    their size rule themselves, with the batch)."""
     images = np.asarray(images, np.float32)
     if images.ndim == 3:
         images = images[None]
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"Images must be [B, H, W, 3] (or [H, W, 3]) RGB in [0, 1]; got shape {images.shape}.")
     if images.shape[1] % factor or images.shape[2] % factor:
-        raise ValueError(f"Image size {images.shape[2]}x{images.shape[1]} must be a multiple of {factor}; "
-                         "resize or crop it.")
+        raise ValueError(f"Image size {images.shape[2]}x{images.shape[1]} must be a multiple of {factor} (the VAE's "
+                         "factor); resize or crop it.")
     if images.min() < -1e-3 or images.max() > 1 + 1e-3:
         raise ValueError("Image values must be in [0, 1] (float); divide uint8 images by 255.")
     return jnp.asarray(images)

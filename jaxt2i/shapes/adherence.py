@@ -18,7 +18,6 @@ and averages the per-type accuracies.
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
 from typing import Sequence
 
 import numpy as np
@@ -87,20 +86,70 @@ def _mean(values: list) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def _group_stats(scores: Sequence[PromptScore]) -> dict:
-    found = [s for s in scores if s.objects_correct]
+# What ``report`` needs of a group of scores, as integer counts: summed over batches, shards and processes, they
+# give exactly the report of all the scores at once.
+COUNT_FIELDS = ("n", "correct", "exact", "objects", "count", "size_known", "size", "unknown", "relation")
+
+
+def score_row(s: PromptScore) -> np.ndarray:
+    """One score as counts: int64 [len(COUNT_FIELDS)] of 0s and 1s."""
+    return np.array([1, s.correct, s.exact, s.objects_correct, s.count_correct, s.size_correct is not None,
+                     bool(s.size_correct), s.unknown_shapes > 0, bool(s.objects_correct and s.relation_correct)],
+                    np.int64)
+
+
+def score_counts(scores: Sequence[PromptScore], groups: Sequence[str], group_names: Sequence[str]) -> np.ndarray:
+    """Counts of ``scores`` per group and prompt type: int64 [len(group_names), len(world.PROMPT_TYPES),
+    len(COUNT_FIELDS)]; ``groups`` labels each score with one of ``group_names``. Counts add: the counts of two
+    disjoint sets of scores are the sum of their counts."""
+    if len(groups) != len(scores):
+        raise ValueError(f"got {len(scores)} scores but {len(groups)} group labels; give one label per score")
+    counts = np.zeros((len(group_names), len(world.PROMPT_TYPES), len(COUNT_FIELDS)), np.int64)
+    for g, s in zip(groups, scores):
+        if g not in group_names:
+            raise ValueError(f"group {g!r} is not one of {list(group_names)}")
+        counts[list(group_names).index(g), world.PROMPT_TYPES.index(s.prompt_type)] += score_row(s)
+    return counts
+
+
+def _ratio(num, den) -> float | None:
+    return float(num / den) if den else None
+
+
+def _cell_stats(row: np.ndarray, prompt_type: str) -> dict:
+    """The stats of one (group, prompt type) from its counts [len(COUNT_FIELDS)]."""
+    c = dict(zip(COUNT_FIELDS, (int(v) for v in row)))
     stats = {
-        "n": len(scores),
-        "accuracy": _mean([s.correct for s in scores]),
-        "exact_accuracy": _mean([s.exact for s in scores]),
-        "objects_accuracy": _mean([s.objects_correct for s in scores]),
-        "count_accuracy": _mean([s.count_correct for s in scores]),
-        "size_accuracy": _mean([s.size_correct for s in scores]),
-        "unknown_shape_share": _mean([s.unknown_shapes > 0 for s in scores]),
+        "n": c["n"],
+        "accuracy": _ratio(c["correct"], c["n"]),
+        "exact_accuracy": _ratio(c["exact"], c["n"]),
+        "objects_accuracy": _ratio(c["objects"], c["n"]),
+        "count_accuracy": _ratio(c["count"], c["n"]),
+        "size_accuracy": _ratio(c["size"], c["size_known"]),
+        "unknown_shape_share": _ratio(c["unknown"], c["n"]),
     }
-    if scores and scores[0].prompt_type == "two_object":
-        stats["relation_accuracy_given_objects"] = _mean([s.relation_correct for s in found])
+    if prompt_type == "two_object":
+        stats["relation_accuracy_given_objects"] = _ratio(c["relation"], c["objects"])
     return stats
+
+
+def _by_type(counts: np.ndarray) -> dict:
+    """One group's report from its counts [len(world.PROMPT_TYPES), len(COUNT_FIELDS)]."""
+    out = {t: _cell_stats(counts[i], t) for i, t in enumerate(world.PROMPT_TYPES) if counts[i, 0] > 0}
+    out["overall"] = _mean([out[t]["accuracy"] for t in world.PROMPT_TYPES if t in out])
+    out["overall_exact"] = _mean([out[t]["exact_accuracy"] for t in world.PROMPT_TYPES if t in out])
+    out["n"] = int(counts[:, 0].sum())
+    return out
+
+
+def report_from_counts(counts: np.ndarray, group_names: Sequence[str]) -> dict:
+    """``report`` from ``score_counts`` (summed over any number of batches): groups without scores are left out."""
+    counts = np.asarray(counts)
+    result = {g: _by_type(counts[i]) for g, i in sorted((g, i) for i, g in enumerate(group_names))
+              if counts[i, :, 0].sum() > 0}
+    total = _by_type(counts.sum(axis=0))
+    result["overall"], result["overall_exact"], result["n"] = total["overall"], total["overall_exact"], total["n"]
+    return result
 
 
 def report(scores: Sequence[PromptScore], groups: Sequence[str] | None = None) -> dict:
@@ -109,30 +158,12 @@ def report(scores: Sequence[PromptScore], groups: Sequence[str] | None = None) -
     ``groups`` (e.g. the split of each prompt) labels each score; without it everything is one
     group "all". Each group's "overall" ("overall_exact") is the mean of its per-type (exact) accuracies, so one- and
     two-object prompts weigh equally whatever their counts; the top-level "overall" is the same
-    mean over all scores regardless of group.
+    mean over all scores regardless of group. The same as ``report_from_counts(score_counts(...))``, which
+    gathers the numbers batch by batch.
     """
     groups = ["all"] * len(scores) if groups is None else list(groups)
-    if len(groups) != len(scores):
-        raise ValueError(f"got {len(scores)} scores but {len(groups)} group labels; give one label per score")
-
-    def by_type(subset: Sequence[PromptScore]) -> dict:
-        out = {}
-        for prompt_type in world.PROMPT_TYPES:
-            typed = [s for s in subset if s.prompt_type == prompt_type]
-            if typed:
-                out[prompt_type] = _group_stats(typed)
-        out["overall"] = _mean([out[t]["accuracy"] for t in world.PROMPT_TYPES if t in out])
-        out["overall_exact"] = _mean([out[t]["exact_accuracy"] for t in world.PROMPT_TYPES if t in out])
-        out["n"] = len(subset)
-        return out
-
-    members: dict[str, list[PromptScore]] = defaultdict(list)
-    for g, s in zip(groups, scores):
-        members[g].append(s)
-    result = {g: by_type(members[g]) for g in sorted(members)}
-    total = by_type(scores)
-    result["overall"], result["overall_exact"], result["n"] = total["overall"], total["overall_exact"], total["n"]
-    return result
+    names = sorted(set(groups))
+    return report_from_counts(score_counts(scores, groups, names), names)
 
 
 def evaluate(
@@ -141,10 +172,15 @@ def evaluate(
     groups: Sequence[str] | None = None,
 ) -> tuple[dict, list[PromptScore]]:
     """Detect objects in each image [H, W, 3] and score it against its target; (report, scores)."""
+    scores = score_images(targets, images)
+    return report(scores, groups), scores
+
+
+def score_images(targets: Sequence[world.Scene], images: Sequence[np.ndarray]) -> list[PromptScore]:
+    """Detect objects in each image [H, W, 3] (uint8) and score it against its target."""
     if len(targets) != len(images):
         raise ValueError(f"got {len(targets)} targets but {len(images)} images; give one image per prompt")
-    scores = [score(t, detector.detect(np.asarray(im))) for t, im in zip(targets, images)]
-    return report(scores, groups), scores
+    return [score(t, detector.detect(np.asarray(im))) for t, im in zip(targets, images)]
 
 
 def evaluate_prompts(

@@ -1,12 +1,17 @@
 """``jaxt2i eval``: the shapes-world evaluation of a model (prompt adherence, CLIP score, Frechet distance).
 
     jaxt2i eval [--model PATH] [--guidance 1,3,5] [--n N] [--steps S] [--seed SEED] [--candidates N] [--out F]
-                [--save-images F.npz] [--from-images F.npz] [--clip FOLDER]
+                [--save-images F.npz] [--from-images F.npz] [--clip FOLDER] [--reference-cache DIR]
 
 Generates ``4 * N`` images (N prompts per split -- train / held-out -- and prompt type -- one / two objects) at each
 guidance scale with the model's ``text_to_image`` and scores them (``jaxt2i.shapes.report``), whatever the model's
 family. Writes the JSON report to ``--out`` and the same numbers as markdown tables to ``--out`` with ``.md`` (and
 prints the tables). The default model is the shipped one.
+
+The metrics are streaming statistics: images are generated, scored and dropped a batch at a time, so memory stays
+flat for any N. Batches are split over the local devices, and over processes when the run is started as several
+(``JAXT2I_COORDINATOR``, ``JAXT2I_NUM_PROCESSES``, ``JAXT2I_PROCESS_ID``, as for ``jaxt2i train``); process 0 writes
+the report. The real renders' feature statistics are cached in ``--reference-cache``.
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ import os
 import sys
 import time
 
+import jax
+
 from jaxt2i.eval import clip_metrics
 from jaxt2i.pipelines import load_pipeline
 from jaxt2i.shapes import SHIPPED_MODEL, report
 from jaxt2i.shipped import SHIPPED_MODELS, model_path
+from jaxt2i.train import distributed
 
 
 class EvalError(Exception):
@@ -28,6 +36,11 @@ class EvalError(Exception):
 
 
 DEFAULT_GUIDANCE, DEFAULT_STEPS = (1.0, 3.0, 5.0), 25
+
+
+def default_reference_cache() -> str:
+    """``$JAXT2I_EVAL_CACHE``, else ``~/.cache/jaxt2i/eval``."""
+    return os.environ.get("JAXT2I_EVAL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxt2i", "eval")
 
 
 def _parse_guidance(text: str) -> list[float]:
@@ -64,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="report.json", help="JSON report path; the markdown goes beside it (.md)")
     p.add_argument("--save-images", default=None, metavar="NPZ",
                    help="also write the scored images (uint8, per guidance scale, with their prompts) to this .npz")
+    p.add_argument("--reference-cache", default=None, metavar="DIR",
+                   help="folder caching the held-out real images' CLIP feature statistics, keyed by the CLIP, "
+                        "--n-real and --seed (default $JAXT2I_EVAL_CACHE or ~/.cache/jaxt2i/eval; 'off': none)")
     p.add_argument("--from-images", default=None, metavar="NPZ",
                    help="score the images of an earlier --save-images instead of generating them (its prompts, "
                         "guidance scales, steps and sampler replace --n, --seed, --guidance, --steps, --sampler)")
@@ -79,14 +95,14 @@ def eval_main(argv=None) -> int:
         return 2
 
 
-def _read_given_images(args) -> dict:
-    """--from-images: the saved images by guidance key; sets args' n, seed, steps and sampler to the file's."""
+def _read_given_images(args) -> list[str]:
+    """--from-images: the saved images' guidance keys; sets args' n, seed, steps and sampler to the file's."""
     if not os.path.isfile(args.from_images):
         raise EvalError(f"--from-images {args.from_images}: no such file (write one with --save-images)")
     if args.candidates != 1:
         raise EvalError("--from-images scores saved images as they are; it takes no --candidates")
-    texts, images, settings = report.load_eval_images(args.from_images)
-    if "n_per_group" not in settings or not images:
+    texts, keys, settings = report.eval_images_index(args.from_images)
+    if "n_per_group" not in settings or not keys:
         raise EvalError(f"--from-images {args.from_images}: no settings or no images in it; write it with "
                         f"jaxt2i eval --save-images")
     args.n, args.seed = settings["n_per_group"], settings["seed"]
@@ -94,7 +110,7 @@ def _read_given_images(args) -> dict:
     if [p.prompt for p in report.eval_prompt_set(args.n, seed=args.seed)] != texts:
         raise EvalError(f"--from-images {args.from_images}: its prompts are not this version's evaluation prompts "
                         f"for n={args.n}, seed={args.seed}")
-    return images
+    return keys
 
 
 def _run(args) -> int:
@@ -112,13 +128,21 @@ def _run(args) -> int:
     given = _read_given_images(args) if args.from_images else None
     if given is not None:
         guidance = [float(k) for k in given]
+    try:
+        distributed.maybe_initialize()
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    if args.save_images and jax.process_count() > 1:
+        raise EvalError(f"--save-images writes one file from one process; this run has {jax.process_count()} "
+                        "processes (score with one process to keep the images)")
     model = model_path(args.model or SHIPPED_MODEL)
     if not os.path.exists(model):
         hint = " (the shipped model is missing: run scripts/build_shapes_model.py)" if args.model is None else ""
         raise EvalError(f"no model at {model}{hint}; pass --model PATH")
 
     def log(msg: str) -> None:
-        print(f"[jaxt2i eval] {msg}", file=sys.stderr, flush=True)
+        if jax.process_index() == 0:
+            print(f"[jaxt2i eval] {msg}", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
     pipe = load_pipeline(model, dtype=args.dtype)
@@ -133,15 +157,23 @@ def _run(args) -> int:
             raise EvalError(f"--candidates {args.candidates} needs a CLIP to rank the images, and none was found "
                             f"in {clip_path}; pass --clip FOLDER (a model folder with a clip_vision component)")
         log("no CLIP found (pass --clip FOLDER): CLIP score and Frechet distance are reported as missing")
+    cache = args.reference_cache or default_reference_cache()
+    cache = None if cache.lower() in ("off", "none", "") or clip is None else cache
     result = report.evaluate_pipeline(pipe, guidance_scales=guidance, n=args.n, steps=steps, seed=args.seed,
                                       batch_size=args.batch_size, sampler=args.sampler, clip=clip,
                                       n_real=args.n_real, candidates=args.candidates,
-                                      save_images=args.save_images, given_images=given, log=log)
+                                      save_images=args.save_images,
+                                      given_images=args.from_images if given is not None else None,
+                                      reference_cache=cache,
+                                      clip_key=clip_metrics.folder_fingerprint(clip_path) if cache else None,
+                                      log=log)
     result["settings"]["model"] = os.path.abspath(model)
     if args.from_images:
         result["settings"]["images_from"] = os.path.abspath(args.from_images)
     result["settings"]["clip"] = os.path.abspath(clip_path) if clip is not None else None
     result["settings"]["seconds_total"] = time.perf_counter() - t0
+    if jax.process_index() != 0:
+        return 0
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     with open(args.out, "w") as f:

@@ -14,6 +14,8 @@ checkpoint or none) and only the newest ``keep`` are kept.
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -23,6 +25,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (a full disk, a lost mount); the checkpoints completed before it are intact."""
+
+
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # how Orbax names a checkpoint folder until it is complete
 
 
 def _is_key(x) -> bool:
@@ -72,11 +81,13 @@ class Checkpointer:
         if read_only and not self.directory.is_dir():
             raise FileNotFoundError(f"no checkpoints folder at {self.directory}")
         self.read_only = read_only
+        if not read_only and jax.process_index() == 0:
+            remove_unfinished_saves(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
             create=not read_only,
-            cleanup_tmp_directories=not read_only,  # leftovers of a save killed half-way
+            cleanup_tmp_directories=False,  # done above, before any save can reuse a leftover's name
             read_only=read_only,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
@@ -95,7 +106,22 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(keys_to_data(state)), data=ocp.args.JsonSave(data))
-        return self.manager.save(int(step), args=args, force=force)
+        with self._writing(f"the checkpoint of step {step}"):
+            return self.manager.save(int(step), args=args, force=force)
+
+    @contextlib.contextmanager
+    def _writing(self, what: str):
+        """Turns a failure while ``what`` is written (or while an earlier asynchronous save completes) into a
+        CheckpointWriteError that says which checkpoint a restart resumes from. Orbax writes each checkpoint into
+        a temporary folder and renames it when complete, so a failed one never counts as a checkpoint."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 -- orbax re-raises a background writer's error of any type
+            latest = self.manager.latest_step()
+            resume = (f"the checkpoint of step {latest} is intact: free space and run the same command to resume "
+                      f"from it" if latest is not None else "there is no complete checkpoint yet")
+            raise CheckpointWriteError(f"writing {what} in {self.directory} failed ({type(e).__name__}: "
+                                       f"{str(e).splitlines()[0] if str(e) else ''}); {resume}.") from e
 
     def restore(self, state_like, step: int | None = None) -> tuple[Any, dict]:
         """Restores step ``step`` (default: the latest) into the shapes, dtypes and shardings of ``state_like``."""
@@ -111,12 +137,28 @@ class Checkpointer:
         return keys_from_data(restored["state"], state_like), dict(restored["data"] or {})
 
     def wait(self):
-        """Blocks until pending asynchronous saves are complete."""
-        self.manager.wait_until_finished()
+        """Blocks until pending asynchronous saves are complete (CheckpointWriteError if one failed)."""
+        with self._writing("a checkpoint"):
+            self.manager.wait_until_finished()
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for pending saves and releases the manager, even when a save failed (which is then raised)."""
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+
+def remove_unfinished_saves(directory: Path) -> list[str]:
+    """Deletes the temporary folders (``<step>.orbax-checkpoint-tmp...``) of saves that never completed -- a run
+    killed mid-save, a full disk -- and returns their names. Runs before the checkpoint manager starts: Orbax's own
+    clean-up runs in the background and can delete the folder of the first new save of the same step."""
+    if not directory.is_dir():
+        return []
+    leftovers = sorted(p for p in directory.iterdir() if _TMP_SUFFIX in p.name)
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return [p.name for p in leftovers]
 
 
 def restore_or_init(checkpointer: Checkpointer, init_fn: Callable[[], tuple[Any, Any]]):

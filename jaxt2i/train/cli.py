@@ -2,7 +2,8 @@
 
 Also runnable as ``python -m jaxt2i.train.cli CONFIG.yaml [key=value ...]``. Exit status: 0 when the
 run finished or was stopped by SIGTERM after saving a checkpoint (run the same command again to
-continue); 2 for a bad config; 1 for a failed run (for example a NaN loss with nan_policy=abort).
+continue); 2 for a bad config; 1 for a failed run (for example a NaN loss with nan_policy=abort, or a
+checkpoint that could not be written: the previous one is intact and the same command resumes from it).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import yaml
 
 from jaxt2i.data.cache import CacheMismatchError
 from jaxt2i.train import loop
+from jaxt2i.train.checkpoint import CheckpointWriteError
 from jaxt2i.train.config import ConfigError, load_config, to_dict
 from jaxt2i.train.loop import NonFiniteLossError, export_checkpoint
 
@@ -72,7 +74,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
     try:
         result = loop.run(cfg)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, CheckpointWriteError) as e:
         print(f"jaxt2i train: {e}", file=sys.stderr)
         return 1
     except CacheMismatchError as e:

@@ -195,8 +195,8 @@ def test_inpaint_with_empty_mask_returns_the_vae_round_trip(pipes):
 
 def test_bad_inputs_give_clear_errors(pipes):
     _, jpipe = pipes
-    with pytest.raises(ValueError, match="multiples of 2"):
-        jpipe.text_to_image("x", steps=2, height=SIZE + 1, width=SIZE)
+    with pytest.raises(ValueError, match=r"multiples of 4 pixels \(the VAE's factor 2 x the unet's downsampling 2\)"):
+        jpipe.text_to_image("x", steps=2, height=SIZE + 2, width=SIZE)
     with pytest.raises(ValueError, match="Unknown sampler"):
         jpipe.text_to_image("x", steps=2, sampler="magic", height=SIZE, width=SIZE)
     with pytest.raises(ValueError, match="mask is"):

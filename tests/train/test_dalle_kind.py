@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxt2i.data.sources import make_source
 from jaxt2i.dvae import DVAE, load_dvae
 from jaxt2i.models import dalle, dvae
 from jaxt2i.pipelines import DallePipeline, load_pipeline
@@ -22,7 +23,8 @@ CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "shapes_dalle.yam
 # 64x64 images as 4x4 tokens (five groups, factor 16), so the shipped CLIP (64x64) can rank the model's images.
 DVAE_64 = dvae.DVAEConfig(vocab_size=32, n_hid=8, n_blk_per_group=1, group_count=5, n_init=8, image_size=64)
 TINY = ("model.transformer=tiny", "model.transformer_config={text_length: 16}", "progress=false",
-        "tensorboard=false", "async_checkpoints=false", "log_every=1", "optim.warmup_steps=1")
+        "tensorboard=false", "async_checkpoints=false", "log_every=1", "optim.warmup_steps=1",
+        "model.text_vocabulary=clip")
 
 
 def random_weights(abstract, seed: int, std: float = 0.1) -> dict:
@@ -65,6 +67,28 @@ def test_two_steps_export_a_folder_the_pipeline_samples_from(dvae_folder, tmp_pa
     assert pipe.sampling == {"guidance": 2.5, "temperature": 0.9, "top_k": 5, "top_p": None, "steps": 16}
     images = pipe.text_to_image(["a red circle"], seed=0)
     assert images.shape == (1, 64, 64, 3) and images.dtype == np.float32 and np.isfinite(images).all()
+
+
+def test_a_compact_text_vocabulary_holds_the_captions_words_and_travels_with_the_folder(dvae_folder, tmp_path):
+    path, _ = dvae_folder
+    cfg = load_config(CONFIG, [*TINY, "steps=1", "batch_size=4", "checkpoint_every=1", "data.num_examples=64",
+                               f"model.dvae_from={path}", "model.text_vocabulary=captions",
+                               "model.vocabulary_examples=32", f"workdir={tmp_path / 'run'}"])
+    result = loop.run(cfg)
+    manifest = json.loads((result.final_dir / "jaxt2i.json").read_text())
+    kept = manifest["extras"]["text_vocabulary"]
+    config = manifest["components"]["transformer"]["config"]
+    assert 10 < len(kept) < 100 and config["text_vocab_size"] == len(kept) + 1
+    pipe = load_pipeline(result.final_dir)
+    table = pipe.params["transformer"]["text_embed"]["embedding"]
+    assert table.shape[0] == len(kept) + 1 + config["text_length"]  # kept ids, unknown, one pad per position
+    source = make_source(cfg.data)
+    captions = [c for i in range(32) for c in source.example(i).captions]
+    tokens = pipe.text_tokens(captions)
+    assert tokens.max() < config["text_vocab_size"] + config["text_length"]
+    assert not np.isin(tokens, len(kept)).any()  # no caption of those examples reads as unknown
+    images = pipe.text_to_image(["a red circle"], seed=0)
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
 
 
 def test_the_loss_is_the_weighted_cross_entropy_of_frozen_encoder_tokens(tmp_path):

@@ -208,6 +208,8 @@ def shard_times(cache: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in cache.glob("shard_*")}
 
 
+# encodes and trains on three caches in subprocesses (~100-200 s on 2 cores): -m slow, for the default run's budget
+@pytest.mark.slow
 def test_cached_run_refuses_a_cache_of_other_data_or_encoders(env, tmp_path):
     cache = tmp_path / "cache"
     first = train(env, tmp_path / "first", *CACHED, f"data.cache_dir={cache}", "steps=1")

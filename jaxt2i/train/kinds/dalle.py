@@ -29,20 +29,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxt2i.convert.load import LoadedModel, write_native
+from jaxt2i.data.sources import make_source
 from jaxt2i.dvae import load_dvae
 from jaxt2i.images import save_png
 from jaxt2i.models import dalle, dvae
 from jaxt2i.models.attention_masks import PATTERNS, layer_kinds
-from jaxt2i.pipelines.dalle import (DECODER_TYPE, ENCODER_TYPE, TOKEN_SAMPLING, TRANSFORMER_TYPE, DallePipeline,
+from jaxt2i.pipelines.dalle import (DECODER_TYPE, ENCODER_TYPE, TEXT_VOCABULARY, TOKEN_SAMPLING, TRANSFORMER_TYPE,
+                                    DallePipeline,
                                     check_temperature, check_top_k, check_top_p)
 from jaxt2i.shipped import model_path
-from jaxt2i.tokenizer import CLIPTokenizer
+from jaxt2i.tokenizer import CLIPTokenizer, SubsetTokenizer, vocabulary_from_captions
 from jaxt2i.train.config import from_dict
 from jaxt2i.train.kinds.base import Kind, read_components
 from jaxt2i.train.state import TrainState
 from jaxt2i.train.step import batch_rows, example_keys
 
 CLIP_COMPONENTS = ("text_encoder", "clip_vision")
+TEXT_VOCABULARIES = ("clip", "captions")
 # Sub-streams of an example's key.
 CAPTION_DROP, DROPOUT = range(2)
 
@@ -62,6 +65,10 @@ class ModelConfig:
         run's WORKDIR/final) are copied into the export to rank candidates; its images must be ``data.image_size``.
     temperature / top_k / top_p: the recommended sampling the export writes (with ``sample.guidance_scale``); the
         sample grids use them too.
+    text_vocabulary: "clip" (the text table covers CLIP's whole BPE vocabulary) or "captions" (only the ids the
+        captions of the first ``vocabulary_examples`` training examples use, plus one unknown id: a compact table
+        for a small world's few words; the export stores the kept ids, and prompts read through a
+        ``jaxt2i.tokenizer.SubsetTokenizer``).
     remat: rematerialise the transformer blocks in the backward pass. export_ema: write the EMA weights.
     """
 
@@ -73,10 +80,17 @@ class ModelConfig:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    text_vocabulary: str = "clip"
+    vocabulary_examples: int = 8192
     remat: bool = False
     export_ema: bool = True
 
     def __post_init__(self):
+        if self.text_vocabulary not in TEXT_VOCABULARIES:
+            raise ValueError(f"model.text_vocabulary={self.text_vocabulary!r}; choose one of "
+                             f"{', '.join(TEXT_VOCABULARIES)}.")
+        if self.vocabulary_examples < 1:
+            raise ValueError(f"model.vocabulary_examples={self.vocabulary_examples} must be >= 1.")
         check_temperature(self.temperature, "model.temperature")
         check_top_k(self.top_k, "model.top_k")
         check_top_p(self.top_p, "model.top_p")
@@ -146,12 +160,24 @@ class DalleKind(Kind):
         super().__init__(cfg)
         m = cfg.model
         self.dvae_config, self._given = self._dvae(m)
-        backend = CLIPTokenizer.default(pad="eos").backend
-        self.config = transformer_config(m, cfg.loss, self.dvae_config, cfg.data.image_size, len(backend))
-        self.tokenizer = CLIPTokenizer(backend, self.config.text_length)
+        clip = CLIPTokenizer.default(pad="eos")
+        config = transformer_config(m, cfg.loss, self.dvae_config, cfg.data.image_size, clip.vocab_size)
+        self.tokenizer = self._text_tokenizer(m, cfg.data, CLIPTokenizer(clip.backend, config.text_length))
+        self.config = dataclasses.replace(config, text_vocab_size=self.tokenizer.vocab_size)
         self.transformer = dalle.DalleTransformer(self.config, dtype=self.dtype, param_dtype=jnp.float32,
                                                   remat=m.remat)
         self.clip = self._clip(m.clip_from, cfg.data.image_size) if m.clip_from else None
+
+    @staticmethod
+    def _text_tokenizer(m: ModelConfig, data, tokenizer: CLIPTokenizer) -> CLIPTokenizer | SubsetTokenizer:
+        """``tokenizer``, or for ``text_vocabulary: captions`` its restriction to the ids of the first
+        ``vocabulary_examples`` examples' captions (the source is deterministic, so a resumed run gets the same)."""
+        if m.text_vocabulary == "clip":
+            return tokenizer
+        source = make_source(data)
+        count = min(m.vocabulary_examples, len(source))
+        captions = (c for i in range(count) for c in source.example(i).captions)
+        return SubsetTokenizer(tokenizer, vocabulary_from_captions(tokenizer, captions))
 
     @staticmethod
     def _dvae(m: ModelConfig) -> tuple[dvae.DVAEConfig, dict]:
@@ -247,7 +273,13 @@ class DalleKind(Kind):
         token_sampling = {"temperature": m.temperature, "top_k": m.top_k, "top_p": m.top_p}
         return LoadedModel(configs=configs, params=params, schedule=None, tokenizer={"pad": "eos", "folder": None},
                            source=str(self.cfg.workdir), sampling={"guidance": sc.guidance_scale}, family="dalle",
-                           types={"transformer": TRANSFORMER_TYPE}, extras={TOKEN_SAMPLING: token_sampling})
+                           types={"transformer": TRANSFORMER_TYPE}, extras={TOKEN_SAMPLING: token_sampling, **self._vocabulary_extras()})
+
+    def _vocabulary_extras(self) -> dict[str, list[int]]:
+        """The folder's record of a compact text table: ``{"text_vocabulary": kept CLIP ids}`` (else empty)."""
+        if isinstance(self.tokenizer, SubsetTokenizer):
+            return {TEXT_VOCABULARY: self.tokenizer.kept.tolist()}
+        return {}
 
     def export(self, state: TrainState, out: Path, *, overwrite: bool) -> None:
         """The trained transformer with the frozen dVAE (and the CLIP of ``model.clip_from``) at ``out``."""
