@@ -1,5 +1,7 @@
 """General CLIP metrics (jaxt2i.eval.clip_metrics): CLIP score, retrieval, and CLIP folders."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ import pytest
 from jaxt2i.convert.load import LoadedModel, write_native
 from jaxt2i.eval import clip_metrics as cm
 from jaxt2i.models import clip_vision as cv
+from tests.weights import random_params
 
 TINY = cv.preset("tiny")
 
@@ -19,7 +22,7 @@ def test_clip_score_and_retrieval_hand_made():
 
 
 def test_a_clip_is_made_of_a_models_text_encoder_and_clip_vision_components(tmp_path):
-    params = cv.init_params(TINY, jax.random.key(0))
+    params = random_params(jax.eval_shape(functools.partial(cv.init_params, TINY), jax.random.key(0)), 0)
     configs = {"text_encoder": TINY.text, "clip_vision": TINY.vision}
     parts = {"text_encoder": params["text_model"],
              "clip_vision": {"vision_model": params["vision_model"], "logit_scale": params["logit_scale"]}}
@@ -31,7 +34,7 @@ def test_a_clip_is_made_of_a_models_text_encoder_and_clip_vision_components(tmp_
     assert img.shape == txt.shape == (3, TINY.vision.projection_dim)
     np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1.0, rtol=1e-5)
     full = cv.CLIPModel(TINY)  # the same as the whole CLIP's own feature functions
-    want = full.apply({"params": params}, images, method=cv.CLIPModel.get_image_features)
+    want = jax.jit(functools.partial(full.apply, method=cv.CLIPModel.get_image_features))({"params": params}, images)
     np.testing.assert_allclose(img, np.asarray(want), atol=1e-5)
     assert cm.clip_from_components({"text_encoder": TINY.text}, {"text_encoder": parts["text_encoder"]}) is None
 

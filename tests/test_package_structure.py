@@ -125,7 +125,8 @@ def test_the_core_never_imports_the_shapes_benchmark():
     offenders = sorted(f"{name} -> {target}" for name, targets in _graph().items()
                        if name.startswith(CORE) for target in targets if target.startswith("jaxt2i.shapes"))
     assert offenders == []
-    code = ("import sys, jaxt2i.models.unet, jaxt2i.pipelines, jaxt2i.train.loop; "
+    code = ("import sys, jaxt2i.models.unet, jaxt2i.pipelines, jaxt2i.train.loop, jaxt2i.train.kinds.unet, "
+            "jaxt2i.train.kinds.vae, jaxt2i.train.kinds.clip, jaxt2i.data.sources; "
             "print(sorted(m for m in sys.modules if m.startswith('jaxt2i.shapes')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=PACKAGE.parent, env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -76,6 +76,14 @@ def test_text_to_image_matches_diffusers(pipes, sampler):
     np.testing.assert_allclose(ours, ref, atol=TOL, rtol=0)
 
 
+# Pipeline mechanics that do not depend on the model family (the unconditional half skipped at guidance <= 1, the
+# staged run): tiny_sd1 by default, tiny_sd2 with -m slow; the other tests here check each family-dependent step on
+# both.
+MECHANICS = pytest.mark.parametrize("pipes", ["tiny_sd1", pytest.param("tiny_sd2", marks=pytest.mark.slow)],
+                                    indirect=True)
+
+
+@MECHANICS
 def test_guidance_off_matches_diffusers(pipes):
     tpipe, jpipe = pipes
     _use_scheduler(tpipe, "ddim")
@@ -199,6 +207,7 @@ def test_bad_inputs_give_clear_errors(pipes):
         jpipe.text_to_image("x", steps=2, latents=np.zeros((1, 3, 3, 4)), height=SIZE, width=SIZE)
 
 
+@MECHANICS
 def test_progress_runs_in_stages_with_the_same_result(pipes):
     """progress=fn runs setup / one segment per model call / decode; the numbers equal the single program's."""
     _, jpipe = pipes

@@ -29,10 +29,10 @@ from jaxt2i.train.kinds.dvae import LossConfig, gumbel_objective, reconstruction
 from jaxt2i.train.optim import OptimConfig
 from jaxt2i.train.state import TrainableConfig, init_train_state
 from jaxt2i.train.step import FROZEN_UPDATES, example_keys, make_train_step
+from tests.weights import random_params
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_kinds import COMMON, ROOT, env, folder, losses, train  # noqa: E402,F401 -- env is a fixture
-from test_sharding import random_params  # noqa: E402
 
 TINY = dvae_model.get_config("tiny")
 BASE = (str(ROOT / "configs" / "shapes_dvae.yaml"), *COMMON, "data.image_size=16", "model.preset=tiny",

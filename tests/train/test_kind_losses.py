@@ -4,8 +4,6 @@ shapes-world captions, the class-balanced head loss."""
 from __future__ import annotations
 
 import functools
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +17,7 @@ from jaxt2i.tokenizer import CLIPTokenizer
 from jaxt2i.train.kinds.clip import heads_loss, tokenize_checked
 from jaxt2i.train.kinds.vae import elbo_loss
 from jaxt2i.train.step import example_keys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_sharding import random_params  # noqa: E402
+from tests.weights import random_params
 
 TINY_CLIP = cv.preset("tiny")
 

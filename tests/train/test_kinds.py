@@ -1,5 +1,5 @@
 """The vae, clip and dit kinds through `jaxt2i train`: exact resume after SIGKILL, jit == shard_map on 8 host devices,
-a step from TFDS mock data, and the core importing nothing of the shapes world.
+a step from TFDS mock data (that the core imports nothing of the shapes world: tests/test_package_structure.py).
 
 Runs happen in subprocesses (a fresh JAX per run, as a killed training would be); they share a persistent XLA
 compilation cache and a low XLA optimisation level, so only the first run of each kind pays for compilation.
@@ -44,8 +44,8 @@ COMMON = ("steps=4", "batch_size=8", "checkpoint_every=2", "log_every=1", "progr
 VAE = (str(ROOT / "configs" / "shapes_vae.yaml"), *COMMON, "data.image_size=16", "model.heldout_examples=4",
        "model.config={block_out_channels: [8, 8], layers_per_block: 1, norm_num_groups: 4, latent_channels: 2, "
        "sample_size: 16}")
-CLIP = (str(ROOT / "configs" / "shapes_clip.yaml"), *COMMON, "model.preset=tiny", "model.heads=[parse_role]",
-        "loss.balanced=[parse_role]")
+CLIP = (str(ROOT / "configs" / "shapes_clip.yaml"), *COMMON, "model.preset=tiny", "model.text={num_layers: 1}",
+        "model.vision={num_layers: 1}", "model.heads=[parse_role]", "loss.balanced=[parse_role]")
 SHIPPED = ROOT / "jaxt2i" / "assets" / "shapes_model"
 DIT = (str(ROOT / "configs" / "shapes_dit.yaml"), *COMMON, f"model.vae_from={SHIPPED}",
        f"model.text_encoder_from={SHIPPED}", "data.image_size=32",
@@ -179,30 +179,43 @@ def test_jit_and_shard_map_forms_agree_on_8_devices(env, tmp_path, kind):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
-# `jaxt2i train ARGS` for each ARGS of a JSON list, one after another in one process (TensorFlow is imported once), on
-# tfds.testing.mock_data (16 random examples of the named dataset); prints each call's exit status and error output
-TFDS_MOCK_TRAIN = r"""
+# `jaxt2i train ARGV` for each ARGV of a JSON list, one after another in one process, each inside {context}; prints
+# each call's exit status and error output (an exception: status 1 and its traceback)
+CLI_CALLS = r"""
 import contextlib, io, json, sys, traceback
-import tensorflow_datasets as tfds
 from jaxt2i.train.cli import train_main
+{setup}
 results = []
 for argv in json.loads(sys.argv[1]):
     err = io.StringIO()
-    with tfds.testing.mock_data(num_examples=16), contextlib.redirect_stderr(err):
+    with {context}, contextlib.redirect_stderr(err):
         try:
             code = train_main(argv)
         except Exception:
             code = 1
             traceback.print_exc()
-    results.append({"code": code, "stderr": err.getvalue()})
+    results.append({{"code": code, "stderr": err.getvalue()}})
 print("RESULT " + json.dumps(results))
 """
+
+
+def cli_calls(env, argvs: list[list[str]], setup: str = "", context: str = "contextlib.nullcontext()") -> list[dict]:
+    """`jaxt2i train ARGV` for each ARGV in one subprocess (its imports paid once), each inside ``context`` (Python
+    source, after the statements ``setup``) -> ``[{"code": exit status, "stderr": error output}]``."""
+    script = CLI_CALLS.format(setup=setup, context=context)
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(argvs)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0 and "RESULT " in proc.stdout, proc.stderr[-4000:]
+    return json.loads(proc.stdout.split("RESULT ")[-1])
+
+
 CLASS_NAMES = [f"digit {i}" for i in range(10)]
 
 
 @pytest.fixture(scope="module")
 def tfds_runs(env, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
-    """Three `jaxt2i train` calls on mock TFDS data, in one subprocess: ``{name: (workdir, {"code", "stderr"})}``."""
+    """Three `jaxt2i train` calls on mock TFDS data, in one subprocess (TensorFlow is imported once):
+    ``{name: (workdir, {"code", "stderr"})}``."""
     pytest.importorskip("tensorflow_datasets")
     root = tmp_path_factory.mktemp("tfds")
     dit_class = [str(ROOT / "configs" / "dit_class_tfds.yaml"), "steps=2", "batch_size=4", "log_every=1",
@@ -216,11 +229,10 @@ def tfds_runs(env, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
         "dit_class": dit_class,
         "dit_class_named": [*dit_class, "model.classes=[" + ", ".join(CLASS_NAMES) + "]"],
     }
-    argvs = [[*args, f"workdir={root / name}"] for name, args in calls.items()]
-    proc = subprocess.run([sys.executable, "-c", TFDS_MOCK_TRAIN, json.dumps(argvs)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0 and "RESULT " in proc.stdout, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.split("RESULT ")[-1])
+    # on tfds.testing.mock_data: 16 random examples of the named dataset
+    results = cli_calls(env, [[*args, f"workdir={root / name}"] for name, args in calls.items()],
+                        setup="import tensorflow_datasets as tfds",
+                        context="tfds.testing.mock_data(num_examples=16)")
     return {name: (root / name, result) for name, result in zip(calls, results, strict=True)}
 
 
@@ -246,11 +258,3 @@ def test_class_dit_from_tfds_mock_data(tfds_runs):
     assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
     _, bad = tfds_runs["dit_class_named"]
     assert bad["code"] != 0 and "none of the classes' captions" in bad["stderr"], bad["stderr"][-2000:]
-
-
-def test_the_core_imports_nothing_of_the_shapes_world():
-    code = ("import sys, jaxt2i.train.loop, jaxt2i.train.kinds.unet, jaxt2i.train.kinds.vae, jaxt2i.train.kinds.clip, "
-            "jaxt2i.data.sources; bad = [m for m in sys.modules if m.startswith('jaxt2i.shapes')]; assert not bad, bad")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -24,6 +24,9 @@ from jaxt2i.convert.load import read_native
 from jaxt2i.convert.native import flatten_params
 from jaxt2i.data.cache import read_fingerprint
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_kinds import cli_calls  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "tiny.yaml"
 
@@ -80,19 +83,23 @@ def env(tmp_path_factory, parse_clip):
     return e
 
 
+def run_args(env, workdir: Path, *overrides: str) -> list[str]:
+    """`jaxt2i train` arguments of the runs here. A conditioner merging text layers 0 and -1, started from the
+    parse_role head of its text encoder's CLIP run with that map (down) frozen: every run here also checks that a
+    conditioner trains with the U-Net, resumes, is cached before (text states of two layers), keeps its frozen part
+    and is recorded in the exported folder."""
+    clip = env["TEST_PARSE_CLIP"]
+    return [str(CONFIG), f"workdir={workdir}", "progress=false", "model.text_layer=[0, -1]",
+            "model.conditioner={rank: 6}", f"model.text_encoder_from={clip}", f"model.conditioner_init_from={clip}",
+            "trainable.freeze=[conditioner/down]", "sample.steps=7", "sample.guidance_scale=2.5", *overrides]
+
+
 def train(env, workdir: Path, *overrides: str, **opts) -> subprocess.CompletedProcess:
     harness = workdir.parent / "harness.py"
     harness.write_text(HARNESS)
     e = dict(env, HARNESS_OPTS=json.dumps(opts))
-    # a conditioner merging text layers 0 and -1, started from the parse_role head of its text encoder's CLIP run with
-    # that map (down) frozen: every run here also checks that a conditioner trains with the U-Net, resumes, is cached
-    # before (text states of two layers), keeps its frozen part and is recorded in the exported folder
-    clip = env["TEST_PARSE_CLIP"]
-    cmd = [sys.executable, str(harness), str(CONFIG), f"workdir={workdir}", "progress=false",
-           "model.text_layer=[0, -1]", "model.conditioner={rank: 6}", f"model.text_encoder_from={clip}",
-           f"model.conditioner_init_from={clip}", "trainable.freeze=[conditioner/down]", "sample.steps=7",
-           "sample.guidance_scale=2.5", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, str(harness), *run_args(env, workdir, *overrides)], cwd=ROOT, env=e,
+                          capture_output=True, text=True, timeout=900)
 
 
 def losses(workdir: Path) -> dict[int, float]:
@@ -151,24 +158,23 @@ def test_a_run_keeps_a_frozen_conditioner_map_at_its_parse_head(reference, parse
 
 
 def test_export_a_checkpoint_as_a_model_folder(env, reference, tmp_path):
-    last = train(env, reference, "--export-to", str(tmp_path / "step8"))
-    assert last.returncode == 0, last.stderr[-4000:]
-    assert "wrote step 8" in last.stderr
+    export = lambda out, *step: run_args(env, reference, "--export-to", str(tmp_path / out), *step)
+    last, early, again, missing = cli_calls(env, [export("step8"), export("step4", "--step", "4"),
+                                                  export("step8"), export("x", "--step", "5")])
+    assert last["code"] == 0, last["stderr"][-4000:]
+    assert "wrote step 8" in last["stderr"]
     got, want = folder_params(tmp_path / "step8"), final_params(reference)
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)  # same as final/
 
-    early = train(env, reference, "--export-to", str(tmp_path / "step4"), "--step", "4")
-    assert early.returncode == 0, early.stderr[-4000:]
+    assert early["code"] == 0, early["stderr"][-4000:]
     got4 = folder_params(tmp_path / "step4")
     trained = ("unet/", "conditioner/")
     for part in trained:
         assert any(not np.array_equal(got4[k], want[k]) for k in want if k.startswith(part)), part
     assert all(np.array_equal(got4[k], want[k]) for k in want if not k.startswith(trained))  # frozen encoders
 
-    again = train(env, reference, "--export-to", str(tmp_path / "step8"))  # never overwrites
-    assert again.returncode == 2 and "already exists" in again.stderr
-    missing = train(env, reference, "--export-to", str(tmp_path / "x"), "--step", "5")
-    assert missing.returncode == 2 and "no checkpoint of step 5" in missing.stderr and "[4, 8]" in missing.stderr
+    assert again["code"] == 2 and "already exists" in again["stderr"]  # never overwrites
+    assert missing["code"] == 2 and "no checkpoint of step 5" in missing["stderr"] and "[4, 8]" in missing["stderr"]
     assert checkpoint_steps(reference) == [4, 8]  # the read-only export touched nothing
 
 
@@ -212,10 +218,11 @@ def test_cached_run_refuses_a_cache_of_other_data_or_encoders(env, tmp_path):
     written = shard_times(cache)
     assert len(written) == 1
 
-    other = train(env, tmp_path / "other", *CACHED, f"data.cache_dir={cache}", "data.num_examples=32")
-    assert other.returncode == 2 and "other encoder weights or data settings" in other.stderr, other.stderr[-4000:]
-    reader = train(env, tmp_path / "reader", "data.use_cache=true", f"data.cache_dir={cache}", "seed=1")
-    assert reader.returncode == 2 and "new folder" in reader.stderr  # seed 1 draws other random encoders
+    other, reader = cli_calls(env, [
+        run_args(env, tmp_path / "other", *CACHED, f"data.cache_dir={cache}", "data.num_examples=32"),
+        run_args(env, tmp_path / "reader", "data.use_cache=true", f"data.cache_dir={cache}", "seed=1")])
+    assert other["code"] == 2 and "other encoder weights or data settings" in other["stderr"], other["stderr"][-4000:]
+    assert reader["code"] == 2 and "new folder" in reader["stderr"]  # seed 1 draws another random VAE
     assert shard_times(cache) == written  # nothing re-encoded or overwritten
     assert not (tmp_path / "other" / "final").exists() and not (tmp_path / "reader" / "final").exists()
 

@@ -29,6 +29,7 @@ from jaxt2i.nn.attention import MultiHeadAttention
 from jaxt2i.nn.embeddings import sinusoidal_embedding
 from jaxt2i.train import sharding
 from jaxt2i.train.sharding import MeshConfig
+from tests.weights import random_params
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[2]
@@ -91,31 +92,13 @@ class TinyDenoiser(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def random_params(abstract, seed: int):
-    """Deterministic host-side params for an abstract tree (no XLA compile of a random init):
-    kernels ~ N(0, 1/fan_in), norm scales 1, biases and embeddings small."""
-    rng = np.random.default_rng(seed)
-
-    def one(path, leaf):
-        name = path[-1].key if hasattr(path[-1], "key") else str(path[-1])
-        shape = tuple(leaf.shape)
-        if name == "scale":
-            return np.ones(shape, np.float32)
-        if name == "kernel":
-            fan_in = int(np.prod(shape[:-1]))
-            return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
-        return (0.02 * rng.standard_normal(shape)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(one, abstract)
-
-
 def denoiser(kind: str, **kw):
     """('stand_in' | 'real' | 'dit') -> module instance of the U-Net interface (the DiT: text-conditioned, learned
-    variance)."""
+    variance, one transformer block)."""
     if kind == "dit":
         from jaxt2i.models.dit import PRESETS, DiT
 
-        return DiT(dataclasses.replace(PRESETS["tiny_text"], caption_channels=32), **kw)
+        return DiT(dataclasses.replace(PRESETS["tiny_text"], caption_channels=32, num_layers=1), **kw)
     if kind == "real":
         from jaxt2i.models.unet import PRESETS, UNet
 
