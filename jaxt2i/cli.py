@@ -24,6 +24,7 @@ from jaxt2i.pipelines.common import check_sampling_args
 from jaxt2i.shapes.cli import eval_main
 from jaxt2i.shipped import DEFAULT_MODEL, SHIPPED_MODELS, model_path
 from jaxt2i.tokenizer import valid_unicode
+from jaxt2i.train import distributed
 from jaxt2i.train.cli import train_main
 from jaxt2i.usage import Parser
 
@@ -255,6 +256,7 @@ def _generate_many(args) -> int:
     if args.batch_size < 1:
         raise CLIError("--batch-size must be >= 1.")
     rows = generate_batch.read_prompts(args.prompts_file)
+    distributed.maybe_initialize()  # several processes (JAXT2I_* variables) share the prompts
     pipe, model = _load(args)
     clip = _ranking_clip(args, model, pipe) if args.candidates > 1 else None
     return generate_batch.run(args, rows, pipe, model, clip)
@@ -300,7 +302,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # bad inputs and files; OSError: a full disk, a write refused
         print(f"jaxt2i {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except jax.errors.JaxRuntimeError as e:
+        if not out_of_memory(e):
+            raise
+        print(f"jaxt2i {args.command}: error: out of device memory ({first_line(e)}); use a smaller --size or "
+              "--batch-size, --dtype bfloat16, or a device with more memory.", file=sys.stderr)
+        return 1
     return 1
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether a JAX runtime error is an allocation failure (XLA's RESOURCE_EXHAUSTED)."""
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message, cut to ``limit`` characters."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 if __name__ == "__main__":

@@ -376,7 +376,12 @@ def generate(pipe, items: Sequence[Item], outdir: str, settings: dict, *, batch_
     devices = list(devices or jax.local_devices())
     size = device_batch_size(batch_size, len(devices))
     digits = max(6, len(str(len(items) - 1)))
+    several = jax.process_count() > 1
+    if several and index != 0:  # process 0 creates the folder and its settings file, the others then check them
+        multihost_utils.sync_global_devices("jaxt2i generate: outdir claimed")
     claim_outdir(outdir, settings_record(items, settings), [i.file_name(digits) for i in items])
+    if several and index == 0:
+        multihost_utils.sync_global_devices("jaxt2i generate: outdir claimed")
     if count == 1:
         remove_stale_temps(outdir)
     mine = process_share(items, index, count)
@@ -396,7 +401,7 @@ def generate(pipe, items: Sequence[Item], outdir: str, settings: dict, *, batch_
                 written += save_image(outdir, item, digits, image, image_metadata(item, settings, family_metadata))
             bar.update(len(batch))
     summary = Summary(written, len(mine) - len(todo), time.perf_counter() - start, first)
-    if jax.process_count() > 1:
+    if several:
         multihost_utils.sync_global_devices("jaxt2i generate: all images written")
     if index == 0:
         write_manifest(outdir, items, digits, settings, family_metadata)

@@ -263,6 +263,27 @@ def test_four_host_devices_draw_what_one_draws(pipe, prompts_file, finished, tmp
     assert np.abs(np.load(tmp_path / "four.npy") - one).max() < BATCH_TOL
 
 
+# two processes compile the sampler again, side by side (~40 s): -m slow, for the default run's budget
+@pytest.mark.slow
+def test_two_processes_share_the_prompts_through_jax_distributed(finished, prompts_file, tmp_path):
+    """`jaxt2i generate --prompts-file` started as two processes (JAX's distributed runtime on localhost): each
+    draws its share, process 0 writes the manifest, and the folder equals the one-process run's."""
+    from jaxt2i.train.launch import free_port, process_env
+
+    coordinator = f"localhost:{free_port()}"
+    cmd = [sys.executable, "-m", "jaxt2i.cli", "generate", "--prompts-file", str(prompts_file), "--outdir",
+           str(tmp_path / "out"), *ARGS]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=process_env({**os.environ, "PYTHONPATH": ROOT}, coordinator, 2, i),
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    assert "process 0 of 2" in errs[0] and "process 1 of 2" in errs[1]
+    assert png_names(tmp_path / "out") == png_names(finished[0])
+    for name in png_names(finished[0]):
+        assert np.abs(pixels(tmp_path / "out" / name) - pixels(finished[0] / name)).max() <= 1
+    assert (tmp_path / "out" / gb.MANIFEST_FILE).exists()
+
+
 # ------------------------------------------------------------------------------------------ other families
 def write_tiny_class_dit(path) -> str:
     """A class-conditional DiT folder (the tiny preset, 10 named classes) with random weights."""

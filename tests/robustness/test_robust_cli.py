@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -180,6 +181,19 @@ def test_an_existing_output_is_never_overwritten(tmp_path, capsys, tiny_model):
     code, err = run(["generate", "x", "--model", tiny_model, "--steps", "1", "--out", out], capsys)
     assert code == 0, err
     assert out.read_bytes() == b"the user's file" and (tmp_path / "o-1.png").exists()
+
+
+def test_running_out_of_device_memory_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, tiny_model):
+    """Memory the up-front bound does not foresee runs out while sampling (XLA's RESOURCE_EXHAUSTED)."""
+    def out_of_memory(self, *args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8.00GiB.\nmore")
+
+    monkeypatch.setattr(type(load_pipeline(tiny_model)), "text_to_image", out_of_memory)
+    code, err = run(["generate", "x", "--model", tiny_model, "--steps", "1", "--out", tmp_path / "o.png"], capsys)
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert code == 1 and "Traceback" not in err and len(errors) == 1, err
+    assert "out of device memory" in errors[0] and "8.00GiB" in errors[0] and "--batch-size" in errors[0]
+    assert files_in(tmp_path) == []
 
 
 # ------------------------------------------------------------------------------------------------- a full disk
