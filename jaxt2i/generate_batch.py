@@ -32,9 +32,10 @@ import jax
 import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from jaxt2i import images as imio
+from jaxt2i.devices import batch_sharding, device_batch_size, pad_rows, replicate
 from jaxt2i.eval.rerank import best_of
 
 PROMPT_KEYS = ("prompt", "seed", "steps", "guidance", "negative", "size")
@@ -195,25 +196,13 @@ def process_share(items: Sequence[Item], process_index: int, process_count: int)
 
 def batches(items: Sequence[Item], batch_size: int) -> Iterator[list[Item]]:
     """Items grouped by :attr:`Item.group` (groups in order of first appearance, items in index order), cut into
-    batches of ``batch_size`` (the last of a group shorter; see :func:`pad`)."""
+    batches of ``batch_size`` (the last of a group shorter; see :func:`jaxt2i.devices.pad_rows`)."""
     groups: dict[tuple, list[Item]] = {}
     for item in items:
         groups.setdefault(item.group, []).append(item)
     for group in groups.values():
         for start in range(0, len(group), batch_size):
             yield group[start:start + batch_size]
-
-
-def pad(batch: Sequence[Item], size: int) -> list[Item]:
-    """``batch`` filled up to ``size`` with copies of its last item (their images are dropped)."""
-    return list(batch) + [batch[-1]] * (size - len(batch))
-
-
-def device_batch_size(batch_size: int, device_count: int) -> int:
-    """``batch_size`` rounded up to a multiple of ``device_count`` (every device gets the same share)."""
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1; got {batch_size}.")
-    return -(-batch_size // device_count) * device_count
 
 
 # ----------------------------------------------------------------------------------------- output folder
@@ -311,15 +300,10 @@ def write_manifest(outdir: str, items: Sequence[Item], digits: int, settings: di
 
 
 # ------------------------------------------------------------------------------------------------ devices
-def batch_sharding(devices: Sequence[jax.Device]) -> NamedSharding:
-    """Data parallelism over ``devices``: the leading (batch) axis split over a 1-D mesh ``("batch",)``."""
-    return NamedSharding(Mesh(np.asarray(devices), ("batch",)), PartitionSpec("batch"))
-
-
-def replicated(pipe, sharding: NamedSharding):
-    """A shallow copy of ``pipe`` whose parameters are replicated over the devices of ``sharding``."""
+def replicated(pipe, sharding: NamedSharding | None):
+    """A shallow copy of ``pipe`` whose parameters are copied to every device of ``sharding`` (``devices.replicate``)."""
     out = copy.copy(pipe)
-    out.params = jax.device_put(pipe.params, NamedSharding(sharding.mesh, PartitionSpec()))
+    out.params = replicate(pipe.params, sharding)
     return out
 
 
@@ -394,7 +378,7 @@ def generate(pipe, items: Sequence[Item], outdir: str, settings: dict, *, batch_
     start, first, written = time.perf_counter(), 0.0, 0
     with bar:
         for batch in batches(todo, size):
-            images = draw_batch(pipe, pad(batch, size), sharding, sampler=settings["sampler"],
+            images = draw_batch(pipe, pad_rows(list(batch), size), sharding, sampler=settings["sampler"],
                                 karras=settings["karras"], candidates=settings.get("candidates", 1), clip=clip)
             first = first or time.perf_counter() - start
             for item, image in zip(batch, images):

@@ -120,7 +120,7 @@ def test_items_shares_batches():
     assert [i.index for i in shares[1]] == [1, 4]
     assert [[i.index for i in b] for b in gb.batches(items, 2)] == [[0, 1], [2, 3], [4, 5]]
     assert [[i.index for i in b] for b in gb.batches(items[:3], 4)] == [[0, 1], [2]]
-    assert [i.index for i in gb.pad(items[:1], 3)] == [0, 0, 0]
+    assert [i.index for i in gb.pad_rows(items[:1], 3)] == [0, 0, 0]
     assert gb.device_batch_size(5, 4) == 8 and gb.device_batch_size(8, 4) == 8
     with pytest.raises(gb.PromptsFileError, match="prompt 1: its seeds"):
         gb.make_items([{"prompt": "a", "seed": 2 ** 32 - 1}], num=2, seed=0, steps=1, guidance=1.0, negative=None,

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxt2i.convert import native
 from jaxt2i.convert.load import read_any
-from jaxt2i.eval import distribute
+from jaxt2i.devices import batch_sharding, device_batch_size, pad_rows, place, replicate
 from jaxt2i.models.clip_vision import CLIPConfig, CLIPModel
 from jaxt2i.tokenizer import CLIPTokenizer
 
@@ -78,12 +78,12 @@ def clip_encoders(params: Any, config: CLIPConfig, tokenizer, batch_size: int = 
     image_fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=CLIPModel.get_image_features))
     text_fn = jax.jit(lambda p, t: model.apply({"params": p}, t, method=CLIPModel.get_text_features))
     devices = list(devices or jax.local_devices())
-    sharding = distribute.batch_sharding(devices)
-    params = distribute.replicate(params, sharding)
+    sharding = batch_sharding(devices)
+    params = replicate(params, sharding)
 
     def run(fn, chunk):
-        padded = distribute.pad_rows(chunk, distribute.device_batch_size(len(chunk), len(devices)))
-        return np.asarray(fn(params, distribute.place(padded, sharding)))[:len(chunk)]
+        padded = pad_rows(chunk, device_batch_size(len(chunk), len(devices)))
+        return np.asarray(fn(params, place(padded, sharding)))[:len(chunk)]
 
     def batched(fn, inputs):
         return np.concatenate([run(fn, inputs[i: i + batch_size]) for i in range(0, len(inputs), batch_size)])

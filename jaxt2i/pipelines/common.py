@@ -102,11 +102,6 @@ def map_examples(fn: Callable, batched, keys: jax.Array):
     return jax.vmap(one)(batched, keys)
 
 
-def place(tree, sharding: jax.sharding.Sharding | None):
-    """``tree`` on ``sharding`` (e.g. the batch axis split over a 1-D device mesh), or as it is when None."""
-    return tree if sharding is None else jax.device_put(tree, sharding)
-
-
 def check_sampling_args(*, steps=None, guidance_scale=None, strength=None, sampler=None) -> None:
     """Raises ValueError naming the first bad sampling argument (None: not checked): ``steps`` not an integer >= 1,
     ``guidance_scale`` not a finite number >= 0 (<= 1 turns guidance off), ``strength`` outside (0, 1], ``sampler``

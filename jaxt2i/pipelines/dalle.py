@@ -31,8 +31,9 @@ from jaxt2i.eval import clip_metrics, rerank
 from jaxt2i.models import dvae as dvae_model
 from jaxt2i.models.dalle import DalleTransformer, prepare_text_tokens
 from jaxt2i.models.dalle_sampling import sample_image_tokens
+from jaxt2i.devices import place
 from jaxt2i.pipelines.common import (ProgressBar, ProgressFn, cast_floats, check_sampling_args, example_seeds,
-                                     map_examples, place, seed_keys)
+                                     map_examples, seed_keys)
 from jaxt2i.tokenizer import CLIPTokenizer, SubsetTokenizer
 
 TRANSFORMER_TYPE, ENCODER_TYPE, DECODER_TYPE = "dalle_transformer", "dvae_encoder", "dvae_decoder"

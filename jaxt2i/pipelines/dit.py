@@ -23,8 +23,9 @@ from jaxt2i.diffusion.guidance import cfg_denoise_fn
 from jaxt2i.diffusion.schedules import ScheduleConfig
 from jaxt2i.dtypes import as_dtype
 from jaxt2i.models import dit, latent_diffusion, vae
+from jaxt2i.devices import place
 from jaxt2i.pipelines.common import (cast_floats, check_sampling_args, example_keys, example_seeds, map_examples,
-                                     normal_per_example, place)
+                                     normal_per_example)
 
 DIT_SAMPLING = (50, 4.0)  # (steps, guidance): diffusers' DiTPipeline defaults
 

@@ -29,8 +29,9 @@ from jaxt2i.models import latent_diffusion
 from jaxt2i.models.dit_config import DiTConfig
 from jaxt2i.models.latent_diffusion import Models
 from jaxt2i.models.unet import UNetConfig
+from jaxt2i.devices import place
 from jaxt2i.pipelines.common import (ProgressBar, ProgressFn, cast_floats, check_sampling_args, example_keys,
-                                     example_seeds, map_examples, normal_per_example, place)
+                                     example_seeds, map_examples, normal_per_example)
 from jaxt2i.tokenizer import CLIPTokenizer
 
 # ------------------------------------------------------------------------------------------ static program spec

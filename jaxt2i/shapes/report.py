@@ -39,6 +39,7 @@ import jax
 import numpy as np
 import tqdm
 
+from jaxt2i.devices import batch_sharding, device_batch_size, pad_rows, replicate
 from jaxt2i.eval import clip_metrics, distribute, frechet, npz_stream, rerank
 from jaxt2i.shapes import adherence, world
 
@@ -67,7 +68,7 @@ def draw_batch(pipe, texts: Sequence[str], size: int, guidance: float, steps: in
     extra = {} if sampler is None else {"sampler": sampler}
     if sharding is not None:
         extra["sharding"] = sharding
-    padded = distribute.pad_rows(list(texts), size)
+    padded = pad_rows(list(texts), size)
     images, info = rerank.best_of(
         lambda s: pipe.text_to_image(padded, steps=steps, guidance_scale=guidance, seed=s, **extra), padded,
         candidates, seed, clip)
@@ -95,7 +96,7 @@ def sharded_pipe(pipe, sharding):
     if sharding is None or not hasattr(pipe, "params"):
         return pipe
     out = copy.copy(pipe)
-    out.params = distribute.replicate(pipe.params, sharding)
+    out.params = replicate(pipe.params, sharding)
     return out
 
 
@@ -257,7 +258,7 @@ def vae_roundtrip(pipe, prompts: Sequence[world.EvalPrompt], batch_size: int = 1
     for _, start, stop in distribute.process_batches(len(prompts), size, index, count):
         chunk = prompts[start:stop]
         real = np.stack([world.render(p.target) for p in chunk]).astype(np.float32) / 255.0
-        decoded = pipe.decode_latents(pipe.encode_image(distribute.pad_rows(real, size)))
+        decoded = pipe.decode_latents(pipe.encode_image(pad_rows(real, size)))
         state = score_batch(state, chunk, np.asarray(decoded, np.float32)[:len(chunk)])
     return state_entry(merged(state))
 
@@ -346,10 +347,10 @@ def evaluate_pipeline(pipe, *, guidance_scales: Sequence[float] = (1.0, 3.0, 5.0
     if save_images and process[1] > 1:
         raise ValueError(f"save_images writes one file from one process; this run has {process[1]} processes")
     devices = list(devices or jax.local_devices())
-    sharding = distribute.batch_sharding(devices) if given_images is None and takes_sharding(pipe) else None
+    sharding = batch_sharding(devices) if given_images is None and takes_sharding(pipe) else None
     prompts = eval_prompt_set(n, seed=seed)
     size = min(batch_size, len(prompts))
-    size = size if sharding is None else distribute.device_batch_size(size, len(devices))
+    size = size if sharding is None else device_batch_size(size, len(devices))
     result: dict[str, Any] = {
         "settings": {"n_per_group": n, "n_prompts": len(prompts), "steps": steps, "sampler": sampler, "seed": seed,
                      "guidance_scales": list(guidance_scales), "batch_size": batch_size, "candidates": candidates,

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from jaxt2i.devices import batch_sharding, device_batch_size, pad_rows
 from jaxt2i.eval import clip_metrics, distribute, frechet, npz_stream
 from jaxt2i.shapes import adherence, report, world
 
@@ -143,10 +144,10 @@ def test_gather_with_one_process_is_the_identity_and_padding_fills_a_device_mult
     state = report.ScoreState.empty(4)
     assert distribute.gather(state)[0] is state
     assert report.merged(state) is state
-    assert distribute.device_batch_size(5, 4) == 8 and distribute.device_batch_size(8, 4) == 8
-    assert distribute.pad_rows(["a", "b"], 4) == ["a", "b", "b", "b"]
-    np.testing.assert_array_equal(distribute.pad_rows(np.arange(3), 5), [0, 1, 2, 2, 2])
-    assert distribute.batch_sharding([object()]) is None
+    assert device_batch_size(5, 4) == 8 and device_batch_size(8, 4) == 8
+    assert pad_rows(["a", "b"], 4) == ["a", "b", "b", "b"]
+    np.testing.assert_array_equal(pad_rows(np.arange(3), 5), [0, 1, 2, 2, 2])
+    assert batch_sharding([object()]) is None
 
 
 def test_streamed_npz_reads_back_with_numpy_and_in_pieces(tmp_path):
