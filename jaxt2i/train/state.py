@@ -234,6 +234,53 @@ def state_shardings_for(abstract_state: TrainState, mesh: Mesh, rules: LogicalRu
     )
 
 
+def _prepare_inputs(initializers, given, trainable, overrides):
+    """Checked ``given`` (None entries dropped) and float32 ``overrides``."""
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    unknown = (set(given) | set(trainable)) - set(initializers)
+    if unknown:
+        raise ValueError(f"components {sorted(unknown)} have no initializer; the run has {sorted(initializers)}.")
+    overrides = {k: {p: np.asarray(v, np.float32) for p, v in d.items()} for k, d in (overrides or {}).items() if d}
+    return given, overrides
+
+
+def _state_builder(initializers, trainable, optim_cfg, trainable_cfg, seed):
+    def build(given_params, override_values, boxed=False):
+        state = _build_state(given_params, initializers, tuple(trainable), optim_cfg, trainable_cfg, seed,
+                             override_values)
+        return state if boxed else nn.unbox(state)
+
+    return build
+
+
+def abstract_train_state(
+    initializers: Mapping[str, Initializer],
+    given: Mapping[str, Any] | None,
+    trainable: Sequence[str],
+    optim_cfg: OptimConfig,
+    trainable_cfg: TrainableConfig,
+    mesh: Mesh,
+    rules: LogicalRules = DEFAULT_RULES,
+    seed: int = 0,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> tuple[TrainState, TrainState]:
+    """The train state :func:`init_train_state` would build, as shapes only -> (abstract state, state_shardings).
+
+    Every leaf of the abstract state is a ``jax.ShapeDtypeStruct`` carrying its sharding, so a step can be lowered
+    and compiled for it (memory and cost analysis) without allocating a parameter. Arguments as for
+    :func:`init_train_state`.
+    """
+    given, overrides = _prepare_inputs(initializers, given, trainable, overrides)
+    build = _state_builder(initializers, trainable, optim_cfg, trainable_cfg, seed)
+    # Parameters a model annotates with logical axis names (flax LogicallyPartitioned boxes; the optimizer's moments
+    # carry the same boxes) are placed by the rules; the state itself holds plain arrays.
+    boxed = jax.eval_shape(functools.partial(build, boxed=True), given, overrides)
+    shardings = state_shardings_for(boxed, mesh, rules)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed),
+                            shardings)
+    return abstract, shardings
+
+
 def init_train_state(
     initializers: Mapping[str, Initializer],
     given: Mapping[str, Any] | None,
@@ -251,27 +298,16 @@ def init_train_state(
     each one's init key). given: ``{component: tree}`` of weights to start from (numpy or jax arrays, stored as
     float32); a component missing or None is freshly initialised. trainable: the components that train.
     overrides: ``{component: {"/"-path: array}}``, leaves set after init or loading. Shapes come from
-    ``jax.eval_shape``; the state is then created directly in its sharded layout by a jit with ``out_shardings``
-    (no host-side full copy).
+    ``jax.eval_shape`` (:func:`abstract_train_state`); the state is then created directly in its sharded layout by a
+    jit with ``out_shardings`` (no host-side full copy).
     """
-    given = {k: v for k, v in (given or {}).items() if v is not None}
-    unknown = (set(given) | set(trainable)) - set(initializers)
-    if unknown:
-        raise ValueError(f"components {sorted(unknown)} have no initializer; the run has {sorted(initializers)}.")
+    given, overrides = _prepare_inputs(initializers, given, trainable, overrides)
     fresh = [k for k in initializers if k not in given]
     if fresh:
         log.info("initialising %s from scratch (seed %d)", ", ".join(fresh), seed)
-
-    def build(given_params, override_values, boxed=False):
-        state = _build_state(given_params, initializers, tuple(trainable), optim_cfg, trainable_cfg, seed,
-                             override_values)
-        return state if boxed else nn.unbox(state)
-
-    overrides = {k: {p: np.asarray(v, np.float32) for p, v in d.items()} for k, d in (overrides or {}).items() if d}
-    # Parameters a model annotates with logical axis names (flax LogicallyPartitioned boxes; the optimizer's moments
-    # carry the same boxes) are placed by the rules; the state itself holds plain arrays.
-    abstract = jax.eval_shape(functools.partial(build, boxed=True), given, overrides)
-    shardings = state_shardings_for(abstract, mesh, rules)
+    _, shardings = abstract_train_state(initializers, given, trainable, optim_cfg, trainable_cfg, mesh, rules, seed,
+                                        overrides)
+    build = _state_builder(initializers, trainable, optim_cfg, trainable_cfg, seed)
     state = jax.jit(build, out_shardings=shardings)(_place_on_mesh(given, mesh, rules), overrides)
     return state, shardings
 
