@@ -47,6 +47,39 @@ def test_causal_and_mask(backend):
         _numpy_attention(q, k, v, mask=key_padding), atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_chunked_gradients_equal_the_plain_ones(causal):
+    """d(loss)/d(q, k, v) through the chunked backend (scores recomputed in the backward pass) equal the plain
+    backend's, with a key-padding mask and ragged chunks."""
+    q, k, v = _inputs(2, 45, 45, 2, 8, seed=4)
+    mask = jnp.asarray(np.arange(45)[None, None, None, :] < np.array([30, 45])[:, None, None, None])
+    weights = jnp.asarray(np.random.default_rng(5).standard_normal((2, 45, 2, 8)).astype(np.float32))
+
+    def loss(backend, q, k, v):
+        out = attention(q, k, v, mask=mask, causal=causal, backend=backend, query_chunk=16, key_chunk=16)
+        return jnp.sum(out * weights)
+
+    plain = jax.grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2))(q, k, v)
+    chunked = jax.grad(lambda *a: loss("chunked", *a), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(chunked, plain):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_backward_keeps_no_score_matrix():
+    """The compiled gradient of a 4096-token self-attention needs far less working memory than one [B, H, L, L]
+    float32 score matrix (128 MiB here; measured 15 MiB, and 295 MiB when the scan keeps its blocks); the plain
+    backend's needs more than that."""
+    q, k, v = (jax.ShapeDtypeStruct((1, 4096, 2, 16), jnp.float32),) * 3
+    scores = 1 * 2 * 4096 * 4096 * 4
+
+    def temp_bytes(backend):
+        grad = jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v, backend=backend)), argnums=(0, 1, 2))
+        return jax.jit(grad).lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes("xla") > scores
+    assert temp_bytes("chunked") < scores / 4
+
+
 def test_chunked_fully_masked_rows_are_zero_not_nan():
     q, k, v = _inputs(1, 8, 8, 1, 4)
     mask = np.ones((1, 1, 8, 8), bool)
