@@ -451,3 +451,14 @@ def test_latent_cache_refuses_a_folder_of_other_encoders_or_unknown_origin(tmp_p
     write_cache(src, tmp_path / "legacy", encode_images, encode_texts, image_size=8, scaling_factor=0.5, shard_size=2)
     with pytest.raises(CacheMismatchError, match="unknown origin"):
         write(tmp_path / "legacy", a)
+
+
+def test_a_checkpoint_position_under_another_number_of_hosts_follows_from_the_step():
+    from jaxt2i.train.loop import host_position
+
+    saved = [{"consumed": 12, "skipped": 0}, {"consumed": 12, "skipped": 0}]  # 2 hosts x 4 rows, step 3
+    assert host_position(saved, 3, 4, 1, 2) == {"consumed": 12, "skipped": 0}  # same layout: its own position
+    assert host_position(saved, 3, 2, 3, 4) == {"consumed": 6, "skipped": 0}  # 4 hosts x 2 rows: step 3 of its own
+    assert host_position(saved, 3, 8, 0, 1) == {"consumed": 24, "skipped": 0}
+    skipping = [{"consumed": 13, "skipped": 1}, {"consumed": 12, "skipped": 0}]
+    assert host_position(skipping, 3, 1, 0, 1) == {"consumed": 3, "skipped": 0}  # approximate, with a warning
