@@ -153,6 +153,20 @@ def report(header: Sequence[str], rows: Sequence[Row], load_column: str = "load 
     return "\n".join(lines + headline_lines(rows))
 
 
+def comparison_header(reference: str = "diffusers") -> list[str]:
+    """The columns of a jaxt2i-vs-reference timing table (before the load column)."""
+    return ["benchmark", "jaxt2i median s", f"{reference} median s", "ratio", "warm-up", "repeats"]
+
+
+def comparison_row(label: str, medians: dict, warm_up: str, repeats: int, load: Load, reference: str = "diffusers",
+                   digits: int = 2) -> Row:
+    """A :func:`comparison_header` row from :func:`summary`'s ``medians`` (a = jaxt2i, b = the reference); its
+    headline is the ratio of medians, per-pair ratio in brackets."""
+    ratio = f"{medians['ratio']:.2f}x (per-pair {medians['pair_ratio']:.2f}x)"
+    cells = [label, f"{medians['a']:.{digits}f}", f"{medians['b']:.{digits}f}", ratio, warm_up, str(repeats)]
+    return Row(cells, load, f"{label}: jaxt2i / {reference} {ratio}")
+
+
 def print_report(header: Sequence[str], rows: Sequence[Row], load_column: str = "load before->after") -> None:
     print("\n" + report(header, rows, load_column), flush=True)
 

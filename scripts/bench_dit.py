@@ -21,8 +21,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import (LoadMeter, Row, alternate, command_line, machine, pin_threads, print_report,  # noqa: E402
-                          summary, time_once)
+from bench_common import (LoadMeter, alternate, command_line, comparison_header, comparison_row,  # noqa: E402
+                          machine, pin_threads, print_report, summary, time_once)
 from bench_unet import flax_params_from  # noqa: E402
 
 PAPER_GMACS = {"DiT-XL/2": 118.6, "DiT-L/2": 80.7, "DiT-B/2": 23.0, "DiT-S/2": 6.06}  # 256 px, batch 1
@@ -106,10 +106,8 @@ def main() -> None:
               f"s); XLA: {r['gmacs']:.2f} GMACs per image" + (f" (paper: {paper})" if paper else ""), flush=True)
         label = (f"{args.preset} fwd fp32, B={batch}, {config.sample_size}x{config.sample_size} latents, "
                  f"threads={args.threads or 'all'}")
-        ratio = f"{r['ratio']:.2f}x (per-pair {r['pair_ratio']:.2f}x)"
-        rows.append(Row([label, f"{r['a']:.2f}", f"{r['b']:.2f}", ratio, f"compile {r['compile_s']:.1f} s",
-                         str(args.repeats)], r["load"], f"{label}: jaxt2i / diffusers {ratio}"))
-    print_report(["benchmark", "jaxt2i median s", "diffusers median s", "ratio", "warm-up", "repeats"], rows)
+        rows.append(comparison_row(label, r, f"compile {r['compile_s']:.1f} s", args.repeats, r["load"]))
+    print_report(comparison_header(), rows)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import (LoadMeter, Row, alternate, command_line, machine, pin_threads, print_report,  # noqa: E402
-                          summary, time_once)
+from bench_common import (LoadMeter, alternate, command_line, comparison_header, comparison_row,  # noqa: E402
+                          machine, pin_threads, print_report, summary, time_once)
 
 
 def reference_modules(config, seed: int = 0):
@@ -125,10 +125,9 @@ def main() -> None:
                   f"first call {r['first_s']:.1f} s", flush=True)
             label = (f"dVAE {r['name']} fp32, B={batch}, {size}x{size}, n_hid={config.n_hid}, "
                      f"vocab={config.vocab_size}, threads={args.threads or 'all'}")
-            ratio = f"{r['ratio']:.2f}x (per-pair {r['pair_ratio']:.2f}x)"
-            rows.append(Row([label, f"{r['a']:.3f}", f"{r['b']:.3f}", ratio, f"first call {r['first_s']:.1f} s",
-                             str(args.repeats)], r["load"], f"{label}: jaxt2i / dall_e {ratio}"))
-    print_report(["benchmark", "jaxt2i median s", "dall_e median s", "ratio", "warm-up", "repeats"], rows)
+            rows.append(comparison_row(label, r, f"first call {r['first_s']:.1f} s", args.repeats, r["load"], "dall_e",
+                                       digits=3))
+    print_report(comparison_header("dall_e"), rows)
 
 
 if __name__ == "__main__":

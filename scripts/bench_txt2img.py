@@ -20,8 +20,8 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import (LoadMeter, Row, alternate, command_line, machine, pin_threads, print_report,  # noqa: E402
-                          summary, time_once)
+from bench_common import (LoadMeter, alternate, command_line, comparison_header, comparison_row,  # noqa: E402
+                          machine, pin_threads, print_report, summary, time_once)
 from bench_unet import flax_params_from, torch_sd15_components  # noqa: E402
 
 PROMPT = "a watercolour painting of a lighthouse at dusk"
@@ -104,10 +104,8 @@ def main() -> None:
           f"diffusers {first_torch:.1f} s")
     label = (f"txt2img SD1.5 fp32, {args.size}x{args.size}, {args.steps} DDIM steps, CFG {args.guidance}, B=1, "
              f"attention={args.backend}, threads={args.threads or 'all'}")
-    ratio = f"{r['ratio']:.2f}x (per-pair {r['pair_ratio']:.2f}x)"
-    row = Row([label, f"{r['a']:.2f}", f"{r['b']:.2f}", ratio, f"first call {first_jax:.1f} s vs {first_torch:.1f} s",
-               str(args.repeats)], load, f"{label}: jaxt2i / diffusers {ratio}")
-    print_report(["benchmark", "jaxt2i median s", "diffusers median s", "ratio", "warm-up", "repeats"], [row])
+    row = comparison_row(label, r, f"first call {first_jax:.1f} s vs {first_torch:.1f} s", args.repeats, load)
+    print_report(comparison_header(), [row])
 
 
 if __name__ == "__main__":

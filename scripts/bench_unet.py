@@ -20,8 +20,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import (LoadMeter, Row, alternate, command_line, machine, pin_threads, print_report,  # noqa: E402
-                          summary, time_once)
+from bench_common import (LoadMeter, alternate, command_line, comparison_header, comparison_row,  # noqa: E402
+                          machine, pin_threads, print_report, summary, time_once)
 
 
 # ------------------------------------------------------------------------------ random-weight SD1.5 models
@@ -125,10 +125,8 @@ def main() -> None:
               flush=True)
         label = (f"U-Net fwd SD1.5 fp32, B={batch}, 64x64 latents, attention={args.backend}, "
                  f"threads={args.threads or 'all'}")
-        ratio = f"{r['ratio']:.2f}x (per-pair {r['pair_ratio']:.2f}x)"
-        rows.append(Row([label, f"{r['a']:.2f}", f"{r['b']:.2f}", ratio, f"compile {r['compile_s']:.1f} s",
-                         str(args.repeats)], r["load"], f"{label}: jaxt2i / diffusers {ratio}"))
-    print_report(["benchmark", "jaxt2i median s", "diffusers median s", "ratio", "warm-up", "repeats"], rows)
+        rows.append(comparison_row(label, r, f"compile {r['compile_s']:.1f} s", args.repeats, r["load"]))
+    print_report(comparison_header(), rows)
 
 
 if __name__ == "__main__":

@@ -73,3 +73,12 @@ def test_every_benchmark_script_uses_the_protocol(script):
     text = (SCRIPTS / script).read_text(encoding="utf-8")
     assert "LoadMeter(" in text and "print_report(" in text, f"{script} must measure load and print via the protocol"
     assert "loadavg" not in text, f"{script} reads the load itself instead of through LoadMeter"
+
+
+def test_comparison_row_headlines_the_ratio_of_medians():
+    medians = {"a": 12.094, "b": 9.912, "ratio": 1.2201, "pair_ratio": 1.2312}
+    row = bench.comparison_row("U-Net B=2", medians, "compile 5.7 s", 3, bench.Load(0.1, 1.9, 2, 2))
+    assert list(row.cells) == ["U-Net B=2", "12.09", "9.91", "1.22x (per-pair 1.23x)", "compile 5.7 s", "3"]
+    assert row.headline == "U-Net B=2: jaxt2i / diffusers 1.22x (per-pair 1.23x)"
+    assert len(bench.comparison_header("dall_e")) == len(row.cells) and "dall_e median s" in bench.comparison_header(
+        "dall_e")
