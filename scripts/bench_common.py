@@ -17,15 +17,15 @@ A row is **quiet** when ``before <= QUIET_LOAD`` and ``after - own_threads <= QU
 ``QUIET_LOAD = 0.5`` is half a core, the same on every machine: a single other busy thread competing for the cores
 adds ~1 to the load (a little less in its first minute) and stalls an all-cores kernel whatever the core count, so it
 must mark the row as loaded, while an idle machine's background (daemons, a shell) stays well below 0.5. Known
-limits, all on the strict side or documented: the allowance for the benchmark's own threads is an upper bound (its
-single-threaded phases leave room for up to one other thread to go unnoticed in ``after``, but not in ``before``);
+limits: the allowance for the benchmark's own threads is an upper bound (while it keeps fewer threads busy, e.g. a
+single-threaded phase, that many fewer other threads go unnoticed in ``after``, never in ``before``);
 spinning OpenMP threads can push ``after`` a little above ``own_threads`` on a quiet machine (the row is then marked
 LOADED wrongly: rerun); a job that starts during a short timed part (well under a minute) raises the 1-minute
 average only partly. After a previous heavy job, wait until ``uptime`` shows a 1-minute load below 0.5 (a load of 2
 decays below 0.5 in about 85 s).
 
 Every row is printed with its load cell (``0.21->1.93 quiet`` or ``3.10->4.20 **LOADED**``). The summary a script
-prints last (:func:`headline_lines`) names only quiet rows as headlines; when none was quiet it says so instead of
+prints last (:func:`headline_lines`) names only quiet rows as headlines; when no row is quiet it says so instead of
 repeating a ratio.
 """
 
@@ -140,7 +140,7 @@ def headline_lines(rows: Sequence[Row]) -> list[str]:
         return []
     before = max(row.load.before for row in candidates)
     after = max(0.0, *(row.load.after - row.load.own_threads for row in candidates))
-    return [f"no headline: every row was measured on a LOADED machine (1-minute load {before:.2f} at the start, up "
+    return [f"no headline: every row comes from a LOADED machine (1-minute load {before:.2f} at the start, up "
             f"to {after:.2f} above the benchmark's own threads after a timed part); rerun on a quiet machine"]
 
 
