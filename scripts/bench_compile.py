@@ -10,7 +10,8 @@ folder in jaxt2i's format (``jaxt2i convert`` output); without ``--model`` one w
 
     python scripts/bench_compile.py --model /tmp/jaxt2i-bench/sd15-native
 
-Prints markdown table rows (see docs/benchmarks.md).
+Prints markdown table rows (see docs/benchmarks.md) with the load before and after each process, then the headline
+only for rows measured on a quiet machine (the protocol in ``bench_common.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_unet import command_line, loadavg, machine  # noqa: E402
+from bench_common import LoadMeter, Row, command_line, machine, print_report  # noqa: E402
 
 CHILD = """
 import json, os, time
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warm-runs", type=int, default=2, help="how many warm-cache processes to run")
     args = parser.parse_args()
+    meter = LoadMeter()
 
     scratch = tempfile.mkdtemp(prefix="jaxt2i-bench-compile-")
     try:
@@ -90,20 +92,18 @@ def main() -> None:
         print(f"command: {command_line()}", flush=True)
         rows = []
         for label in ["cold (empty cache)"] + [f"warm cache, process {i + 2}" for i in range(args.warm_runs)]:
-            load_before = loadavg()
             r = run_child(model, cache, args.steps, args.size)
+            load = meter.measure()
             phases = ", ".join(f"{name} {r['durations'].get(event, 0.0):.1f} s" for name, event in PHASES.items())
             hits = r["counts"].get("/jax/compilation_cache/cache_hits", 0)
             overhead = r["first"] - r["second"]
             print(f"{label}: first call {r['first']:.1f} s, second call {r['second']:.1f} s; {phases}; "
                   f"cache hits {hits}; recompiled on new prompt/seed: {r['recompiled']}", flush=True)
-            rows.append(f"| txt2img program SD1.5 {args.size}x{args.size}, {args.steps} DDIM steps, CFG: {label} | "
-                        f"{overhead:.1f} | {phases} | {r['first']:.1f} / {r['second']:.1f} | "
-                        f"{load_before}->{loadavg()} |")
-        print("\n| compile | first-call overhead s (first - second call) | jax phases of the first call | "
-              "first / second call s | loadavg |")
-        print("|---|---|---|---|---|")
-        print("\n".join(rows))
+            name = f"txt2img program SD1.5 {args.size}x{args.size}, {args.steps} DDIM steps, CFG: {label}"
+            rows.append(Row([name, f"{overhead:.1f}", phases, f"{r['first']:.1f} / {r['second']:.1f}"], load,
+                            f"{name}: first-call overhead {overhead:.1f} s"))
+        print_report(["compile", "first-call overhead s (first - second call)", "jax phases of the first call",
+                      "first / second call s"], rows)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -9,7 +9,8 @@ cached logits are checked against the full forward (teacher forcing) first.
 
     python scripts/bench_dalle_sampling.py --preset shapes --batch 1 4 --repeats 5
 
-Prints one markdown table row per batch size (see docs/benchmarks.md), with the load average before and after.
+Prints one markdown table row per batch size (see docs/benchmarks.md), with the load average before and after, then
+the headline: only rows measured on a quiet machine (the protocol in ``bench_common.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_unet import alternate, command_line, loadavg, machine, pin_threads  # noqa: E402
+from bench_common import LoadMeter, Row, alternate, command_line, machine, pin_threads, print_report  # noqa: E402
 
 from jaxt2i.models import dalle  # noqa: E402
 from jaxt2i.models.dalle_sampling import sample_image_tokens, teacher_forced_logits  # noqa: E402
@@ -76,21 +77,24 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="pin each library's threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    meter = LoadMeter(args.threads)
     pin_threads(args.threads)
     config = dalle.get_config(args.preset)
     if args.text_vocab_size:
         config = dataclasses.replace(config, text_vocab_size=args.text_vocab_size)
     print(f"# {machine()}; {command_line()}")
     print(f"# {args.preset}: {config.image_length} image tokens, {config.num_layers} layers of width {config.width}")
-    print("| batch | cached s | cached tokens/s | uncached s (tokens x forward) | uncached tokens/s | speed-up | "
-          "max logit diff | loadavg |")
-    print("|---|---|---|---|---|---|---|---|")
+    rows = []
     for batch in args.batch:
-        before = loadavg()
         r = bench(config, batch, args.repeats, args.seed)
-        print(f"| {batch} | {r['cached_s']:.3f} | {r['cached_tok_s']:.0f} | {r['uncached_s']:.2f} "
-              f"({config.image_length} x {r['forward_s'] * 1e3:.1f} ms) | {r['uncached_tok_s']:.0f} | "
-              f"{r['speedup']:.0f}x | {r['error']:.1e} | {before}->{loadavg()} |", flush=True)
+        load = meter.measure()
+        print(f"batch {batch}: cached {r['cached_s']:.3f} s, uncached {r['uncached_s']:.2f} s", flush=True)
+        rows.append(Row([str(batch), f"{r['cached_s']:.3f}", f"{r['cached_tok_s']:.0f}",
+                         f"{r['uncached_s']:.2f} ({config.image_length} x {r['forward_s'] * 1e3:.1f} ms)",
+                         f"{r['uncached_tok_s']:.0f}", f"{r['speedup']:.0f}x", f"{r['error']:.1e}"], load,
+                        f"{args.preset}, batch {batch}: key/value cache {r['speedup']:.0f}x faster than recomputing"))
+    print_report(["batch", "cached s", "cached tokens/s", "uncached s (tokens x forward)", "uncached tokens/s",
+                  "speed-up", "max logit diff"], rows)
 
 
 if __name__ == "__main__":

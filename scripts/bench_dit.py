@@ -8,7 +8,8 @@ multiply-adds (FLOPs / 2) next to the paper's 118.6 G for XL/2 at 256 px, batch 
 
     python scripts/bench_dit.py --preset DiT-XL/2 --batch 2 --repeats 5
 
-Prints one markdown table row per batch size (see docs/benchmarks.md) with the load average before and after.
+Prints one markdown table row per batch size (see docs/benchmarks.md) with the load average before and after, then
+the headline: only rows measured on a quiet machine (the protocol in ``bench_common.py``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_unet import (alternate, command_line, loadavg, machine, pin_threads, summary,  # noqa: E402
-                        time_once)
+from bench_common import (LoadMeter, alternate, command_line, comparison_header, comparison_row,  # noqa: E402
+                          machine, pin_threads, print_report, summary, time_once)
+from bench_unet import flax_params_from  # noqa: E402
 
 PAPER_GMACS = {"DiT-XL/2": 118.6, "DiT-L/2": 80.7, "DiT-B/2": 23.0, "DiT-S/2": 6.06}  # 256 px, batch 1
 
@@ -42,7 +44,7 @@ def forward_gmacs(forward, *args) -> float:
     return float(cost["flops"]) / 2e9
 
 
-def bench(config, batch: int, repeats: int, torch_model, params) -> dict:
+def bench(config, batch: int, repeats: int, torch_model, params, meter: LoadMeter) -> dict:
     import jax
     import jax.numpy as jnp
     import torch
@@ -71,11 +73,10 @@ def bench(config, batch: int, repeats: int, torch_model, params) -> dict:
 
     torch_first_s = time_once(run_torch)
     diff = float(np.max(np.abs(np.asarray(forward(params, x, t, y)) - run_torch().numpy().transpose(0, 2, 3, 1))))
-    load_before = loadavg()
     times = alternate({"jaxt2i": lambda: forward(params, x, t, y).block_until_ready(), "diffusers": run_torch},
                       repeats)
     return {"compile_s": compile_s, "first_s": first_s, "torch_first_s": torch_first_s, "gmacs": gmacs,
-            "max_abs_diff": diff, "load": f"{load_before}->{loadavg()}", "times": times, **summary(times)}
+            "max_abs_diff": diff, "load": meter.measure(), "times": times, **summary(times)}
 
 
 def main() -> None:
@@ -85,9 +86,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="pin both libraries to this many cores")
     args = parser.parse_args()
+    meter = LoadMeter(args.threads)
     pin_threads(args.threads)
-
-    from bench_unet import flax_params_from
 
     from jaxt2i.models.dit import PRESETS
 
@@ -98,19 +98,16 @@ def main() -> None:
     print(f"command: {command_line()}")
     rows = []
     for batch in args.batch:
-        r = bench(config, batch, args.repeats, torch_model, params)
+        r = bench(config, batch, args.repeats, torch_model, params, meter)
         paper = PAPER_GMACS.get(args.preset)
         print(f"batch {batch}: jaxt2i {[round(v, 2) for v in r['times']['jaxt2i']]} s, "
               f"diffusers {[round(v, 2) for v in r['times']['diffusers']]} s, max|diff| {r['max_abs_diff']:.2e}, "
               f"compile {r['compile_s']:.1f} s, first call {r['first_s']:.1f} s (torch first {r['torch_first_s']:.1f} "
               f"s); XLA: {r['gmacs']:.2f} GMACs per image" + (f" (paper: {paper})" if paper else ""), flush=True)
-        rows.append(f"| {args.preset} fwd fp32, B={batch}, {config.sample_size}x{config.sample_size} latents, "
-                    f"threads={args.threads or 'all'} | {r['a']:.2f} | {r['b']:.2f} | {r['ratio']:.2f}x "
-                    f"(per-pair {r['pair_ratio']:.2f}x) | compile {r['compile_s']:.1f} s | {args.repeats} | "
-                    f"{r['load']} |")
-    print("\n| benchmark | jaxt2i median s | diffusers median s | ratio | warm-up | repeats | loadavg |")
-    print("|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
+        label = (f"{args.preset} fwd fp32, B={batch}, {config.sample_size}x{config.sample_size} latents, "
+                 f"threads={args.threads or 'all'}")
+        rows.append(comparison_row(label, r, f"compile {r['compile_s']:.1f} s", args.repeats, r["load"]))
+    print_report(comparison_header(), rows)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from other processes falls on both alike. Three rows per batch size:
 
     python scripts/bench_dvae.py --preset openai --batch 1 4 --repeats 5
 
-Prints one markdown table row per measurement (see docs/benchmarks.md), with the load average before and after.
+Prints one markdown table row per measurement (see docs/benchmarks.md), with the load average before and after, then
+the headline: only rows measured on a quiet machine (the protocol in ``bench_common.py``).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_unet import (alternate, command_line, loadavg, machine, pin_threads, summary,  # noqa: E402
-                        time_once)
+from bench_common import (LoadMeter, alternate, command_line, comparison_header, comparison_row,  # noqa: E402
+                          machine, pin_threads, print_report, summary, time_once)
 
 
 def reference_modules(config, seed: int = 0):
@@ -57,7 +58,7 @@ def jaxt2i_dvae(encoder, decoder, config):
     return DVAE(config, params)
 
 
-def bench(batch: int, size: int, repeats: int, encoder, decoder, model) -> list[dict]:
+def bench(batch: int, size: int, repeats: int, encoder, decoder, model, meter: LoadMeter) -> list[dict]:
     import dall_e
     import torch
     import torch.nn.functional as F
@@ -86,10 +87,9 @@ def bench(batch: int, size: int, repeats: int, encoder, decoder, model) -> list[
         with torch.inference_mode():
             first_s = time_once(lambda: ours().block_until_ready())  # compiles
             diff = float(np.max(np.abs(np.asarray(ours()) - theirs().numpy().transpose(0, 2, 3, 1))))
-            load_before = loadavg()
             times = alternate({"jaxt2i": lambda: ours().block_until_ready(), "dall_e": theirs}, repeats)
         rows.append({"name": name, "batch": batch, "size": size, "first_s": first_s, "max_abs_diff": diff,
-                     "load": f"{load_before}->{loadavg()}", "times": times, **summary(times, "jaxt2i", "dall_e")})
+                     "load": meter.measure(), "times": times, **summary(times, "jaxt2i", "dall_e")})
     return rows
 
 
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="pin both libraries to this many cores")
     args = parser.parse_args()
+    meter = LoadMeter(args.threads)
     pin_threads(args.threads)
 
     from jaxt2i.models import dvae
@@ -116,19 +117,17 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"command: {command_line()}")
     print(f"config: {config}")
-    lines = []
+    rows = []
     for batch in args.batch:
-        for r in bench(batch, size, args.repeats, encoder, decoder, model):
+        for r in bench(batch, size, args.repeats, encoder, decoder, model, meter):
             print(f"{r['name']} batch {batch}: jaxt2i {[round(v, 3) for v in r['times']['jaxt2i']]} s, "
                   f"dall_e {[round(v, 3) for v in r['times']['dall_e']]} s, max|diff| {r['max_abs_diff']:.2e}, "
                   f"first call {r['first_s']:.1f} s", flush=True)
-            lines.append(f"| dVAE {r['name']} fp32, B={batch}, {size}x{size}, n_hid={config.n_hid}, "
-                         f"vocab={config.vocab_size}, threads={args.threads or 'all'} | {r['a']:.3f} | {r['b']:.3f} | "
-                         f"{r['ratio']:.2f}x (per-pair {r['pair_ratio']:.2f}x) | first call {r['first_s']:.1f} s | "
-                         f"{args.repeats} | {r['load']} |")
-    print("\n| benchmark | jaxt2i median s | dall_e median s | ratio | warm-up | repeats | loadavg |")
-    print("|---|---|---|---|---|---|---|")
-    print("\n".join(lines))
+            label = (f"dVAE {r['name']} fp32, B={batch}, {size}x{size}, n_hid={config.n_hid}, "
+                     f"vocab={config.vocab_size}, threads={args.threads or 'all'}")
+            rows.append(comparison_row(label, r, f"first call {r['first_s']:.1f} s", args.repeats, r["load"], "dall_e",
+                                       digits=3))
+    print_report(comparison_header("dall_e"), rows)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ out) and its rate stands for N such calls. The model is loaded once, outside bot
 
     python scripts/bench_generate.py --n 200 --batch-size 16
 
-Prints the rates (images/s), their ratio and the machine's load.
+Prints the rates (images/s) and their ratio as a table row with the load before and after, then the headline only if
+the machine was quiet (the protocol in ``bench_common.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_unet import command_line, loadavg  # noqa: E402
+from bench_common import LoadMeter, Row, command_line, print_report  # noqa: E402
 
 
 def main() -> None:
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--model", default="shapes")
     parser.add_argument("--steps", type=int, default=None, help="default: the model's recommendation")
     args = parser.parse_args()
+    meter = LoadMeter()
 
     import jax
 
@@ -42,7 +44,7 @@ def main() -> None:
     steps, guidance = pipe.sampling_defaults(args.steps, None)
     height, width = pipe.default_size
     prompts = [example_caption(0, i, "heldout") for i in range(args.n)]
-    print(f"{command_line()}\nload {loadavg()} at start; {len(jax.local_devices())} local device(s) "
+    print(f"{command_line()}\nload {meter.before:.2f} at start; {len(jax.local_devices())} local device(s) "
           f"({jax.default_backend()})", file=sys.stderr)
     with tempfile.TemporaryDirectory() as folder:
         prompts_file = os.path.join(folder, "prompts.txt")
@@ -65,13 +67,19 @@ def main() -> None:
     for i in range(1, args.single + 1):
         single(i % args.n)
     single_rate = args.single / (time.perf_counter() - start)
+    load = meter.measure()
     print(f"--prompts-file: {args.n} images in {summary.seconds:.1f} s = {summary.images_per_second:.2f} images/s "
           f"(batch {first}; compilation and PNG writing included); after the first batch {steady_rate:.2f} images/s")
     print(f"single-prompt text_to_image loop: {args.single} calls = {single_rate:.2f} images/s "
           f"(compilation left out) -> {args.n / single_rate:.1f} s for {args.n}")
-    print(f"ratio (--prompts-file / single): {summary.images_per_second / single_rate:.2f}x, after the first batch "
-          f"{steady_rate / single_rate:.2f}x; {steps} steps, guidance {guidance}, {width}x{height}; "
-          f"load {loadavg()} at end")
+    ratio = (f"{summary.images_per_second / single_rate:.2f}x ({steady_rate / single_rate:.2f}x after the first "
+             f"batch)")
+    label = f"{args.model}, {args.n} prompts, batch {first}, {steps} steps, guidance {guidance}, {width}x{height}"
+    devices = f"{len(jax.local_devices())} {jax.default_backend()}"
+    row = Row([label, f"{summary.images_per_second:.2f} overall, {steady_rate:.2f} after the first batch",
+               f"{single_rate:.2f} ({args.single} calls)", ratio, devices], load,
+              f"{label}: --prompts-file / single-prompt loop {ratio}")
+    print_report(["generate", "--prompts-file images/s", "single-prompt loop images/s", "ratio", "devices"], [row])
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ measures parsing/conversion, not the disk.
 
     python scripts/bench_load.py --repeats 3
 
-Prints markdown table rows (see docs/benchmarks.md). ``--keep DIR`` keeps the written folders for reuse.
+Prints markdown table rows (see docs/benchmarks.md) with the load before and after, then the headline only if the
+machine was quiet (the protocol in ``bench_common.py``). ``--keep DIR`` keeps the written folders for reuse.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_unet import command_line, loadavg, machine  # noqa: E402
+from bench_common import LoadMeter, Row, command_line, machine, print_report  # noqa: E402
 
 MEASURE = {
     "jaxt2i read_any(native)": "from jaxt2i.convert.load import read_any\nrun = lambda: read_any(PATH_NATIVE)",
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--keep", default=None, help="folder for the written models (kept); default: a temp dir")
     parser.add_argument("--only", nargs="*", default=None, help="subset of the measurements, by name prefix")
     args = parser.parse_args()
+    meter = LoadMeter()
 
     root = args.keep or tempfile.mkdtemp(prefix="jaxt2i-bench-load-")
     try:
@@ -109,22 +111,22 @@ def main() -> None:
         print(f"native folder {folder_gb(native):.2f} GB, diffusers folder {folder_gb(diffusers):.2f} GB", flush=True)
         names = [n for n in MEASURE if args.only is None or any(n.startswith(o) for o in args.only)]
         times = {n: [] for n in names}
-        load_before = loadavg()
         for r in range(args.repeats):
             for name in names if r % 2 == 0 else reversed(names):
                 times[name].append(time_in_child(MEASURE[name], native, diffusers))
                 print(f"  {name}: {times[name][-1]:.2f} s", flush=True)
-        load = f"{load_before}->{loadavg()}"
+        load = meter.measure()
         reference = statistics.median(times["diffusers from_pretrained"]) if "diffusers from_pretrained" in times \
             else None
-        print("\n| load (SD1.5 fp32, warm OS file cache) | median s | vs diffusers from_pretrained | runs (s) | "
-              "repeats | loadavg |")
-        print("|---|---|---|---|---|---|")
+        rows = []
         for name in names:
             med = statistics.median(times[name])
             ratio = f"{med / reference:.2f}x" if reference else "-"
-            print(f"| {name} | {med:.2f} | {ratio} | {', '.join(f'{t:.1f}' for t in times[name])} | "
-                  f"{args.repeats} | {load} |")
+            runs = ", ".join(f"{t:.1f}" for t in times[name])
+            headline = f"{name}: {med:.2f} s" + (f", {ratio} diffusers from_pretrained" if reference else "")
+            rows.append(Row([name, f"{med:.2f}", ratio, runs, str(args.repeats)], load, headline))
+        print_report(["load (SD1.5 fp32, warm OS file cache)", "median s", "vs diffusers from_pretrained", "runs (s)",
+                      "repeats"], rows)
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -6,7 +6,8 @@ respect to input and parameters. Defaults are the shipped shapes U-Net's first l
 
     python scripts/bench_ops.py [--batch 32] [--size 16] [--channels 32] [--groups 16] [--repeats 20]
 
-Prints one table row per case: medians over ``--repeats`` calls after a warm-up, and the ratio (jaxt2i / PyTorch).
+Prints one table row per case: medians over ``--repeats`` calls after a warm-up, and the ratio (jaxt2i / PyTorch),
+with the load before and after; ratios are headlines only from a quiet machine (the protocol in ``bench_common.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from jaxt2i.nn.resnet import ResnetBlock, conv3x3
 
-from bench_unet import alternate, summary  # noqa: E402 -- scripts/ is on sys.path when this script runs
+from bench_common import LoadMeter, Row, alternate, print_report, summary  # noqa: E402 -- scripts/ is on sys.path
 
 
 def jax_grad_fn(module: nn.Module, x: np.ndarray, *extra):
@@ -114,6 +115,7 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
+    meter = LoadMeter()
     b, s, c, g = args.batch, args.size, args.channels, args.groups
     rng = np.random.default_rng(0)
     x = rng.standard_normal((b, s, s, c)).astype(np.float32)
@@ -132,12 +134,15 @@ def main() -> None:
     }
     print(f"forward+backward unless noted, float32, x [{b}, {s}, {s}, {c}], {g} groups, median of {args.repeats}; "
           f"threads: torch {torch.get_num_threads()}, cpus {os.cpu_count()}")
-    print("| case | jaxt2i | PyTorch | ratio |\n|---|---|---|---|")
+    rows = []
     for name, (jax_fn, torch_fn) in cases.items():
         jax_fn(), torch_fn()  # warm-up: compilation, allocations
         medians = summary(alternate({"jaxt2i": jax_fn, "torch": torch_fn}, args.repeats), "jaxt2i", "torch")
         tj, tt = medians["a"], medians["b"]
-        print(f"| {name} | {tj * 1e3:.2f} ms | {tt * 1e3:.2f} ms | {tj / tt:.2f} |")
+        rows.append(Row([name, f"{tj * 1e3:.2f} ms", f"{tt * 1e3:.2f} ms", f"{tj / tt:.2f}"], meter.measure(),
+                        f"{name}: jaxt2i / PyTorch {tj / tt:.2f}"))
+        print(f"{name}: jaxt2i {tj * 1e3:.2f} ms, PyTorch {tt * 1e3:.2f} ms", flush=True)
+    print_report(["case", "jaxt2i", "PyTorch", "ratio"], rows)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Train-step speed of a small U-Net: jaxt2i's jitted step vs the equivalent diffusers/PyTorch step.
 
 Same U-Net config, batch of cached latents + text context, epsilon loss, AdamW with clipping, float32, in one
-process. Prints medians over repeats and the ratio (jaxt2i time / PyTorch time; <= 1.0 is the target).
+process. Prints medians over repeats and the ratio (jaxt2i time / PyTorch time; <= 1.0 is the target) with the load
+before and after; the ratio is the headline only if the machine was quiet (the protocol in ``bench_common.py``).
 
     python scripts/bench_train.py [--batch 8] [--latent 32] [--repeats 10]
     python scripts/bench_train.py --config configs/shapes_unet.yaml --batch 32 [--set model.unet_config.KEY=VALUE]
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from bench_unet import alternate, summary  # noqa: E402 -- scripts/ is on sys.path when this script runs
+from bench_common import LoadMeter, Row, alternate, print_report, summary  # noqa: E402 -- scripts/ is on sys.path
 from jaxt2i.convert.components import params_from_torch
 from jaxt2i.diffusion.losses import LossConfig
 from jaxt2i.diffusion.schedules import ScheduleConfig, alphas_cumprod
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override in that YAML (repeatable), e.g. model.unet_config.layers_per_block=2")
     args = parser.parse_args()
+    meter = LoadMeter()
     from diffusers import UNet2DConditionModel
 
     unet_config, latent = SMALL, args.latent
@@ -119,12 +121,14 @@ def main() -> None:
     # Interleaved, so that drift in the machine's speed reaches both alike (timed one after the other, the second
     # of two equal steps can come out ~15% slower on a busy 2-core machine).
     medians = summary(alternate({"jaxt2i": jax_step, "torch": torch_step}, args.repeats), "jaxt2i", "torch")
+    load = meter.measure()
     jax_s, torch_s = medians["a"], medians["b"]
     params_m = sum(v.size for v in jax.tree.leaves(params)) / 1e6
-    print(f"| train step, U-Net {params_m:.1f}M params, batch {args.batch}, {latent}x{latent} latents, fp32 "
-          f"| jaxt2i {jax_s * 1000:.0f} ms ({args.batch / jax_s:.1f} img/s; compile {compile_s:.1f} s) "
-          f"| PyTorch {torch_s * 1000:.0f} ms | ratio {jax_s / torch_s:.2f} |")
-    print(f"loadavg: {open('/proc/loadavg').read().strip()}")
+    label = f"train step, U-Net {params_m:.1f}M params, batch {args.batch}, {latent}x{latent} latents, fp32"
+    row = Row([label, f"jaxt2i {jax_s * 1000:.0f} ms ({args.batch / jax_s:.1f} img/s; compile {compile_s:.1f} s)",
+               f"PyTorch {torch_s * 1000:.0f} ms", f"ratio {jax_s / torch_s:.2f}"], load,
+              f"{label}: jaxt2i / PyTorch {jax_s / torch_s:.2f}")
+    print_report(["benchmark", "jaxt2i median", "PyTorch median", "ratio"], [row])
 
 
 if __name__ == "__main__":

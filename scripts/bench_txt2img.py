@@ -6,7 +6,8 @@ library (jaxt2i compiles there) is reported apart and left out of the medians; t
 
     python scripts/bench_txt2img.py --size 256 --steps 10 --repeats 5
 
-Prints one markdown table row (see docs/benchmarks.md).
+Prints one markdown table row (see docs/benchmarks.md) with the load before and after, then the headline only if the
+machine was quiet (the protocol in ``bench_common.py``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_unet import (alternate, command_line, flax_params_from, loadavg, machine, pin_threads,  # noqa: E402
-                        summary, time_once, torch_sd15_components)
+from bench_common import (LoadMeter, alternate, command_line, comparison_header, comparison_row,  # noqa: E402
+                          machine, pin_threads, print_report, summary, time_once)
+from bench_unet import flax_params_from, torch_sd15_components  # noqa: E402
 
 PROMPT = "a watercolour painting of a lighthouse at dusk"
 NEGATIVE = "blurry"
@@ -63,6 +65,7 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", help="attention backend for jaxt2i (auto/xla/chunked)")
     parser.add_argument("--threads", type=int, default=None, help="pin both libraries to this many cores")
     args = parser.parse_args()
+    meter = LoadMeter(args.threads)
     pin_threads(args.threads)
 
     import torch
@@ -93,18 +96,16 @@ def main() -> None:
     first_jax = time_once(run_jax)
     first_torch = time_once(run_torch)
     diff = float(np.max(np.abs(run_jax() - run_torch())))
-    load_before = loadavg()
     times = alternate({"jaxt2i": run_jax, "diffusers": run_torch}, args.repeats)
+    load = meter.measure()
     r = summary(times)
     print(f"jaxt2i {[round(v, 2) for v in times['jaxt2i']]} s, diffusers {[round(v, 2) for v in times['diffusers']]} s, "
           f"max|image diff| {diff:.2e}, first call: jaxt2i {first_jax:.1f} s (incl. compile), "
           f"diffusers {first_torch:.1f} s")
-    print("\n| benchmark | jaxt2i median s | diffusers median s | ratio | warm-up | repeats | loadavg |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| txt2img SD1.5 fp32, {args.size}x{args.size}, {args.steps} DDIM steps, CFG {args.guidance}, B=1, "
-          f"attention={args.backend}, threads={args.threads or 'all'} | {r['a']:.2f} | {r['b']:.2f} | {r['ratio']:.2f}x (per-pair "
-          f"{r['pair_ratio']:.2f}x) | first call {first_jax:.1f} s vs {first_torch:.1f} s | {args.repeats} | "
-          f"{load_before}->{loadavg()} |")
+    label = (f"txt2img SD1.5 fp32, {args.size}x{args.size}, {args.steps} DDIM steps, CFG {args.guidance}, B=1, "
+             f"attention={args.backend}, threads={args.threads or 'all'}")
+    row = comparison_row(label, r, f"first call {first_jax:.1f} s vs {first_torch:.1f} s", args.repeats, load)
+    print_report(comparison_header(), [row])
 
 
 if __name__ == "__main__":

@@ -6,93 +6,25 @@ load from other processes falls on both alike; the ratio of medians is the numbe
 
     python scripts/bench_unet.py --batch 1 2 --repeats 5
 
-Prints one markdown table row per batch size (see docs/benchmarks.md). Also imported by the other bench scripts for
-the shared helpers below (machine description, alternating timer, random-weight SD1.5 models).
+Prints one markdown table row per batch size (see docs/benchmarks.md) with the load before and after (the protocol in
+``bench_common.py``), then the headline: only rows measured on a quiet machine. Also imported by the other bench
+scripts for the random-weight SD1.5 models below.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
 import sys
-import time
-from typing import Callable
 
 import numpy as np
 
-
-# --------------------------------------------------------------------------------------------- shared helpers
-def machine() -> str:
-    """One line: CPU model, cores, RAM, library versions."""
-    import jax
-    import torch
-
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu}, {os.cpu_count()} cores, {mem_gb:.0f} GB RAM; jax {jax.__version__} "
-            f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads)")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import (LoadMeter, alternate, command_line, comparison_header, comparison_row,  # noqa: E402
+                          machine, pin_threads, print_report, summary, time_once)
 
 
-def loadavg() -> str:
-    """The 1-minute load average (other processes on the machine), as text."""
-    try:
-        with open("/proc/loadavg") as f:
-            return f.read().split()[0]
-    except OSError:
-        return "?"
-
-
-def command_line() -> str:
-    return "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
-
-
-def pin_threads(threads: int | None) -> None:
-    """Restricts this process (jax's and torch's thread pools) to ``threads`` cores; call before importing jax.
-
-    With 1 thread each library runs sequentially on one core, so CPU time taken by other processes slows both alike
-    instead of stalling a multi-threaded kernel that waits for its slowest thread.
-    """
-    if not threads:
-        return
-    cpus = sorted(os.sched_getaffinity(0))[-threads:]
-    os.sched_setaffinity(0, cpus)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-def time_once(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def alternate(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Times each function ``repeats`` times, interleaved (a, b, a, b, ...), returning seconds per call."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(repeats):
-        order = list(fns) if r % 2 == 0 else list(reversed(fns))  # neither library always goes first
-        for name in order:
-            times[name].append(time_once(fns[name]))
-    return times
-
-
-def summary(times: dict[str, list[float]], a: str = "jaxt2i", b: str = "diffusers") -> dict[str, float]:
-    """Medians, ratio of medians and the median of the per-repeat ratios (a/b)."""
-    med = {name: statistics.median(t) for name, t in times.items()}
-    pair_ratios = [x / y for x, y in zip(times[a], times[b])]
-    return {"a": med[a], "b": med[b], "ratio": med[a] / med[b], "pair_ratio": statistics.median(pair_ratios),
-            "spread_a": (min(times[a]), max(times[a])), "spread_b": (min(times[b]), max(times[b]))}
-
-
+# ------------------------------------------------------------------------------ random-weight SD1.5 models
 def torch_sd15_unet(seed: int = 0):
     """diffusers UNet2DConditionModel with random weights and jaxt2i's sd15 architecture."""
     import torch
@@ -132,7 +64,7 @@ def flax_params_from(module, name: str, config, device: bool = True) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- benchmark
-def bench_unet(batch: int, repeats: int, backend: str, torch_unet, params, config) -> dict:
+def bench_unet(batch: int, repeats: int, backend: str, torch_unet, params, config, meter: LoadMeter) -> dict:
     import jax
     import jax.numpy as jnp
     import torch
@@ -161,11 +93,10 @@ def bench_unet(batch: int, repeats: int, backend: str, torch_unet, params, confi
 
     torch_first_s = time_once(run_torch)
     diff = float(np.max(np.abs(np.asarray(forward(params, x, t, c)) - run_torch().numpy().transpose(0, 2, 3, 1))))
-    load_before = loadavg()
     times = alternate({"jaxt2i": lambda: forward(params, x, t, c).block_until_ready(), "diffusers": run_torch},
                       repeats)
     return {"batch": batch, "compile_s": compile_s, "first_s": first_s, "torch_first_s": torch_first_s,
-            "max_abs_diff": diff, "load": f"{load_before}->{loadavg()}", "times": times, **summary(times)}
+            "max_abs_diff": diff, "load": meter.measure(), "times": times, **summary(times)}
 
 
 def main() -> None:
@@ -175,6 +106,7 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", help="attention backend for jaxt2i (auto/xla/chunked)")
     parser.add_argument("--threads", type=int, default=None, help="pin both libraries to this many cores")
     args = parser.parse_args()
+    meter = LoadMeter(args.threads)
     pin_threads(args.threads)
 
     from jaxt2i import presets
@@ -186,18 +118,15 @@ def main() -> None:
     print(f"command: {command_line()}")
     rows = []
     for batch in args.batch:
-        r = bench_unet(batch, args.repeats, args.backend, torch_unet, params, config)
+        r = bench_unet(batch, args.repeats, args.backend, torch_unet, params, config, meter)
         print(f"batch {batch}: jaxt2i {[round(v, 2) for v in r['times']['jaxt2i']]} s, "
               f"diffusers {[round(v, 2) for v in r['times']['diffusers']]} s, max|diff| {r['max_abs_diff']:.2e}, "
               f"compile {r['compile_s']:.1f} s, first call {r['first_s']:.1f} s (torch first {r['torch_first_s']:.1f} s)",
               flush=True)
-        rows.append(f"| U-Net fwd SD1.5 fp32, B={batch}, 64x64 latents, attention={args.backend}, "
-                    f"threads={args.threads or 'all'} | "
-                    f"{r['a']:.2f} | {r['b']:.2f} | {r['ratio']:.2f}x (per-pair {r['pair_ratio']:.2f}x) | "
-                    f"compile {r['compile_s']:.1f} s | {args.repeats} | {r['load']} |")
-    print("\n| benchmark | jaxt2i median s | diffusers median s | ratio | warm-up | repeats | loadavg |")
-    print("|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
+        label = (f"U-Net fwd SD1.5 fp32, B={batch}, 64x64 latents, attention={args.backend}, "
+                 f"threads={args.threads or 'all'}")
+        rows.append(comparison_row(label, r, f"compile {r['compile_s']:.1f} s", args.repeats, r["load"]))
+    print_report(comparison_header(), rows)
 
 
 if __name__ == "__main__":
