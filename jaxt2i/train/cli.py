@@ -12,6 +12,7 @@ import argparse
 import sys
 from typing import Sequence
 
+import jax
 import yaml
 
 from jaxt2i.data.cache import CacheMismatchError
@@ -109,6 +110,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     except (CacheMismatchError, MeshError) as e:
         print(f"jaxt2i train: {e}", file=sys.stderr)
         return 2
+    if jax.process_index() != 0:  # one summary per run, from process 0
+        return 0
     if result.preempted:
         print(f"jaxt2i train: stopped at step {result.step} and saved a checkpoint; run the same command to "
               "continue.", file=sys.stderr)
