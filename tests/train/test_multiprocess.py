@@ -225,3 +225,18 @@ def test_initialize_reports_missing_settings(monkeypatch):
     monkeypatch.setenv("JAXT2I_NUM_PROCESSES", "two")
     with pytest.raises(ValueError, match="JAXT2I_NUM_PROCESSES"):
         distributed.maybe_initialize()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cpu-devices", "4"], "--cpu-devices goes with --processes N"),
+    (["--processes", "0"], "must be >= 1"),
+    (["--processes", "2", "num_processes=2"], "remove num_processes from the config"),
+    (["--processes", "2", "--print-config"], "drop it with --export-to or --print-config"),
+])
+def test_launch_flags_that_do_not_fit_are_one_line_usage_errors(args, message, capsys):
+    from jaxt2i.train.cli import train_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([str(ROOT / "configs" / "tiny.yaml"), *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
